@@ -1,0 +1,108 @@
+//! The per-request state that filters read and write: request id, client, route, consumer, and
+//! typed per-filter state.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The caller identified by an authentication filter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Consumer {
+    pub id: Arc<str>,
+    pub tags: Arc<[String]>,
+}
+
+/// State carried through every phase of one request.
+///
+/// Filters are shared by all requests, so anything a filter learns about one request lives here,
+/// in `state`, keyed by the filter's own type.
+#[derive(Debug)]
+pub struct RequestContext {
+    request_id: Option<String>,
+    /// When the request head was received.
+    pub started: Instant,
+    /// The client address: the TCP peer, or a forwarded address from a trusted proxy.
+    pub client_addr: Option<IpAddr>,
+    /// Whether the client reached Gatehouse over TLS (or a trusted proxy said so).
+    pub client_tls: bool,
+    /// The matched route's name.
+    pub route: Option<Arc<str>>,
+    /// The upstream pool the route sends to.
+    pub upstream: Option<Arc<str>>,
+    /// The caller, once an authentication filter identified one.
+    pub consumer: Option<Consumer>,
+    /// The response status, once known.
+    pub status: Option<u16>,
+    /// Typed per-filter state.
+    pub state: http::Extensions,
+}
+
+impl RequestContext {
+    pub fn new(started: Instant) -> Self {
+        RequestContext {
+            request_id: None,
+            started,
+            client_addr: None,
+            client_tls: false,
+            route: None,
+            upstream: None,
+            consumer: None,
+            status: None,
+            state: http::Extensions::new(),
+        }
+    }
+
+    /// The request id, generated on first use when no filter has set one.
+    pub fn request_id(&mut self) -> &str {
+        self.request_id.get_or_insert_with(generate_request_id)
+    }
+
+    /// The request id if one was set or generated already.
+    pub fn request_id_if_set(&self) -> Option<&str> {
+        self.request_id.as_deref()
+    }
+
+    pub fn set_request_id(&mut self, id: String) {
+        self.request_id = Some(id);
+    }
+}
+
+/// A random 128-bit id in the textual form of a version 4 UUID.
+pub fn generate_request_id() -> String {
+    let high = fastrand::u64(..);
+    let low = fastrand::u64(..);
+    let high = (high & 0xffff_ffff_ffff_0fff) | 0x0000_0000_0000_4000;
+    let low = (low & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
+    let hex = format!("{high:016x}{low:016x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_ids_look_like_uuid_v4_and_differ() {
+        let first = generate_request_id();
+        let second = generate_request_id();
+        assert_ne!(first, second);
+        assert_eq!(first.len(), 36);
+        assert_eq!(&first[14..15], "4");
+        assert!(matches!(&first[19..20], "8" | "9" | "a" | "b"));
+    }
+
+    #[test]
+    fn request_id_is_generated_once() {
+        let mut ctx = RequestContext::new(Instant::now());
+        assert!(ctx.request_id_if_set().is_none());
+        let id = ctx.request_id().to_string();
+        assert_eq!(ctx.request_id(), id);
+    }
+}

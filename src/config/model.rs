@@ -1,0 +1,428 @@
+//! The typed configuration model: one shape for every source (YAML file, PostgreSQL), with
+//! `deny_unknown_fields` everywhere so a typo is an error, not a silently ignored key.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::units::{ByteSize, Duration};
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The config format version. Only 1 exists.
+    pub version: u32,
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub ops: OpsConfig,
+    #[serde(default)]
+    pub config: SourceConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamConfig>,
+    /// The global filter chain, run before each route's own filters.
+    #[serde(default)]
+    pub filters: Vec<FilterConfig>,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listeners: Vec<ListenerConfig>,
+    /// Worker threads of the proxy service. Defaults to the number of CPUs.
+    pub threads: Option<usize>,
+    /// Peers whose `X-Forwarded-For` / `Forwarded` / `X-Forwarded-Proto` are believed.
+    #[schemars(with = "Vec<String>")]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub limits: LimitsConfig,
+    /// Idle upstream connections kept for reuse, across all upstreams.
+    pub upstream_keepalive_pool_size: usize,
+    /// On SIGTERM: how long to keep serving in-flight requests before the final shutdown step.
+    pub grace_period: Duration,
+    /// The final shutdown step's own deadline.
+    pub shutdown_timeout: Duration,
+    /// The socket through which an upgrading process takes over the listeners (SIGQUIT).
+    pub upgrade_socket: String,
+    /// Where the process id is written.
+    pub pid_file: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listeners: vec![ListenerConfig {
+                name: "public".into(),
+                address: "0.0.0.0:8080".into(),
+                tls: None,
+            }],
+            threads: None,
+            trusted_proxies: Vec::new(),
+            limits: LimitsConfig::default(),
+            upstream_keepalive_pool_size: 1024,
+            grace_period: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(5),
+            upgrade_socket: "/tmp/gatehouse_upgrade.sock".into(),
+            pid_file: "/tmp/gatehouse.pid".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub name: String,
+    /// `IP:PORT` to listen on.
+    pub address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ListenerTlsConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTlsConfig {
+    /// PEM certificate chain.
+    pub cert: String,
+    /// PEM private key.
+    pub key: String,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Total bytes of the request head's header fields (names and values). 431 above.
+    pub max_header_bytes: ByteSize,
+    /// Number of request header fields. 431 above.
+    pub max_headers: usize,
+    /// Length of the request target (path and query). 414 above.
+    pub max_uri_bytes: ByteSize,
+    /// Request body size. 413 above.
+    pub max_body_bytes: ByteSize,
+    /// Total time allowed to receive a request head, from the connection's start or the end of
+    /// the previous response. Slow clients are disconnected when it passes.
+    pub header_read_timeout: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_header_bytes: ByteSize(16 * 1024),
+            max_headers: 100,
+            max_uri_bytes: ByteSize(8 * 1024),
+            max_body_bytes: ByteSize(10 * 1024 * 1024),
+            header_read_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpsConfig {
+    /// Address of the operations listener (/healthz /readyz /metrics /config /explain).
+    /// Loopback by default; `off` disables it.
+    pub address: String,
+}
+
+impl Default for OpsConfig {
+    fn default() -> Self {
+        OpsConfig {
+            address: "127.0.0.1:9901".into(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    #[default]
+    File,
+    Postgres,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceConfig {
+    pub source: SourceKind,
+    /// Reload the file when it changes. SIGHUP always reloads.
+    pub watch: bool,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig {
+            source: SourceKind::File,
+            watch: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    pub log: LogConfig,
+    pub access_log: AccessLogConfig,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Text,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// `error`, `warn`, `info`, `debug` or `trace`, or a tracing filter like `info,gatehouse=debug`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Json,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessLogConfig {
+    /// `stdout`, `off`, or a file path. One JSON line per request, written off the request path.
+    pub path: String,
+    /// Fraction of requests logged, 0.0 to 1.0.
+    pub sample: f64,
+}
+
+impl Default for AccessLogConfig {
+    fn default() -> Self {
+        AccessLogConfig {
+            path: "off".into(),
+            sample: 1.0,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    Weighted,
+    LeastRequests,
+    ConsistentHash,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum HashOn {
+    Header(String),
+    Cookie(String),
+    ClientIp(bool),
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1.
+    #[default]
+    Http1,
+    /// HTTP/2: negotiated by ALPN over TLS, prior knowledge (h2c) over plain TCP.
+    H2,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub targets: Vec<TargetConfig>,
+    #[serde(default)]
+    pub balance: Balance,
+    /// Only for `consistent_hash`: `{header: NAME}`, `{cookie: NAME}` or `{client_ip: true}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_on: Option<HashOn>,
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    /// TLS to the targets; omit for plain HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTlsConfig>,
+    #[serde(default)]
+    pub timeouts: TimeoutsConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// `host:port`. A host name is resolved when the config is loaded.
+    pub address: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// Server name sent in the TLS handshake and checked against the certificate.
+    pub sni: String,
+    /// Verify the upstream's certificate chain and name. On unless set to false.
+    #[serde(default = "default_true")]
+    pub verify: bool,
+    /// PEM file of CA certificates to trust instead of the system store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutsConfig {
+    pub connect: Duration,
+    /// Longest wait for each read from the upstream.
+    pub read: Duration,
+    /// Longest wait for each write to the upstream.
+    pub write: Duration,
+    /// How long an idle pooled connection is kept.
+    pub idle: Duration,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        TimeoutsConfig {
+            connect: Duration::from_secs(1),
+            read: Duration::from_secs(30),
+            write: Duration::from_secs(30),
+            idle: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A filter instance: the same `{kind, config}` shape in YAML and in PostgreSQL.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub config: serde_json::Value,
+}
+
+impl JsonSchema for FilterConfig {
+    fn schema_name() -> String {
+        "Filter".into()
+    }
+
+    fn json_schema(generator: &mut schemars::gen::SchemaGenerator) -> schemars::schema::Schema {
+        use schemars::schema::{ObjectValidation, Schema, SchemaObject, SubschemaValidation};
+        let variants = gatehouse_filters::filter_kinds()
+            .map(|kind| {
+                let config = gatehouse_filters::schema_for_kind(kind, generator)
+                    .unwrap_or(Schema::Bool(true));
+                let mut kind_schema = SchemaObject::default();
+                kind_schema.const_value = Some(serde_json::Value::String(kind.into()));
+                let mut object = SchemaObject {
+                    instance_type: Some(schemars::schema::InstanceType::Object.into()),
+                    object: Some(Box::new(ObjectValidation {
+                        properties: [
+                            ("kind".to_string(), Schema::Object(kind_schema)),
+                            ("config".to_string(), config),
+                        ]
+                        .into_iter()
+                        .collect(),
+                        required: ["kind".to_string()].into_iter().collect(),
+                        additional_properties: Some(Box::new(Schema::Bool(false))),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                };
+                object.metadata().title = Some(kind.to_string());
+                Schema::Object(object)
+            })
+            .collect();
+        Schema::Object(SchemaObject {
+            subschemas: Some(Box::new(SubschemaValidation {
+                one_of: Some(variants),
+                ..Default::default()
+            })),
+            ..Default::default()
+        })
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    /// Higher first; among equal priorities the most specific match wins.
+    #[serde(default)]
+    pub priority: i32,
+    #[serde(default, rename = "match")]
+    pub matcher: MatchConfig,
+    pub upstream: String,
+    /// Remove this prefix from the path before forwarding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strip_prefix: Option<String>,
+    /// Replace the path, e.g. `/v${version}/u/${id}` with captures of a regex path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<String>,
+    /// Longest wait for each read from the upstream on this route (overrides the upstream's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    #[serde(default)]
+    pub filters: Vec<FilterConfig>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct MatchConfig {
+    /// Exact host names or `*.example.com` wildcards. Empty: any host.
+    pub hosts: Vec<String>,
+    /// Any of these paths. Empty: any path.
+    pub paths: Vec<PathMatch>,
+    /// Any of these methods. Empty: any method.
+    pub methods: Vec<String>,
+    /// All of these header conditions.
+    pub headers: Vec<ValueMatch>,
+    /// All of these query parameter conditions.
+    pub query: Vec<ValueMatch>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum PathMatch {
+    /// The path equals this.
+    Exact(String),
+    /// The path starts with this, at a segment boundary (`/users` matches `/users` and
+    /// `/users/7`, not `/usersx`). A prefix that ends with `/` matches anything below it.
+    Prefix(String),
+    /// A regular expression matched against the whole path; named groups may be used by
+    /// `rewrite`.
+    Regex(String),
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ValueMatch {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub present: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub equals: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+}
+
+/// A name → value map in config, kept ordered so hashes are stable.
+pub type OrderedMap = BTreeMap<String, String>;

@@ -1,0 +1,64 @@
+//! The Snapshot: one immutable, versioned, hashed, fully built configuration. A request pins
+//! one Snapshot for its whole life.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use gatehouse_filters::Filter;
+use ipnet::IpNet;
+
+use super::model::Config;
+use crate::router::{PathRewrite, Router};
+use crate::telemetry::metrics::RouteMetrics;
+use crate::upstream::UpstreamPool;
+
+/// A route ready to serve.
+pub struct Route {
+    pub name: Arc<str>,
+    pub upstream: usize,
+    pub rewrite: Option<PathRewrite>,
+    pub read_timeout: Option<Duration>,
+    /// The global filters followed by the route's own, in request order.
+    pub chain: Vec<Arc<dyn Filter>>,
+    pub metrics: RouteMetrics,
+}
+
+/// Request limits, in plain numbers.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_uri_bytes: usize,
+    pub max_body_bytes: u64,
+    pub header_read_timeout: Duration,
+}
+
+pub struct Snapshot {
+    /// Increases by one with every applied config in this process.
+    pub version: u64,
+    /// SHA-256 of the config as written (secret references, not their values).
+    pub hash: String,
+    pub loaded_at: SystemTime,
+    /// Where it came from, e.g. `file:conf/gatehouse.yaml`.
+    pub source: String,
+    /// The config as written, for `/config` (shown with secrets masked).
+    pub config: Config,
+    pub router: Router,
+    pub routes: Vec<Route>,
+    pub upstreams: Vec<UpstreamPool>,
+    /// The global chain, run for requests that match no route (so e.g. request ids still apply).
+    pub global_chain: Vec<Arc<dyn Filter>>,
+    pub limits: Limits,
+    pub trusted_proxies: Vec<IpNet>,
+    pub unmatched_metrics: RouteMetrics,
+}
+
+impl Snapshot {
+    pub fn is_trusted_proxy(&self, address: std::net::IpAddr) -> bool {
+        !self.trusted_proxies.is_empty()
+            && self
+                .trusted_proxies
+                .iter()
+                .any(|network| network.contains(&address))
+    }
+}

@@ -1,0 +1,142 @@
+//! The `gatehouse` command line: run, validate, schema, explain.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "gatehouse", version, about = "An API gateway on Pingora")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Run {
+        /// The config file.
+        #[arg(short, long, default_value = "conf/gatehouse.yaml")]
+        config: PathBuf,
+        /// Take over the listeners of a running Gatehouse that is sent SIGQUIT (graceful upgrade).
+        #[arg(short, long)]
+        upgrade: bool,
+        /// Detach into the background.
+        #[arg(short, long)]
+        daemon: bool,
+    },
+    /// Check a config file; print every error with its path. Exit status 1 if any.
+    Validate {
+        /// The config file.
+        file: PathBuf,
+    },
+    /// Print the JSON Schema of the config file.
+    Schema,
+    /// Show which route a request would match, the candidates it beat, and its filter chain.
+    Explain {
+        /// The config file.
+        #[arg(short, long, default_value = "conf/gatehouse.yaml")]
+        config: PathBuf,
+        #[arg(short = 'X', long, default_value = "GET")]
+        method: String,
+        #[arg(long)]
+        host: Option<String>,
+        /// Request headers as `name: value`.
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        /// The request path (with query, if any).
+        path: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run {
+            config,
+            upgrade,
+            daemon,
+        } => {
+            match gatehouse::server::run(&config, gatehouse::server::RunOptions { upgrade, daemon })
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("gatehouse: {}: {error}", config.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Validate { file } => match gatehouse::config::load::load_file(&file)
+            .and_then(|loaded| gatehouse::config::compile(loaded, &file.display().to_string(), 0))
+        {
+            Ok(snapshot) => {
+                println!(
+                    "{}: ok ({} routes, {} upstreams, hash {})",
+                    file.display(),
+                    snapshot.routes.len(),
+                    snapshot.upstreams.len(),
+                    &snapshot.hash[..12]
+                );
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprint!("{}: {errors}", file.display());
+                ExitCode::FAILURE
+            }
+        },
+        Command::Schema => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&gatehouse::config_schema())
+                    .expect("schema serialises")
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Explain {
+            config,
+            method,
+            host,
+            headers,
+            path,
+        } => {
+            let snapshot = match gatehouse::config::load::load_file(&config).and_then(|loaded| {
+                gatehouse::config::compile(loaded, &config.display().to_string(), 0)
+            }) {
+                Ok(snapshot) => snapshot,
+                Err(errors) => {
+                    eprint!("{}: {errors}", config.display());
+                    return ExitCode::FAILURE;
+                }
+            };
+            let mut query = format!("method={method}&path={}", encode(&path));
+            if let Some(host) = host {
+                query.push_str(&format!("&host={}", encode(&host)));
+            }
+            for header in headers {
+                query.push_str(&format!("&header={}", encode(&header)));
+            }
+            match gatehouse::ops::explain::Query::parse(&query) {
+                Ok(query) => {
+                    let explained = gatehouse::ops::explain::explain(&snapshot, &query);
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&explained).expect("serialises")
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(message) => {
+                    eprintln!("gatehouse explain: {message}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn encode(text: &str) -> String {
+    percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC).to_string()
+}

@@ -1,0 +1,114 @@
+//! The operations listener: `/healthz`, `/readyz`, `/metrics`, `/config` and `/explain`, on its
+//! own address (loopback by default), separate from client traffic.
+
+pub mod explain;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::Response;
+use pingora_core::apps::http_app::ServeHttp;
+use pingora_core::protocols::http::ServerSession;
+
+use crate::config::ConfigStore;
+
+pub struct OpsApp {
+    pub store: Arc<ConfigStore>,
+}
+
+fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .header(http::header::CONTENT_LENGTH, body.len())
+        .header(http::header::CACHE_CONTROL, "no-store")
+        .body(body)
+        .expect("valid response")
+}
+
+fn json(status: u16, value: serde_json::Value) -> Response<Vec<u8>> {
+    let mut body = serde_json::to_vec_pretty(&value).unwrap_or_default();
+    body.push(b'\n');
+    reply(status, "application/json", body)
+}
+
+/// Replace secret values with a mask. References like `${env:NAME}` are not secrets and stay.
+pub fn mask_secrets(value: &mut serde_json::Value) {
+    const SECRET_KEYS: &[&str] = &[
+        "secret",
+        "password",
+        "token",
+        "client_secret",
+        "api_key",
+        "hash",
+        "private_key",
+        "secret_key",
+    ];
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, item) in map.iter_mut() {
+                let secret = SECRET_KEYS
+                    .iter()
+                    .any(|name| key.eq_ignore_ascii_case(name));
+                match item {
+                    serde_json::Value::String(text)
+                        if secret
+                            && !(text.starts_with("${env:") || text.starts_with("${file:")) =>
+                    {
+                        *text = "******".into();
+                    }
+                    _ => mask_secrets(item),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(mask_secrets),
+        _ => {}
+    }
+}
+
+#[async_trait]
+impl ServeHttp for OpsApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let request = session.req_header();
+        let path = request.uri.path().to_string();
+        let query = request.uri.query().unwrap_or("").to_string();
+        let snapshot = self.store.load();
+        match path.as_str() {
+            "/healthz" => reply(200, "text/plain", b"ok\n".to_vec()),
+            "/readyz" => json(
+                200,
+                serde_json::json!({
+                    "ready": true,
+                    "config": { "version": snapshot.version, "hash": snapshot.hash, "source": snapshot.source },
+                }),
+            ),
+            "/metrics" => reply(
+                200,
+                "text/plain; version=0.0.4",
+                crate::telemetry::metrics::render(),
+            ),
+            "/config" => {
+                let mut config = serde_json::to_value(&snapshot.config).unwrap_or_default();
+                mask_secrets(&mut config);
+                json(
+                    200,
+                    serde_json::json!({
+                        "version": snapshot.version,
+                        "hash": snapshot.hash,
+                        "source": snapshot.source,
+                        "applied_at": humantime::format_rfc3339_seconds(snapshot.loaded_at).to_string(),
+                        "config": config,
+                    }),
+                )
+            }
+            "/explain" => match explain::Query::parse(&query) {
+                Ok(query) => json(200, explain::explain(&snapshot, &query)),
+                Err(message) => json(400, serde_json::json!({ "error": message })),
+            },
+            _ => json(
+                404,
+                serde_json::json!({ "error": "not found", "endpoints": ["/healthz", "/readyz", "/metrics", "/config", "/explain"] }),
+            ),
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! The total deadline for receiving a request head. Pingora's read timeout applies to each read,
+//! so a client that sends one byte at a time could hold a connection forever; this wrapper
+//! around the proxy application cuts such a connection off when the whole head has not arrived
+//! in time, without touching other connections.
+//!
+//! One timer per connection: the proxy marks, through a task-local, when a head has arrived
+//! and when a response is done; the timer only looks at those marks when it fires.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora_core::apps::ServerApp;
+use pingora_core::protocols::{Stream, ALPN};
+use pingora_core::server::ShutdownWatch;
+
+use crate::config::ConfigStore;
+
+/// Pingora closes idle kept-alive connections after this long.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+
+const WAITING_FIRST: u8 = 0;
+const IN_REQUEST: u8 = 1;
+const WAITING_NEXT: u8 = 2;
+
+struct ConnectionState {
+    started: Instant,
+    phase: AtomicU8,
+    /// Nanoseconds from `started` to when the current phase began.
+    since: AtomicU64,
+}
+
+impl ConnectionState {
+    fn mark(&self, phase: u8) {
+        let elapsed = self.started.elapsed().as_nanos() as u64;
+        self.since.store(elapsed, Ordering::Relaxed);
+        self.phase.store(phase, Ordering::Relaxed);
+    }
+}
+
+tokio::task_local! {
+    static CONNECTION: Arc<ConnectionState>;
+}
+
+/// Called by the proxy when a request head has been read.
+pub fn head_received() {
+    let _ = CONNECTION.try_with(|state| state.mark(IN_REQUEST));
+}
+
+/// Called by the proxy when a request is over; the next head's clock starts now.
+pub fn request_done() {
+    let _ = CONNECTION.try_with(|state| state.mark(WAITING_NEXT));
+}
+
+pub struct HeadDeadline<A> {
+    pub inner: Arc<A>,
+    pub store: Arc<ConfigStore>,
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeadDeadline<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        // HTTP/2 requests run on their own tasks; h2 has its own flow control and settings.
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            return self.inner.process_new(stream, shutdown).await;
+        }
+        let timeout = self.store.load().limits.header_read_timeout;
+        let state = Arc::new(ConnectionState {
+            started: Instant::now(),
+            phase: AtomicU8::new(WAITING_FIRST),
+            since: AtomicU64::new(0),
+        });
+        let inner = CONNECTION.scope(state.clone(), self.inner.process_new(stream, shutdown));
+        tokio::pin!(inner);
+        let mut deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            tokio::select! {
+                biased;
+                result = &mut inner => return result,
+                _ = tokio::time::sleep_until(deadline) => {
+                    let since = Duration::from_nanos(state.since.load(Ordering::Relaxed));
+                    let phase_start = tokio::time::Instant::from_std(state.started + since);
+                    let limit = match state.phase.load(Ordering::Relaxed) {
+                        WAITING_FIRST => phase_start + timeout,
+                        WAITING_NEXT => phase_start + KEEPALIVE_IDLE + timeout,
+                        _ => {
+                            deadline = tokio::time::Instant::now() + timeout;
+                            continue;
+                        }
+                    };
+                    if tokio::time::Instant::now() >= limit {
+                        tracing::debug!("request head not received within {timeout:?}; closing the connection");
+                        return None;
+                    }
+                    deadline = limit;
+                }
+            }
+        }
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await;
+    }
+}

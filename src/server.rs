@@ -1,0 +1,144 @@
+//! Pingora server bootstrap: the proxy service with its listeners, the ops listener, and the
+//! config reloader, all on one Pingora `Server` (graceful shutdown on SIGTERM, graceful upgrade
+//! on SIGQUIT).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use pingora_core::apps::HttpServerOptions;
+use pingora_core::server::configuration::{Opt, ServerConf};
+use pingora_core::server::Server;
+use pingora_core::services::background::background_service;
+use pingora_core::services::listening::Service;
+
+use crate::config::watch::ConfigReloader;
+use crate::config::{ConfigErrors, ConfigStore};
+use crate::ops::OpsApp;
+use crate::proxy::deadline::HeadDeadline;
+use crate::proxy::Gateway;
+
+/// How `gatehouse run` was asked to start.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Take over the listening sockets of a running Gatehouse (graceful upgrade).
+    pub upgrade: bool,
+    /// Detach into the background.
+    pub daemon: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    #[error("cannot start: {0}")]
+    Server(String),
+}
+
+/// Start Gatehouse on `config_path` and serve until shut down. Returns only on a start failure.
+pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
+    let store = Arc::new(ConfigStore::open(config_path)?);
+    let snapshot = store.load();
+    let config = &snapshot.config;
+    crate::telemetry::logging::init(&config.telemetry.log);
+    crate::telemetry::access_log::init(
+        &config.telemetry.access_log.path,
+        config.telemetry.access_log.sample,
+    )
+    .map_err(|error| {
+        StartError::Server(format!(
+            "access log {}: {error}",
+            config.telemetry.access_log.path
+        ))
+    })?;
+
+    let server_config = &config.server;
+    let threads = server_config.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(usize::from)
+            .unwrap_or(1)
+    });
+    let mut conf = ServerConf {
+        threads,
+        grace_period_seconds: Some(server_config.grace_period.get().as_secs()),
+        graceful_shutdown_timeout_seconds: Some(
+            server_config.shutdown_timeout.get().as_secs().max(1),
+        ),
+        upgrade_sock: server_config.upgrade_socket.clone(),
+        pid_file: server_config.pid_file.clone(),
+        upstream_keepalive_pool_size: server_config.upstream_keepalive_pool_size,
+        daemon: options.daemon,
+        ..ServerConf::default()
+    };
+    conf.work_stealing = true;
+    let opt = Opt {
+        upgrade: options.upgrade,
+        daemon: options.daemon,
+        nocapture: false,
+        test: false,
+        conf: None,
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    // The proxy, wrapped so slow request heads are cut off.
+    let gateway = Gateway {
+        store: store.clone(),
+    };
+    let mut proxy = pingora_proxy::HttpProxy::new(gateway, server.configuration.clone());
+    proxy.handle_init_modules();
+    let mut server_options = HttpServerOptions::default();
+    server_options.h2c = false;
+    proxy.server_options = Some(server_options);
+    let app = HeadDeadline {
+        inner: Arc::new(proxy),
+        store: store.clone(),
+    };
+    let mut proxy_service = Service::new("gatehouse proxy".to_string(), app);
+    for listener in &server_config.listeners {
+        match &listener.tls {
+            None => proxy_service.add_tcp(&listener.address),
+            Some(tls) => {
+                let mut settings =
+                    pingora_core::listeners::tls::TlsSettings::intermediate(&tls.cert, &tls.key)
+                        .map_err(|error| {
+                            StartError::Server(format!("listener {}: TLS: {error}", listener.name))
+                        })?;
+                settings.enable_h2();
+                proxy_service.add_tls_with_settings(&listener.address, None, settings);
+            }
+        }
+    }
+    server.add_service(proxy_service);
+
+    if config.ops.address != "off" {
+        let mut ops = Service::new(
+            "gatehouse ops".to_string(),
+            pingora_core::apps::http_app::HttpServer::new_app(OpsApp {
+                store: store.clone(),
+            }),
+        );
+        ops.threads = Some(1);
+        ops.add_tcp(&config.ops.address);
+        server.add_service(ops);
+    }
+
+    let reloader = background_service(
+        "config reloader",
+        ConfigReloader {
+            store: store.clone(),
+            watch: config.config.watch,
+        },
+    );
+    server.add_service(reloader);
+
+    tracing::info!(
+        version = snapshot.version,
+        hash = %snapshot.hash,
+        listeners = %server_config.listeners.iter().map(|listener| listener.address.as_str()).collect::<Vec<_>>().join(","),
+        ops = %config.ops.address,
+        threads,
+        "gatehouse starting"
+    );
+    drop(snapshot);
+    server.run_forever();
+}

@@ -1,0 +1,144 @@
+//! Prometheus metrics. Per-route counters are resolved once per Snapshot, so the request path
+//! increments an atomic instead of looking labels up.
+
+use once_cell::sync::Lazy;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::config::Snapshot;
+
+/// The label used for requests that matched no route.
+pub const UNMATCHED_ROUTE: &str = "(none)";
+
+pub struct Metrics {
+    pub registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    config_reloads: IntCounterVec,
+    config_version: IntGauge,
+    config_applied_at: IntGauge,
+    pub access_log_dropped: IntCounter,
+}
+
+pub static METRICS: Lazy<Metrics> = Lazy::new(|| {
+    let registry = Registry::new();
+    let requests = IntCounterVec::new(
+        Opts::new(
+            "gatehouse_requests_total",
+            "Requests served, by route and status class",
+        ),
+        &["route", "status_class"],
+    )
+    .expect("valid metric");
+    let duration = HistogramVec::new(
+        HistogramOpts::new(
+            "gatehouse_request_duration_seconds",
+            "Time from request head to the end of the response, by route",
+        )
+        .buckets(vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]),
+        &["route"],
+    )
+    .expect("valid metric");
+    let config_reloads = IntCounterVec::new(
+        Opts::new(
+            "gatehouse_config_reloads_total",
+            "Config reloads, by result (applied or rejected)",
+        ),
+        &["result"],
+    )
+    .expect("valid metric");
+    let config_version = IntGauge::new("gatehouse_config_version", "Version of the live config")
+        .expect("valid metric");
+    let config_applied_at = IntGauge::new(
+        "gatehouse_config_applied_timestamp_seconds",
+        "When the live config was applied (Unix time)",
+    )
+    .expect("valid metric");
+    let access_log_dropped = IntCounter::new(
+        "gatehouse_access_log_dropped_total",
+        "Access log lines dropped because the writer fell behind",
+    )
+    .expect("valid metric");
+    for collector in [
+        Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+        Box::new(duration.clone()),
+        Box::new(config_reloads.clone()),
+        Box::new(config_version.clone()),
+        Box::new(config_applied_at.clone()),
+        Box::new(access_log_dropped.clone()),
+    ] {
+        registry
+            .register(collector)
+            .expect("metric registered once");
+    }
+    Metrics {
+        registry,
+        requests,
+        duration,
+        config_reloads,
+        config_version,
+        config_applied_at,
+        access_log_dropped,
+    }
+});
+
+/// A route's counters and histogram, resolved once.
+#[derive(Clone)]
+pub struct RouteMetrics {
+    by_class: [IntCounter; 5],
+    duration: Histogram,
+}
+
+impl RouteMetrics {
+    pub fn observe(&self, status: u16, seconds: f64) {
+        let class = match status {
+            100..=199 => 0,
+            200..=299 => 1,
+            300..=399 => 2,
+            400..=499 => 3,
+            _ => 4,
+        };
+        self.by_class[class].inc();
+        self.duration.observe(seconds);
+    }
+}
+
+pub fn route_metrics(route: &str) -> RouteMetrics {
+    let metrics = &*METRICS;
+    RouteMetrics {
+        by_class: ["1xx", "2xx", "3xx", "4xx", "5xx"]
+            .map(|class| metrics.requests.with_label_values(&[route, class])),
+        duration: metrics.duration.with_label_values(&[route]),
+    }
+}
+
+pub fn record_config_applied(snapshot: &Snapshot) {
+    let metrics = &*METRICS;
+    metrics.config_reloads.with_label_values(&["applied"]).inc();
+    metrics.config_version.set(snapshot.version as i64);
+    let applied = snapshot
+        .loaded_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs() as i64)
+        .unwrap_or_default();
+    metrics.config_applied_at.set(applied);
+}
+
+pub fn record_config_rejected() {
+    METRICS
+        .config_reloads
+        .with_label_values(&["rejected"])
+        .inc();
+}
+
+/// The Prometheus text exposition of every metric.
+pub fn render() -> Vec<u8> {
+    let mut buffer = Vec::new();
+    let families = METRICS.registry.gather();
+    TextEncoder::new().encode(&families, &mut buffer).ok();
+    buffer
+}
