@@ -167,6 +167,13 @@ peak_rss_kib() {
 
 now_ns() { date +%s%N; }
 
+# Busy CPU ticks of the whole machine (all cores), to see whether anything else competed.
+machine_busy_ticks() {
+  local user nice system irq softirq steal
+  read -r _ user nice system _ _ irq softirq steal _ </proc/stat
+  echo $((user + nice + system + irq + softirq + steal))
+}
+
 # ---------------------------------------------------------------------------------------------
 # Tools
 no_install=${BENCH_NO_INSTALL:-0}
@@ -440,6 +447,10 @@ runs_file="$work/runs.tsv"
 : >"$runs_file"
 clock_ticks=$(getconf CLK_TCK)
 total_runs=$((reps * ${#runnable[@]}))
+load_at_start=$(cut -d' ' -f1 /proc/loadavg)
+if python3 -c "import sys; sys.exit(0 if float('$load_at_start') > 0.5 else 1)"; then
+  say "load average is $load_at_start before the run: other work on this machine will skew the figures"
+fi
 say "$total_runs runs of ${bench_seconds}s (+${warmup}s warm-up): ${runnable[*]}; proxy on core $proxy_cpu, wrk and upstream on core $load_cpu"
 
 run_number=0
@@ -462,16 +473,19 @@ for ((rep = 1; rep <= reps; rep++)); do
     output="$work/wrk-$name-$rep.txt"
     ticks_before=$(cpu_ticks "$proxy_pid")
     echo_ticks_before=$(cpu_ticks "$echo_pid")
+    machine_before=$(machine_busy_ticks)
     started=$(now_ns)
     taskset -c "$load_cpu" wrk -t1 -c"$connections" -d"${bench_seconds}s" --latency "$proxy_url" >"$output" 2>&1 ||
       say "wrk failed against $name: $(tail -n 3 "$output")"
     elapsed_ns=$(($(now_ns) - started))
     ticks_after=$(cpu_ticks "$proxy_pid")
     echo_ticks_after=$(cpu_ticks "$echo_pid")
+    machine_after=$(machine_busy_ticks)
     rss=$(peak_rss_kib "$proxy_pid")
     cpu=$(python3 -c "print(round(($ticks_after - $ticks_before) / $clock_ticks / ($elapsed_ns / 1e9) * 100, 1))")
     echo_cpu=$(python3 -c "print(round(($echo_ticks_after - $echo_ticks_before) / $clock_ticks / ($elapsed_ns / 1e9) * 100, 1))")
-    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$rep" "$output" "$rss" "$cpu" "$echo_cpu" >>"$runs_file"
+    machine_cpu=$(python3 -c "print(round(($machine_after - $machine_before) / $clock_ticks / ($elapsed_ns / 1e9) * 100, 1))")
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$rep" "$output" "$rss" "$cpu" "$echo_cpu" "$machine_cpu" >>"$runs_file"
     rps=$(awk '/^Requests\/sec:/ {print $2}' "$output")
     say "[$run_number/$total_runs] $name rep $rep: ${rps:-?} rps, proxy cpu ${cpu}%, peak rss ${rss} KiB"
     stop_contender "$name"
@@ -517,6 +531,7 @@ versions_file="$work/versions.tsv"
   printf 'kernel\t%s\n' "$(uname -r)"
   printf 'cpu\t%s\n' "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
   printf 'cores\t%s\n' "$(nproc)"
+  printf 'load_average_at_start\t%s\n' "$load_at_start"
 } >"$versions_file" 2>/dev/null || true
 
 python3 - "$runs_file" "$latency_file" "$skipped_file" "$versions_file" "$json_out" "$markdown_out" \
@@ -580,10 +595,10 @@ def lines(path, columns=2):
 
 
 runs = {}
-for name, rep, wrk_path, rss_kib, cpu, upstream_cpu in lines(runs_path, 6):
+for name, rep, wrk_path, rss_kib, cpu, upstream_cpu, machine_cpu in lines(runs_path, 7):
     run = parse_wrk(wrk_path)
     run.update(rep=int(rep), peak_rss_kib=int(rss_kib), cpu_pct=float(cpu),
-               upstream_cpu_pct=float(upstream_cpu))
+               upstream_cpu_pct=float(upstream_cpu), machine_cpu_pct=float(machine_cpu))
     runs.setdefault(name, []).append(run)
 
 latency = {}
@@ -614,6 +629,7 @@ for name in ORDER:
         "peak_rss_kib_max": max(run["peak_rss_kib"] for run in measured),
         "cpu_pct_median": median(run["cpu_pct"] for run in measured),
         "upstream_cpu_pct_median": median(run["upstream_cpu_pct"] for run in measured),
+        "machine_cpu_pct_median": median(run["machine_cpu_pct"] for run in measured),
         "errors": sum(run["non_2xx"] + run["socket_errors"] for run in measured),
         "runs": sorted(measured, key=lambda run: run["rep"]),
     }
@@ -662,18 +678,20 @@ def cell(value, digits=0):
 
 out = [f"### {stamp}", ""]
 out.append(f"wrk -t1 -c{connections} -d{seconds}s --latency, {warmup}s warm-up discarded, "
-           f"median of {reps} runs; proxy on core {proxy_cpu}, wrk and upstream on core {load_cpu}. "
+           f"median of {reps} run{'s' if int(reps) != 1 else ''}; proxy on core {proxy_cpu}, wrk and upstream on core {load_cpu}. "
            f"{environment.get('cpu', '')}, {environment.get('cores', '?')} cores, "
-           f"kernel {environment.get('kernel', '?')}, gatehouse {environment.get('gatehouse_commit', '?')}.")
+           f"kernel {environment.get('kernel', '?')}, gatehouse {environment.get('gatehouse_commit', '?')}, "
+           f"load average {environment.get('load_average_at_start', '?')} at start.")
 out.append("")
-out.append("| contender | rps (median) | p99 ms | p50 ms | peak RSS MiB | proxy CPU % | upstream CPU % | errors | rps per run |")
-out.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+out.append("| contender | rps (median) | p99 ms | p50 ms | peak RSS MiB | proxy CPU % | upstream CPU % | machine CPU % | errors | rps per run |")
+out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
 for name, row in contenders.items():
     per_run = ", ".join(cell(run["rps"]) for run in row["runs"])
     out.append(
         f"| {row['label']} | {cell(row['rps_median'])} | {cell(row['p99_ms_median'], 2)} | "
         f"{cell(row['p50_ms_median'], 2)} | {cell(row['peak_rss_kib_max'] / 1024, 1)} | "
         f"{cell(row['cpu_pct_median'])} | {cell(row['upstream_cpu_pct_median'])} | "
+        f"{cell(row['machine_cpu_pct_median'])} | "
         f"{row['errors']} | {per_run} |")
 out.append("")
 if any(ratios.values()):

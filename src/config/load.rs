@@ -133,7 +133,7 @@ mod tests {
             "version: 1\nroutes:\n  - name: a\n    upstream: u\n    match: { pathz: [] }\n",
         )
         .unwrap_err();
-        assert_eq!(errors.0[0].path, "routes[0].match");
+        assert_eq!(errors.0[0].path, "routes[0].match.pathz");
         assert!(
             errors.0[0].message.contains("unknown field `pathz`"),
             "{}",

@@ -1,0 +1,255 @@
+//! Process lifecycle and the command line: SIGTERM drains, SIGQUIT hands the listeners to a new
+//! process, `validate`, `schema`, `explain` and the ops endpoints.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::support::{get, request, run_cli, spawn_echo, Gateway};
+
+fn simple_routes(echo: std::net::SocketAddr) -> String {
+    format!(
+        "upstreams: [{{ name: echo, targets: [{{ address: \"{echo}\" }}] }}]\nfilters: [{{ kind: request_id }}]\nroutes: [{{ name: all, upstream: echo, match: {{ paths: [{{ prefix: / }}] }} }}]\n"
+    )
+}
+
+#[test]
+fn sigterm_drains_in_flight_requests() {
+    let echo = spawn_echo("echo");
+    let mut gateway = Gateway::start(&simple_routes(echo));
+    let address = gateway.addr;
+    let in_flight = std::thread::spawn(move || {
+        request(address, "GET", "/slow", &[("x-echo-delay-ms", "1000")], b"")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    gateway.signal("TERM");
+    let reply = in_flight.join().unwrap();
+    assert_eq!(
+        reply.status,
+        200,
+        "the in-flight request was cut: {}",
+        reply.text()
+    );
+    let status = gateway
+        .wait_exit(Duration::from_secs(10))
+        .expect("gatehouse exits after draining");
+    assert!(status.success() || status.code().is_none(), "{status:?}");
+    assert!(
+        std::net::TcpStream::connect(address).is_err(),
+        "still listening after exit"
+    );
+}
+
+#[test]
+fn sigquit_upgrade_hands_over_the_listeners_without_dropping_requests() {
+    let echo = spawn_echo("echo");
+    let mut gateway = Gateway::start(&simple_routes(echo));
+    let address = gateway.addr;
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicUsize::new(0));
+    let client = {
+        let stop = stop.clone();
+        let served = served.clone();
+        std::thread::spawn(move || {
+            let mut failures = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match crate::support::send_raw(
+                    address,
+                    &crate::support::request_bytes("GET", "/x", &[], b""),
+                ) {
+                    Ok(reply) if reply.status == 200 => {
+                        served.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(reply) => failures.push(format!("status {}", reply.status)),
+                    Err(error) => failures.push(error.to_string()),
+                }
+            }
+            failures
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let old_pid = gateway.pid();
+    let mut old = gateway.child.take().unwrap();
+    // The new process waits for the sockets; then the old one is told to hand them over.
+    gateway.spawn(true);
+    std::thread::sleep(Duration::from_millis(500));
+    crate::support::signal_pid(old_pid, "QUIT");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let old_status = loop {
+        if let Some(status) = old.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "old process did not exit after SIGQUIT"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let before = served.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let failures = client.join().unwrap();
+    assert!(
+        failures.is_empty(),
+        "requests failed during the upgrade: {failures:?}\n{}",
+        gateway.stderr()
+    );
+    assert!(
+        served.load(Ordering::Relaxed) > before,
+        "the new process did not serve after the old exited"
+    );
+    let _ = old_status;
+    // The new process owns the ops listener too.
+    assert_eq!(get(gateway.ops, "/healthz").status, 200);
+}
+
+#[test]
+fn validate_reports_every_error_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        r#"
+version: 1
+server: { listeners: [{ name: public, address: "127.0.0.1:8080" }], limits: { max_headers: 0 } }
+upstreams:
+  - { name: users, targets: [{ address: "127.0.0.1:9001", weight: 0 }], balance: consistent_hash }
+routes:
+  - { name: a, upstream: billing, match: { paths: [{ prefix: users }] } }
+  - { name: b, upstream: users, strip_prefix: /b, rewrite: /c }
+"#,
+    )
+    .unwrap();
+    let (code, _, stderr) = run_cli(&["validate", bad.to_str().unwrap()], dir.path());
+    assert_eq!(code, 1);
+    for expected in [
+        "server.limits.max_headers: must be between 1 and 256",
+        "upstreams[0].hash_on: `consistent_hash` needs `hash_on`",
+        "upstreams[0].targets[0].weight: weight must be at least 1",
+        "routes[0].match.paths[0]: a path must start with \"/\"",
+        "routes[0].upstream: no upstream named \"billing\"",
+        "routes[1]: give `strip_prefix` or `rewrite`, not both",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+    assert!(stderr.contains("6 errors"), "{stderr}");
+
+    let typo = dir.path().join("typo.yaml");
+    std::fs::write(
+        &typo,
+        "version: 1\nroutes: [{ name: a, upstream: u, matc: {} }]\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = run_cli(&["validate", typo.to_str().unwrap()], dir.path());
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("routes[0].matc: unknown field `matc`"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn shipped_configs_validate() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut files = vec![format!("{root}/conf/gatehouse.yaml")];
+    for entry in std::fs::read_dir(format!("{root}/conf/examples")).unwrap() {
+        files.push(entry.unwrap().path().display().to_string());
+    }
+    assert!(files.len() > 1, "conf/examples is empty");
+    for file in files {
+        let (code, stdout, stderr) = run_cli(&["validate", &file], std::path::Path::new(root));
+        assert_eq!(code, 0, "{file}: {stdout}{stderr}");
+    }
+}
+
+#[test]
+fn committed_schema_is_current() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let (code, schema, _) = run_cli(&["schema"], std::path::Path::new(root));
+    assert_eq!(code, 0);
+    let committed = std::fs::read_to_string(format!("{root}/conf/schema.json")).unwrap();
+    assert!(
+        committed.trim() == schema.trim(),
+        "conf/schema.json is stale: run `cargo run -- schema > conf/schema.json`"
+    );
+    let parsed: serde_json::Value = serde_json::from_str(&schema).unwrap();
+    let kinds = parsed.to_string();
+    assert!(kinds.contains("request_id") && kinds.contains("response_headers"));
+}
+
+#[test]
+fn ops_endpoints_and_explain() {
+    let echo = spawn_echo("echo");
+    let gateway = Gateway::start(&format!(
+        "upstreams: [{{ name: echo, targets: [{{ address: \"{echo}\" }}] }}]\nfilters: [{{ kind: request_id }}]\nroutes:\n  - {{ name: users, upstream: echo, match: {{ paths: [{{ prefix: /users }}] }}, strip_prefix: /users, filters: [{{ kind: response_headers, config: {{ set: {{ x-a: b }} }} }}] }}\n  - {{ name: root, upstream: echo, match: {{ paths: [{{ prefix: / }}] }} }}\n  - {{ name: posts, upstream: echo, match: {{ paths: [{{ prefix: /users }}], methods: [POST] }} }}\n"
+    ));
+    assert_eq!(get(gateway.ops, "/healthz").status, 200);
+    let ready = get(gateway.ops, "/readyz");
+    assert_eq!(ready.status, 200);
+    assert_eq!(ready.json()["ready"], true);
+
+    let config = get(gateway.ops, "/config").json();
+    assert_eq!(config["version"], 1);
+    assert_eq!(config["hash"].as_str().unwrap().len(), 64);
+    assert_eq!(config["config"]["routes"][0]["name"], "users");
+
+    gateway.get("/users/1");
+    gateway.get("/nothing-here-matches-root-though");
+    let metrics = gateway.metrics();
+    assert!(
+        metrics.contains("gatehouse_requests_total{route=\"users\",status_class=\"2xx\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("gatehouse_request_duration_seconds_bucket{route=\"users\""),
+        "{metrics}"
+    );
+
+    let explained = get(gateway.ops, "/explain?method=GET&path=/users/../users/7").json();
+    assert_eq!(explained["route"], "users");
+    assert_eq!(explained["normalized_path"], "/users/7");
+    assert_eq!(explained["forwarded_path"], "/7");
+    assert_eq!(
+        explained["filters"],
+        serde_json::json!(["request_id", "response_headers"])
+    );
+    let outcomes: Vec<(String, String)> = explained["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|candidate| {
+            (
+                candidate["route"].as_str().unwrap().to_string(),
+                candidate["outcome"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        outcomes.contains(&("root".into(), "beaten: less specific path".into())),
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes.contains(&("posts".into(), "rejected: method did not match".into())),
+        "{outcomes:?}"
+    );
+
+    // The same answer from the command line.
+    let (code, stdout, stderr) = run_cli(
+        &[
+            "explain",
+            "-c",
+            gateway.config_path.to_str().unwrap(),
+            "-X",
+            "POST",
+            "/users/7",
+        ],
+        gateway.dir.path(),
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let explained: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(explained["route"], "posts");
+}

@@ -1,0 +1,11 @@
+//! End-to-end tests through the real `gatehouse` binary, with real upstream servers.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod balancing;
+mod lifecycle;
+mod limits;
+mod reload;
+mod routing;
+mod tls;
