@@ -14,6 +14,8 @@
 #   BENCH_LATENCY=1    also run an open-loop latency pass with oha (installed with cargo if
 #                      missing) at BENCH_LATENCY_RPS requests per second (default 5000)
 #   BENCH_PROXY_CPU / BENCH_LOAD_CPU  cores for the proxy and for wrk + upstream (default 1 / 0)
+#   BENCH_QUIET_WAIT   seconds to wait before each run for other work on the machine to use less
+#                      than BENCH_QUIET_PCT % of a core (defaults 15 and 25; 0 does not wait)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -27,6 +29,8 @@ warmup=${BENCH_WARMUP:-2}
 contenders_wanted=${BENCH_CONTENDERS:-direct,nginx,haproxy,envoy,bare,gatehouse}
 latency_pass=${BENCH_LATENCY:-0}
 latency_rps=${BENCH_LATENCY_RPS:-5000}
+quiet_wait=${BENCH_QUIET_WAIT:-15}
+quiet_threshold=${BENCH_QUIET_PCT:-25}
 proxy_cpu=${BENCH_PROXY_CPU:-1}
 load_cpu=${BENCH_LOAD_CPU:-0}
 target_dir=${CARGO_TARGET_DIR:-$root/target}
@@ -35,8 +39,8 @@ release="$target_dir/release"
 say() { printf '[bench] %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
-for number in "$bench_seconds" "$reps" "$connections" "$warmup"; do
-  [[ $number =~ ^[0-9]+$ ]] || die "BENCH_SECONDS, BENCH_REPS, BENCH_CONNECTIONS and BENCH_WARMUP must be whole numbers"
+for number in "$bench_seconds" "$reps" "$connections" "$warmup" "$quiet_wait" "$quiet_threshold"; do
+  [[ $number =~ ^[0-9]+$ ]] || die "BENCH_SECONDS, BENCH_REPS, BENCH_CONNECTIONS, BENCH_WARMUP, BENCH_QUIET_WAIT and BENCH_QUIET_PCT must be whole numbers"
 done
 ((reps >= 1)) || die "BENCH_REPS must be at least 1"
 
@@ -166,6 +170,16 @@ peak_rss_kib() {
 }
 
 now_ns() { date +%s%N; }
+
+# CPU seconds (user + system) of this shell's finished children, from the `times` builtin; it
+# must run in this shell, not in a pipeline or command substitution, to see them.
+children_cpu_seconds() {
+  awk 'NR == 2 {
+    total = 0
+    for (i = 1; i <= 2; i++) { split($i, part, "m"); sub("s", "", part[2]); total += part[1] * 60 + part[2] }
+    print total
+  }' "$1"
+}
 
 # Busy CPU ticks of the whole machine (all cores), to see whether anything else competed.
 machine_busy_ticks() {
@@ -374,6 +388,22 @@ unavailable_reason() {
   esac
 }
 
+# Waits, up to $quiet_wait seconds, until the rest of the machine uses less than
+# $quiet_threshold % of one core, so that a build or test run elsewhere skews fewer runs.
+wait_for_quiet() {
+  local waited=0 before after busy=0
+  ((quiet_wait > 0)) || return 0
+  while ((waited < quiet_wait)); do
+    before=$(machine_busy_ticks)
+    sleep 1
+    after=$(machine_busy_ticks)
+    busy=$(((after - before) * 100 / clock_ticks))
+    ((busy < quiet_threshold)) && return 0
+    waited=$((waited + 1))
+  done
+  say "the machine is busy elsewhere (${busy}% of a core) after waiting ${quiet_wait}s; measuring anyway"
+}
+
 # Starts a contender on core $proxy_cpu; sets $proxy_pid and $proxy_url, or returns 1.
 start_contender() {
   local name=$1 port dir
@@ -463,6 +493,7 @@ for ((rep = 1; rep <= reps; rep++)); do
   for name in "${order[@]}"; do
     [[ -n ${skipped[$name]:-} ]] && continue
     run_number=$((run_number + 1))
+    wait_for_quiet
     if ! start_contender "$name"; then
       skipped[$name]="did not start or did not proxy (see the log above)"
       continue
@@ -475,8 +506,10 @@ for ((rep = 1; rep <= reps; rep++)); do
     echo_ticks_before=$(cpu_ticks "$echo_pid")
     machine_before=$(machine_busy_ticks)
     started=$(now_ns)
+    times >"$work/times.before"
     taskset -c "$load_cpu" wrk -t1 -c"$connections" -d"${bench_seconds}s" --latency "$proxy_url" >"$output" 2>&1 ||
       say "wrk failed against $name: $(tail -n 3 "$output")"
+    times >"$work/times.after"
     elapsed_ns=$(($(now_ns) - started))
     ticks_after=$(cpu_ticks "$proxy_pid")
     echo_ticks_after=$(cpu_ticks "$echo_pid")
@@ -485,7 +518,8 @@ for ((rep = 1; rep <= reps; rep++)); do
     cpu=$(python3 -c "print(round(($ticks_after - $ticks_before) / $clock_ticks / ($elapsed_ns / 1e9) * 100, 1))")
     echo_cpu=$(python3 -c "print(round(($echo_ticks_after - $echo_ticks_before) / $clock_ticks / ($elapsed_ns / 1e9) * 100, 1))")
     machine_cpu=$(python3 -c "print(round(($machine_after - $machine_before) / $clock_ticks / ($elapsed_ns / 1e9) * 100, 1))")
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$rep" "$output" "$rss" "$cpu" "$echo_cpu" "$machine_cpu" >>"$runs_file"
+    wrk_cpu=$(python3 -c "print(round(($(children_cpu_seconds "$work/times.after") - $(children_cpu_seconds "$work/times.before")) / ($elapsed_ns / 1e9) * 100, 1))")
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$rep" "$output" "$rss" "$cpu" "$echo_cpu" "$machine_cpu" "$wrk_cpu" >>"$runs_file"
     rps=$(awk '/^Requests\/sec:/ {print $2}' "$output")
     say "[$run_number/$total_runs] $name rep $rep: ${rps:-?} rps, proxy cpu ${cpu}%, peak rss ${rss} KiB"
     stop_contender "$name"
@@ -595,10 +629,14 @@ def lines(path, columns=2):
 
 
 runs = {}
-for name, rep, wrk_path, rss_kib, cpu, upstream_cpu, machine_cpu in lines(runs_path, 7):
+for name, rep, wrk_path, rss_kib, cpu, upstream_cpu, machine_cpu, wrk_cpu in lines(runs_path, 8):
     run = parse_wrk(wrk_path)
     run.update(rep=int(rep), peak_rss_kib=int(rss_kib), cpu_pct=float(cpu),
-               upstream_cpu_pct=float(upstream_cpu), machine_cpu_pct=float(machine_cpu))
+               upstream_cpu_pct=float(upstream_cpu), machine_cpu_pct=float(machine_cpu),
+               wrk_cpu_pct=float(wrk_cpu))
+    # What neither the proxy, the upstream nor wrk used: other work that competed for the cores.
+    ours = run["cpu_pct"] + run["wrk_cpu_pct"] + (0 if name == "direct" else run["upstream_cpu_pct"])
+    run["other_cpu_pct"] = round(max(0.0, run["machine_cpu_pct"] - ours), 1)
     runs.setdefault(name, []).append(run)
 
 latency = {}
@@ -630,6 +668,8 @@ for name in ORDER:
         "cpu_pct_median": median(run["cpu_pct"] for run in measured),
         "upstream_cpu_pct_median": median(run["upstream_cpu_pct"] for run in measured),
         "machine_cpu_pct_median": median(run["machine_cpu_pct"] for run in measured),
+        "wrk_cpu_pct_median": median(run["wrk_cpu_pct"] for run in measured),
+        "other_cpu_pct_median": median(run["other_cpu_pct"] for run in measured),
         "errors": sum(run["non_2xx"] + run["socket_errors"] for run in measured),
         "runs": sorted(measured, key=lambda run: run["rep"]),
     }
@@ -683,7 +723,7 @@ out.append(f"wrk -t1 -c{connections} -d{seconds}s --latency, {warmup}s warm-up d
            f"kernel {environment.get('kernel', '?')}, gatehouse {environment.get('gatehouse_commit', '?')}, "
            f"load average {environment.get('load_average_at_start', '?')} at start.")
 out.append("")
-out.append("| contender | rps (median) | p99 ms | p50 ms | peak RSS MiB | proxy CPU % | upstream CPU % | machine CPU % | errors | rps per run |")
+out.append("| contender | rps (median) | p99 ms | p50 ms | peak RSS MiB | proxy CPU % | upstream CPU % | other CPU % | errors | rps per run |")
 out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
 for name, row in contenders.items():
     per_run = ", ".join(cell(run["rps"]) for run in row["runs"])
@@ -691,7 +731,7 @@ for name, row in contenders.items():
         f"| {row['label']} | {cell(row['rps_median'])} | {cell(row['p99_ms_median'], 2)} | "
         f"{cell(row['p50_ms_median'], 2)} | {cell(row['peak_rss_kib_max'] / 1024, 1)} | "
         f"{cell(row['cpu_pct_median'])} | {cell(row['upstream_cpu_pct_median'])} | "
-        f"{cell(row['machine_cpu_pct_median'])} | "
+        f"{cell(row['other_cpu_pct_median'])} | "
         f"{row['errors']} | {per_run} |")
 out.append("")
 if any(ratios.values()):

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use schemars::gen::SchemaGenerator;
 use schemars::schema::Schema;
 use serde::de::DeserializeOwned;
+use serde::Deserialize;
 
 use crate::{BuildCtx, BuildError, Filter};
 
@@ -16,9 +17,11 @@ pub trait FilterKind: Filter + Sized {
     fn build(config: Self::Config, ctx: &BuildCtx) -> Result<Self, Vec<BuildError>>;
 }
 
+type BuildFn = fn(&serde_json::Value, &BuildCtx) -> Result<Arc<dyn Filter>, Vec<BuildError>>;
+
 struct Registration {
     kind: &'static str,
-    build: fn(&serde_json::Value, &BuildCtx) -> Result<Arc<dyn Filter>, Vec<BuildError>>,
+    build: BuildFn,
     schema: fn(&mut SchemaGenerator) -> Schema,
 }
 
@@ -51,8 +54,6 @@ fn build_erased<F: FilterKind>(
 fn schema_erased<F: FilterKind>(generator: &mut SchemaGenerator) -> Schema {
     generator.subschema_for::<F::Config>()
 }
-
-use serde::Deserialize;
 
 /// The names of every known filter kind.
 pub fn filter_kinds() -> impl Iterator<Item = &'static str> {

@@ -330,8 +330,10 @@ impl JsonSchema for FilterConfig {
             .map(|kind| {
                 let config = gatehouse_filters::schema_for_kind(kind, generator)
                     .unwrap_or(Schema::Bool(true));
-                let mut kind_schema = SchemaObject::default();
-                kind_schema.const_value = Some(serde_json::Value::String(kind.into()));
+                let kind_schema = SchemaObject {
+                    const_value: Some(serde_json::Value::String(kind.into())),
+                    ..Default::default()
+                };
                 let mut object = SchemaObject {
                     instance_type: Some(schemars::schema::InstanceType::Object.into()),
                     object: Some(Box::new(ObjectValidation {

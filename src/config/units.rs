@@ -102,11 +102,11 @@ impl ByteSize {
 impl fmt::Display for ByteSize {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         let bytes = self.0;
-        if bytes != 0 && bytes % (1 << 30) == 0 {
+        if bytes != 0 && bytes.is_multiple_of(1 << 30) {
             write!(formatter, "{}GiB", bytes >> 30)
-        } else if bytes != 0 && bytes % (1 << 20) == 0 {
+        } else if bytes != 0 && bytes.is_multiple_of(1 << 20) {
             write!(formatter, "{}MiB", bytes >> 20)
-        } else if bytes != 0 && bytes % (1 << 10) == 0 {
+        } else if bytes != 0 && bytes.is_multiple_of(1 << 10) {
             write!(formatter, "{}KiB", bytes >> 10)
         } else {
             write!(formatter, "{bytes}")

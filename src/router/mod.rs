@@ -9,6 +9,12 @@ mod rewrite;
 
 use std::collections::HashMap;
 
+use rustc_hash::FxBuildHasher;
+use smallvec::SmallVec;
+
+type FastMap<K, V> = HashMap<K, V, FxBuildHasher>;
+type Candidates = SmallVec<[Candidate; 8]>;
+
 use http::{HeaderMap, Method};
 use regex::{Regex, RegexSet};
 
@@ -115,15 +121,113 @@ pub struct ExplainedCandidate {
     pub outcome: String,
 }
 
+/// The path index of one host group.
+#[derive(Debug, Default)]
+struct PathIndex {
+    exact: FastMap<String, Vec<u32>>,
+    prefixes: FastMap<String, Vec<u32>>,
+    regex_set: Option<RegexSet>,
+    /// For each pattern of `regex_set`: (route, index into the route's `regexes`).
+    regex_owners: Vec<(u32, u32)>,
+    regex_patterns: Vec<String>,
+    pathless: Vec<u32>,
+}
+
+impl PathIndex {
+    fn add(&mut self, route: u32, paths: &[PathMatch], regexes: &[(usize, Regex)]) {
+        if paths.is_empty() {
+            self.pathless.push(route);
+        }
+        for (index, path) in paths.iter().enumerate() {
+            match path {
+                PathMatch::Exact(exact) => self.exact.entry(exact.clone()).or_default().push(route),
+                PathMatch::Prefix(prefix) => {
+                    self.prefixes.entry(prefix.clone()).or_default().push(route)
+                }
+                PathMatch::Regex(_) => {
+                    if let Some(position) = regexes.iter().position(|(owner, _)| *owner == index) {
+                        self.regex_owners.push((route, position as u32));
+                        self.regex_patterns
+                            .push(regexes[position].1.as_str().to_string());
+                    }
+                }
+            }
+        }
+    }
+
+    fn candidates(&self, routes: &[CompiledRoute], path: &str, out: &mut Candidates) {
+        if let Some(found) = self.exact.get(path) {
+            for &route in found {
+                out.push(Candidate {
+                    route,
+                    score: PathScore::Exact(path.len()),
+                    regex: None,
+                });
+            }
+        }
+        if !self.prefixes.is_empty() {
+            let mut check = |key: &str| {
+                if let Some(found) = self.prefixes.get(key) {
+                    for &route in found {
+                        out.push(Candidate {
+                            route,
+                            score: PathScore::Prefix(key.len()),
+                            regex: None,
+                        });
+                    }
+                }
+            };
+            for (index, &byte) in path.as_bytes().iter().enumerate() {
+                if byte == b'/' {
+                    if index > 0 {
+                        check(&path[..index]);
+                    }
+                    check(&path[..=index]);
+                }
+            }
+            if !path.ends_with('/') {
+                check(path);
+            }
+        }
+        if let Some(set) = &self.regex_set {
+            for pattern in set.matches(path).iter() {
+                let (route, regex) = self.regex_owners[pattern];
+                let length = routes[route as usize].regexes[regex as usize]
+                    .1
+                    .as_str()
+                    .len();
+                out.push(Candidate {
+                    route,
+                    score: PathScore::Regex(length),
+                    regex: Some(regex),
+                });
+            }
+        }
+        for &route in &self.pathless {
+            out.push(Candidate {
+                route,
+                score: PathScore::Any,
+                regex: None,
+            });
+        }
+    }
+
+    fn finish(&mut self) -> Result<(), regex::Error> {
+        if !self.regex_patterns.is_empty() {
+            self.regex_set = Some(RegexSet::new(&self.regex_patterns)?);
+        }
+        Ok(())
+    }
+}
+
+/// Routes grouped by host (exact, wildcard suffix, any), each group with its own path index, so
+/// a request looks only at routes for its host whose path can match.
 #[derive(Debug)]
 pub struct Router {
     routes: Vec<CompiledRoute>,
-    exact: HashMap<String, Vec<(u32, usize)>>,
-    prefixes: HashMap<String, Vec<(u32, usize)>>,
-    regex_set: Option<RegexSet>,
-    /// For each pattern of `regex_set`: (route, index of the path in the route).
-    regex_owners: Vec<(u32, u32, usize)>,
-    pathless: Vec<u32>,
+    by_host: FastMap<String, PathIndex>,
+    by_suffix: FastMap<String, PathIndex>,
+    any_host: PathIndex,
 }
 
 fn compile_values(
@@ -200,17 +304,13 @@ impl Router {
         let mut errors = Vec::new();
         let mut router = Router {
             routes: Vec::with_capacity(routes.len()),
-            exact: HashMap::new(),
-            prefixes: HashMap::new(),
-            regex_set: None,
-            regex_owners: Vec::new(),
-            pathless: Vec::new(),
+            by_host: FastMap::default(),
+            by_suffix: FastMap::default(),
+            any_host: PathIndex::default(),
         };
-        let mut regex_patterns = Vec::new();
         for (order, route) in routes.iter().enumerate() {
             let base = format!("routes[{order}].match");
             let matcher = &route.matcher;
-            let route_index = order as u32;
             let mut hosts = Vec::new();
             for (index, host) in matcher.hosts.iter().enumerate() {
                 let host = host.trim().trim_end_matches('.').to_ascii_lowercase();
@@ -250,33 +350,15 @@ impl Router {
                     {
                         errors.push(ConfigError::new(key_path, "a path must start with \"/\""));
                     }
-                    PathMatch::Exact(exact) => router
-                        .exact
-                        .entry(exact.clone())
-                        .or_default()
-                        .push((route_index, index)),
-                    PathMatch::Prefix(prefix) => router
-                        .prefixes
-                        .entry(prefix.clone())
-                        .or_default()
-                        .push((route_index, index)),
+                    PathMatch::Exact(_) | PathMatch::Prefix(_) => {}
                     PathMatch::Regex(pattern) => match Regex::new(&anchored(pattern)) {
-                        Ok(regex) => {
-                            router
-                                .regex_owners
-                                .push((route_index, regexes.len() as u32, index));
-                            regex_patterns.push(anchored(pattern));
-                            regexes.push((index, regex));
-                        }
+                        Ok(regex) => regexes.push((index, regex)),
                         Err(error) => errors.push(ConfigError::new(
                             format!("{key_path}.regex"),
                             format!("invalid regular expression: {error}"),
                         )),
                     },
                 }
-            }
-            if matcher.paths.is_empty() {
-                router.pathless.push(route_index);
             }
             let headers = compile_values(
                 &format!("{base}.headers"),
@@ -298,13 +380,33 @@ impl Router {
                 has_paths: !matcher.paths.is_empty(),
             });
         }
-        if !regex_patterns.is_empty() {
-            match RegexSet::new(&regex_patterns) {
-                Ok(set) => router.regex_set = Some(set),
-                Err(error) => errors.push(ConfigError::new(
+        for (order, route) in routes.iter().enumerate() {
+            let compiled = &router.routes[order];
+            let paths = &route.matcher.paths;
+            let route_index = order as u32;
+            if compiled.hosts.is_empty() {
+                router.any_host.add(route_index, paths, &compiled.regexes);
+            }
+            for host in &compiled.hosts {
+                let group = match host {
+                    HostMatch::Exact(exact) => router.by_host.entry(exact.clone()).or_default(),
+                    HostMatch::Suffix(suffix) => {
+                        router.by_suffix.entry(suffix.clone()).or_default()
+                    }
+                };
+                group.add(route_index, paths, &compiled.regexes);
+            }
+        }
+        let groups = std::iter::once(&mut router.any_host)
+            .chain(router.by_host.values_mut())
+            .chain(router.by_suffix.values_mut());
+        for group in groups {
+            if let Err(error) = group.finish() {
+                errors.push(ConfigError::new(
                     "routes",
                     format!("regular expressions do not compile together: {error}"),
-                )),
+                ));
+                break;
             }
         }
         if errors.is_empty() {
@@ -314,60 +416,23 @@ impl Router {
         }
     }
 
-    fn candidates(&self, path: &str, out: &mut Vec<Candidate>) {
-        let mut push = |route: u32, score: PathScore, regex: Option<u32>| {
-            if let Some(existing) = out.iter_mut().find(|candidate| candidate.route == route) {
-                if score > existing.score {
-                    existing.score = score;
-                    existing.regex = regex;
-                }
-            } else {
-                out.push(Candidate {
-                    route,
-                    score,
-                    regex,
-                });
+    /// Routes whose host group and path match. A route may appear more than once (several of
+    /// its paths matched); callers keep its best score.
+    fn candidates(&self, host: Option<&str>, path: &str, out: &mut Candidates) {
+        self.any_host.candidates(&self.routes, path, out);
+        if let Some(host) = host {
+            if let Some(group) = self.by_host.get(host) {
+                group.candidates(&self.routes, path, out);
             }
-        };
-        if let Some(routes) = self.exact.get(path) {
-            for &(route, _) in routes {
-                push(route, PathScore::Exact(path.len()), None);
-            }
-        }
-        if !self.prefixes.is_empty() {
-            let bytes = path.as_bytes();
-            let mut check = |key: &str| {
-                if let Some(routes) = self.prefixes.get(key) {
-                    for &(route, _) in routes {
-                        push(route, PathScore::Prefix(key.len()), None);
+            if !self.by_suffix.is_empty() {
+                for (index, byte) in host.bytes().enumerate() {
+                    if byte == b'.' && index > 0 {
+                        if let Some(group) = self.by_suffix.get(&host[index..]) {
+                            group.candidates(&self.routes, path, out);
+                        }
                     }
                 }
-            };
-            for (index, &byte) in bytes.iter().enumerate() {
-                if byte == b'/' {
-                    if index > 0 {
-                        check(&path[..index]);
-                    }
-                    check(&path[..=index]);
-                }
             }
-            if !path.ends_with('/') {
-                check(path);
-            }
-        }
-        if let Some(set) = &self.regex_set {
-            for pattern in set.matches(path).iter() {
-                let (route, regex, path_index) = self.regex_owners[pattern];
-                let length = self.routes[route as usize].regexes[regex as usize]
-                    .1
-                    .as_str()
-                    .len();
-                let _ = path_index;
-                push(route, PathScore::Regex(length), Some(regex));
-            }
-        }
-        for &route in &self.pathless {
-            push(route, PathScore::Any, None);
         }
     }
 
@@ -469,8 +534,8 @@ impl Router {
 
     /// The best route for this request, if any.
     pub fn find(&self, request: &RequestView<'_>) -> Option<RouteMatch> {
-        let mut candidates = Vec::new();
-        self.candidates(request.path, &mut candidates);
+        let mut candidates = Candidates::new();
+        self.candidates(request.host, request.path, &mut candidates);
         let mut best: Option<(_, Candidate)> = None;
         for candidate in candidates {
             let route = &self.routes[candidate.route as usize];
@@ -510,8 +575,10 @@ impl Router {
     /// Every route whose path could match, and what became of it: selected, beaten, or rejected
     /// by one of its conditions.
     pub fn explain(&self, request: &RequestView<'_>) -> (Option<usize>, Vec<ExplainedCandidate>) {
-        let mut candidates = Vec::new();
-        self.candidates(request.path, &mut candidates);
+        let mut candidates = Candidates::new();
+        self.candidates(request.host, request.path, &mut candidates);
+        candidates.sort_by_key(|candidate| (candidate.route, std::cmp::Reverse(candidate.score)));
+        candidates.dedup_by_key(|candidate| candidate.route);
         let mut ranked = Vec::new();
         let mut explained = Vec::new();
         for candidate in &candidates {
@@ -545,7 +612,7 @@ impl Router {
                 }),
             }
         }
-        ranked.sort_by(|a, b| b.0.cmp(&a.0));
+        ranked.sort_by_key(|entry| std::cmp::Reverse(entry.0));
         let winner = ranked.first().map(|entry| entry.1);
         let winner_rank = ranked.first().map(|entry| entry.0);
         let mut ordered = Vec::new();

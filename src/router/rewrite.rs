@@ -80,7 +80,7 @@ impl PathRewrite {
     pub fn apply(&self, path: &str, captures: &[(String, String)]) -> String {
         match self {
             PathRewrite::StripPrefix(prefix) => match path.strip_prefix(prefix.as_str()) {
-                Some(rest) if rest.is_empty() => "/".to_string(),
+                Some("") => "/".to_string(),
                 Some(rest) if rest.starts_with('/') => rest.to_string(),
                 _ => path.to_string(),
             },

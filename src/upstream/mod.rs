@@ -187,7 +187,7 @@ impl CaCache {
         let mut certificates = Vec::new();
         for item in rustls_pemfile::certs(&mut pem.as_slice()) {
             let der = item.map_err(|error| format!("\"{file}\" is not a PEM file: {error}"))?;
-            certificates.push(WrappedX509::new(der.to_vec(), |raw| parse_x509(raw)));
+            certificates.push(WrappedX509::new(der.to_vec(), parse_x509));
         }
         if certificates.is_empty() {
             return Err(format!("\"{file}\" holds no PEM certificate"));

@@ -51,7 +51,11 @@ fn reload_under_load_drops_no_request() {
                         // Each response comes whole from one config: the upstream and the marker agree.
                         let marker: usize =
                             reply.header("x-config-marker").unwrap().parse().unwrap();
-                        let expected = if marker % 2 == 0 { "blue" } else { "green" };
+                        let expected = if marker.is_multiple_of(2) {
+                            "blue"
+                        } else {
+                            "green"
+                        };
                         assert_eq!(reply.upstream(), expected, "a response mixed two configs");
                         seen.insert(marker);
                     }
@@ -63,8 +67,12 @@ fn reload_under_load_drops_no_request() {
         })
         .collect();
     let mut version = gateway.config_version();
-    for rewrite in 1..=20 {
-        let live = if rewrite % 2 == 0 { "blue" } else { "green" };
+    for rewrite in 1..=20usize {
+        let live = if rewrite.is_multiple_of(2) {
+            "blue"
+        } else {
+            "green"
+        };
         gateway.write_config(&routes(blue, green, live, rewrite));
         version = gateway.wait_for_version_above(version);
         std::thread::sleep(Duration::from_millis(30));
