@@ -255,3 +255,37 @@ fn forwarding_headers_trust_only_configured_proxies() {
     assert_eq!(headers["x-forwarded-proto"], "https");
     assert_eq!(headers["x-real-ip"], "203.0.113.9");
 }
+
+#[test]
+fn upstream_failures_are_problem_documents() {
+    let echo = spawn_echo("echo");
+    let dead = format!("127.0.0.1:{}", crate::support::free_port());
+    let gateway = Gateway::start(&format!(
+        r#"
+upstreams:
+  - {{ name: echo, targets: [{{ address: "{echo}" }}] }}
+  - {{ name: dead, targets: [{{ address: "{dead}" }}], timeouts: {{ connect: 500ms }} }}
+routes:
+  - {{ name: slow, upstream: echo, timeout: 300ms, match: {{ paths: [{{ prefix: /slow }}] }} }}
+  - {{ name: dead, upstream: dead, match: {{ paths: [{{ prefix: /dead }}] }} }}
+"#
+    ));
+    let reply = gateway.request("GET", "/slow", &[("x-echo-delay-ms", "2000")], b"");
+    assert_eq!(reply.status, 504, "{}", reply.text());
+    assert_eq!(
+        reply.json()["type"],
+        "urn:gatehouse:problem:upstream-timeout"
+    );
+    let reply = gateway.get("/dead");
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    assert_eq!(
+        reply.json()["type"],
+        "urn:gatehouse:problem:upstream-unavailable"
+    );
+    assert!(
+        !reply.text().contains(&dead),
+        "the problem leaks the upstream address"
+    );
+    // The same route without the delay answers normally.
+    assert_eq!(gateway.get("/slow").status, 200);
+}

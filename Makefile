@@ -1,0 +1,77 @@
+# Gatehouse: `make run` starts the gateway on conf/gatehouse.yaml (with the echo upstream it
+# routes to); `make test` runs formatting, lints and every test. Both install what a fresh
+# Debian machine is missing.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+CARGO ?= cargo
+# System packages the build needs: cmake for Pingora's zlib-ng, a C toolchain, pkg-config.
+SYSTEM_PACKAGES := cmake gcc g++ make pkg-config curl ca-certificates
+
+.PHONY: help deps services build run test lint unit bench soak schema docker clean
+
+help:
+	@echo "make run    build (release) and run Gatehouse on conf/gatehouse.yaml with the echo upstream"
+	@echo "make test   fmt check, clippy -D warnings, unit and integration tests"
+	@echo "make bench  side-by-side benchmark (loadtest/bench.sh)"
+	@echo "make schema regenerate conf/schema.json"
+
+# Install missing system packages and Rust components (idempotent; quiet when all present).
+deps:
+	@missing=""; for package in $(SYSTEM_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$package 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$package"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@command -v $(CARGO) >/dev/null || { echo "cargo is missing: install Rust from https://rustup.rs"; exit 1; }
+	@if command -v rustup >/dev/null; then \
+	  rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt; \
+	  rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy; \
+	fi
+
+# Start Redis and PostgreSQL when they are installed but not running. Gatehouse itself needs
+# neither with a YAML config; tests of the features that use them talk to the real servers.
+services:
+	@if command -v redis-server >/dev/null; then \
+	  redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || \
+	  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null; \
+	else echo "note: redis-server is not installed (apt-get install redis-server)"; fi
+	@if command -v pg_ctlcluster >/dev/null && [ -d /etc/postgresql ]; then \
+	  pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null || \
+	  pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql | head -n1) main start || true; \
+	else echo "note: PostgreSQL is not installed (apt-get install postgresql)"; fi
+
+build: deps
+	$(CARGO) build --release --bin gatehouse -p gatehouse --bin echo-upstream -p gatehouse-loadtest
+
+# The echo upstream listens on the two targets conf/gatehouse.yaml names; it stops with Gatehouse.
+run: build
+	@target=$$($(CARGO) metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p'); \
+	"$$target/release/echo-upstream" --listen 127.0.0.1:9001 --listen 127.0.0.1:9002 --name echo & \
+	echo_pid=$$!; trap 'kill $$echo_pid 2>/dev/null' EXIT INT TERM; \
+	echo "Gatehouse on http://127.0.0.1:8080 (ops on 127.0.0.1:9901). Try: curl -i http://127.0.0.1:8080/echo/hello"; \
+	"$$target/release/gatehouse" run -c conf/gatehouse.yaml
+
+lint: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit: deps
+	$(CARGO) test --workspace
+
+test: deps services lint unit
+
+bench: deps
+	loadtest/bench.sh
+
+schema:
+	$(CARGO) run -q --bin gatehouse -- schema > conf/schema.json
+
+docker:
+	docker build -t gatehouse .
+
+clean:
+	$(CARGO) clean
