@@ -561,7 +561,10 @@ versions_file="$work/versions.tsv"
   command -v nginx >/dev/null && printf 'nginx\t%s\n' "$(nginx -v 2>&1 | head -n 1)"
   command -v haproxy >/dev/null && printf 'haproxy\t%s\n' "$(haproxy -v 2>&1 | head -n 1)"
   [[ -n $envoy_bin ]] && printf 'envoy\t%s\n' "$("$envoy_bin" --version 2>/dev/null | grep -o 'version: .*' | head -n 1)"
-  printf 'gatehouse_commit\t%s\n' "$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo none)"
+  commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo none)
+  [[ -n $(git -C "$root" status --porcelain --untracked-files=no 2>/dev/null) ]] && commit="$commit+changes"
+  [[ ${BENCH_NO_BUILD:-0} == 1 ]] && commit="$commit (binaries not rebuilt)"
+  printf 'gatehouse_commit\t%s\n' "$commit"
   printf 'kernel\t%s\n' "$(uname -r)"
   printf 'cpu\t%s\n' "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
   printf 'cores\t%s\n' "$(nproc)"
@@ -742,6 +745,8 @@ if any(ratios.values()):
             out.append(f"| {key} | {value['rps']:.2f} | {cell(value['p99'], 2)} |")
         else:
             out.append(f"| {key} | n/a | n/a |")
+elif gatehouse:
+    out.append("Ratios: n/a (no nginx, HAProxy, Envoy or bare Pingora in this run).")
 else:
     out.append("Ratios: n/a (Gatehouse was not measured in this run).")
 if latency:
@@ -757,7 +762,6 @@ if latency:
 for name, reason in skipped.items():
     out.append("")
     out.append(f"Skipped {LABELS.get(name, name)}: {reason}.")
-out.append("")
 with open(markdown_path, "w", encoding="utf-8") as handle:
     handle.write("\n".join(out) + "\n")
 PY
