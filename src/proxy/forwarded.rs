@@ -69,84 +69,120 @@ pub fn client_address(snapshot: &Snapshot, peer: IpAddr, request: &RequestHeader
     client
 }
 
-fn forwarded_node(address: IpAddr) -> String {
+fn push_forwarded_node(out: &mut String, address: IpAddr) {
+    use std::fmt::Write;
     match address {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+        IpAddr::V4(v4) => {
+            let _ = write!(out, "{v4}");
+        }
+        IpAddr::V6(v6) => {
+            let _ = write!(out, "\"[{v6}]\"");
+        }
     }
 }
 
+fn joined(values: http::header::GetAll<'_, HeaderValue>, last: &str) -> String {
+    let mut out = String::new();
+    for value in values {
+        if let Ok(text) = value.to_str() {
+            out.push_str(text);
+            out.push_str(", ");
+        }
+    }
+    out.push_str(last);
+    out
+}
+
+fn value(text: String) -> Option<HeaderValue> {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).ok()
+}
+
 /// Set `X-Forwarded-For/-Proto/-Host`, `Forwarded` and `X-Real-IP` on the upstream request.
+/// From an untrusted peer, client-sent copies are replaced; from a trusted proxy, the
+/// `X-Forwarded-For` and `Forwarded` chains are extended and its proto and host are kept.
 pub fn apply(
     request: &mut RequestHeader,
     peer: IpAddr,
     trusted_peer: bool,
     client: IpAddr,
     tls: bool,
-    host: Option<&str>,
 ) {
     let proto = if tls { "https" } else { "http" };
     let peer_text = peer.to_string();
+    let host = request
+        .headers
+        .get(http::header::HOST)
+        .cloned()
+        .or_else(|| {
+            request
+                .uri
+                .authority()
+                .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
+        });
 
-    let forwarded_for = if trusted_peer {
-        let existing: Vec<&str> = header_text(request, "x-forwarded-for").collect();
-        if existing.is_empty() {
-            peer_text.clone()
-        } else {
-            format!("{}, {peer_text}", existing.join(", "))
+    let mut element = String::with_capacity(48);
+    element.push_str("for=");
+    push_forwarded_node(&mut element, peer);
+    element.push_str(";proto=");
+    element.push_str(proto);
+    if let Some(host_text) = host.as_ref().and_then(|host| host.to_str().ok()) {
+        if !host_text.is_empty()
+            && host_text
+                .bytes()
+                .all(|byte| byte.is_ascii_graphic() && byte != b'"')
+        {
+            element.push_str(";host=\"");
+            element.push_str(host_text);
+            element.push('"');
         }
-    } else {
-        peer_text.clone()
-    };
-    let incoming_proto = trusted_peer
-        .then(|| {
-            header_text(request, "x-forwarded-proto")
-                .next()
-                .map(str::to_owned)
-        })
-        .flatten();
-    let incoming_host = trusted_peer
-        .then(|| {
-            header_text(request, "x-forwarded-host")
-                .next()
-                .map(str::to_owned)
-        })
-        .flatten();
-    let host_text = host.unwrap_or("").to_string();
-    let mut element = format!("for={};proto={proto}", forwarded_node(peer));
-    if !host_text.is_empty()
-        && host_text
-            .bytes()
-            .all(|byte| byte.is_ascii_graphic() && byte != b'"')
-    {
-        element.push_str(&format!(";host=\"{host_text}\""));
     }
-    let forwarded = if trusted_peer {
-        let existing: Vec<&str> = header_text(request, "forwarded").collect();
-        if existing.is_empty() {
-            element
+
+    let (forwarded_for, forwarded, forwarded_proto, forwarded_host) = if trusted_peer {
+        let headers = &request.headers;
+        let forwarded_for = if headers.contains_key("x-forwarded-for") {
+            joined(headers.get_all("x-forwarded-for"), &peer_text)
         } else {
-            format!("{}, {element}", existing.join(", "))
-        }
+            peer_text.clone()
+        };
+        let forwarded = if headers.contains_key(http::header::FORWARDED) {
+            joined(headers.get_all(http::header::FORWARDED), &element)
+        } else {
+            element
+        };
+        let incoming_proto = headers.get("x-forwarded-proto").cloned();
+        let incoming_host = headers.get("x-forwarded-host").cloned();
+        (
+            forwarded_for,
+            forwarded,
+            incoming_proto,
+            incoming_host.or(host),
+        )
     } else {
-        element
+        (peer_text.clone(), element, None, host)
     };
 
-    let mut set = |name: &'static str, value: String| {
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            request.insert_header(name, value).ok();
-        }
+    let client_text = if client == peer {
+        peer_text
+    } else {
+        client.to_string()
     };
-    set("x-forwarded-for", forwarded_for);
-    set(
-        "x-forwarded-proto",
-        incoming_proto.unwrap_or_else(|| proto.to_string()),
-    );
-    let forwarded_host = incoming_host.or_else(|| host.map(str::to_owned));
-    set("forwarded", forwarded);
-    set("x-real-ip", client.to_string());
+    if let Some(forwarded_for) = value(forwarded_for) {
+        request.insert_header("x-forwarded-for", forwarded_for).ok();
+    }
+    let forwarded_proto = forwarded_proto.unwrap_or(HeaderValue::from_static(proto));
+    request
+        .insert_header("x-forwarded-proto", forwarded_proto)
+        .ok();
+    if let Some(forwarded) = value(forwarded) {
+        request.insert_header("forwarded", forwarded).ok();
+    }
+    if let Some(client) = value(client_text) {
+        request.insert_header("x-real-ip", client).ok();
+    }
     match forwarded_host {
-        Some(host) => set("x-forwarded-host", host),
+        Some(host) => {
+            request.insert_header("x-forwarded-host", host).ok();
+        }
         None => {
             request.remove_header("x-forwarded-host");
         }

@@ -40,7 +40,6 @@ pub struct RequestCtx {
     body_bytes: u64,
     /// A problem to answer with when the proxy fails on our own decision.
     problem: Option<Problem>,
-    host: Option<String>,
     peer: Option<IpAddr>,
     trusted_peer: bool,
 }
@@ -130,7 +129,6 @@ impl ProxyHttp for Gateway {
             filters_ran: 0,
             body_bytes: 0,
             problem: None,
-            host: None,
             peer: None,
             trusted_peer: false,
         }
@@ -141,9 +139,9 @@ impl ProxyHttp for Gateway {
         ctx.filter.started = Instant::now();
         let snapshot = ctx.snapshot.clone();
         let limits = &snapshot.limits;
-        let request = session.req_header();
 
         // Limits first: nothing else looks at an oversized request.
+        let request = session.req_header();
         let uri_length = request
             .uri
             .path_and_query()
@@ -186,28 +184,59 @@ impl ProxyHttp for Gateway {
         }
 
         // The client: the TCP peer, or what a trusted proxy says.
-        let peer = session
+        if let Some(peer) = session
             .client_addr()
             .and_then(|address| address.as_inet())
-            .map(|address| address.ip());
+            .map(|address| address.ip())
+        {
+            ctx.peer = Some(peer);
+            ctx.trusted_peer = snapshot.is_trusted_proxy(peer);
+            ctx.filter.client_addr = Some(if ctx.trusted_peer {
+                forwarded::client_address(&snapshot, peer, session.req_header())
+            } else {
+                peer
+            });
+        }
         ctx.filter.client_tls = session
             .digest()
             .is_some_and(|digest| digest.ssl_digest.is_some());
-        if let Some(peer) = peer {
-            ctx.peer = Some(peer);
-            ctx.trusted_peer = snapshot.is_trusted_proxy(peer);
-            ctx.filter.client_addr = Some(forwarded::client_address(
-                &snapshot,
-                peer,
-                session.req_header(),
-            ));
-        }
 
-        // Normalise once; every later decision uses the path that is forwarded.
-        let request = session.req_header();
-        let path = request.uri.path();
-        let normalized = match normalize_path(path) {
-            Ok(normalized) => normalized,
+        // Normalise once, route, and work out the forwarded target; every later decision uses
+        // the path that is forwarded.
+        let routed = {
+            let request = session.req_header();
+            let raw_path = request.uri.path();
+            match normalize_path(raw_path) {
+                Err(error) => Err(error),
+                Ok(normalized) => {
+                    let path = normalized.as_deref().unwrap_or(raw_path);
+                    let query = request.uri.query();
+                    let host = request_host(&request.uri, &request.headers);
+                    let found = snapshot.router.find(&RequestView {
+                        method: &request.method,
+                        host: host.as_deref(),
+                        path,
+                        query,
+                        headers: &request.headers,
+                    });
+                    let forwarded_path = match &found {
+                        Some(found) => match &snapshot.routes[found.route].rewrite {
+                            Some(rewrite) => Some(rewrite.apply(path, &found.captures)),
+                            None => normalized,
+                        },
+                        None => None,
+                    };
+                    let target = forwarded_path.map(|new_path| match query {
+                        Some(query) if new_path.contains('?') => format!("{new_path}&{query}"),
+                        Some(query) => format!("{new_path}?{query}"),
+                        None => new_path,
+                    });
+                    Ok((found.map(|found| found.route), target))
+                }
+            }
+        };
+        let (route_index, target) = match routed {
+            Ok(routed) => routed,
             Err(error) => {
                 return respond_problem(
                     session,
@@ -218,34 +247,22 @@ impl ProxyHttp for Gateway {
                 .await;
             }
         };
-        let query = request.uri.query().map(str::to_owned);
-        let host = request_host(&request.uri, &request.headers).map(|host| host.into_owned());
-        let path_owned;
-        let path: &str = match &normalized {
-            Some(normalized) => normalized,
-            None => {
-                path_owned = path.to_owned();
-                &path_owned
-            }
-        };
-        let found = snapshot.router.find(&RequestView {
-            method: &request.method,
-            host: host.as_deref(),
-            path,
-            query: query.as_deref(),
-            headers: &request.headers,
-        });
-        let Some(found) = found else {
-            ctx.host = host;
+        let Some(route_index) = route_index else {
             // The global chain still runs, so e.g. request ids apply to the 404.
             for filter in snapshot.global_chain.iter() {
                 ctx.filters_ran += 1;
-                if let Decision::Respond(response) = filter
+                match filter
                     .request(session.req_header_mut(), &mut ctx.filter)
                     .await
                 {
-                    respond(session, ctx, response).await?;
-                    return Ok(true);
+                    Decision::Continue => {}
+                    Decision::Respond(response) => {
+                        respond(session, ctx, response).await?;
+                        return Ok(true);
+                    }
+                    Decision::Reject(problem) => {
+                        return respond_problem(session, ctx, problem).await
+                    }
                 }
             }
             return respond_problem(
@@ -255,25 +272,31 @@ impl ProxyHttp for Gateway {
             )
             .await;
         };
-        let route = &snapshot.routes[found.route];
-        ctx.route = Some(found.route);
+        let route = &snapshot.routes[route_index];
+        ctx.route = Some(route_index);
         ctx.filter.route = Some(route.name.clone());
         ctx.filter.upstream = Some(snapshot.upstreams[route.upstream].name.clone());
-        ctx.host = host;
-
-        // Forward exactly what was routed: the normalised path, rewritten by the route.
-        let forwarded_path = match &route.rewrite {
-            Some(rewrite) => Some(rewrite.apply(path, &found.captures)),
-            None => normalized,
-        };
-        if let Some(new_path) = forwarded_path {
-            let target = match &query {
-                Some(query) if new_path.contains('?') => format!("{new_path}&{query}"),
-                Some(query) => format!("{new_path}?{query}"),
-                None => new_path,
-            };
-            match http::Uri::builder().path_and_query(target).build() {
-                Ok(uri) => session.req_header_mut().set_uri(uri),
+        if let Some(target) = target {
+            match http::uri::PathAndQuery::from_maybe_shared(bytes::Bytes::from(target)) {
+                Ok(path_and_query) => {
+                    let mut parts = http::uri::Parts::default();
+                    parts.path_and_query = Some(path_and_query);
+                    match http::Uri::from_parts(parts) {
+                        Ok(uri) => session.req_header_mut().set_uri(uri),
+                        Err(_) => {
+                            return respond_problem(
+                                session,
+                                ctx,
+                                Problem::new(
+                                    400,
+                                    "invalid-path",
+                                    "The request path is not acceptable",
+                                ),
+                            )
+                            .await;
+                        }
+                    }
+                }
                 Err(_) => {
                     return respond_problem(
                         session,
@@ -318,11 +341,21 @@ impl ProxyHttp for Gateway {
                 ));
             }
         }
-        let snapshot = ctx.snapshot.clone();
         if let Some(route) = ctx.route {
+            let RequestCtx {
+                snapshot,
+                filter: filter_ctx,
+                problem: pending,
+                ..
+            } = ctx;
             for filter in snapshot.routes[route].chain.iter() {
-                if let Err(problem) = filter.request_body(body, end_of_stream, &mut ctx.filter) {
-                    return Err(problem_error(ctx, problem));
+                if let Err(problem) = filter.request_body(body, end_of_stream, filter_ctx) {
+                    let status = problem.status;
+                    *pending = Some(problem);
+                    return Err(Error::explain(
+                        ErrorType::HTTPStatus(status),
+                        "answered by gateway",
+                    ));
                 }
             }
         }
@@ -375,13 +408,16 @@ impl ProxyHttp for Gateway {
                 ctx.trusted_peer,
                 client,
                 ctx.filter.client_tls,
-                ctx.host.as_deref(),
             );
         }
-        let snapshot = ctx.snapshot.clone();
         if let Some(route) = ctx.route {
+            let RequestCtx {
+                snapshot,
+                filter: filter_ctx,
+                ..
+            } = ctx;
             for filter in snapshot.routes[route].chain.iter() {
-                filter.upstream_request(upstream_request, &mut ctx.filter);
+                filter.upstream_request(upstream_request, filter_ctx);
             }
         }
         Ok(())
@@ -394,10 +430,14 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.filter.status = Some(response.status.as_u16());
-        let snapshot = ctx.snapshot.clone();
         if let Some(route) = ctx.route {
+            let RequestCtx {
+                snapshot,
+                filter: filter_ctx,
+                ..
+            } = ctx;
             for filter in snapshot.routes[route].chain.iter().rev() {
-                filter.response(response, &mut ctx.filter);
+                filter.response(response, filter_ctx);
             }
         }
         Ok(())
@@ -410,10 +450,14 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<std::time::Duration>> {
-        let snapshot = ctx.snapshot.clone();
         if let Some(route) = ctx.route {
+            let RequestCtx {
+                snapshot,
+                filter: filter_ctx,
+                ..
+            } = ctx;
             for filter in snapshot.routes[route].chain.iter().rev() {
-                filter.response_body(body, end_of_stream, &mut ctx.filter);
+                filter.response_body(body, end_of_stream, filter_ctx);
             }
         }
         Ok(None)
@@ -496,7 +540,7 @@ impl ProxyHttp for Gateway {
                 "request_id": ctx.filter.request_id(),
                 "client": ctx.filter.client_addr.map(|address| address.to_string()),
                 "method": request.method.as_str(),
-                "host": ctx.host,
+                "host": request.headers.get(http::header::HOST).and_then(|host| host.to_str().ok()),
                 "path": request.uri.path(),
                 "status": status,
                 "route": ctx.filter.route.as_deref(),
