@@ -69,7 +69,7 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
         daemon: options.daemon,
         ..ServerConf::default()
     };
-    conf.work_stealing = true;
+    conf.work_stealing = server_config.work_stealing;
     let opt = Opt {
         upgrade: options.upgrade,
         daemon: options.daemon,

@@ -40,6 +40,9 @@ pub struct ServerConfig {
     #[schemars(with = "Vec<String>")]
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub limits: LimitsConfig,
+    /// Let idle worker threads take queued work from busy ones. Off: each connection stays on
+    /// the thread that accepted it (one single-threaded runtime per thread).
+    pub work_stealing: bool,
     /// Idle upstream connections kept for reuse, across all upstreams.
     pub upstream_keepalive_pool_size: usize,
     /// On SIGTERM: how long to keep serving in-flight requests before the final shutdown step.
@@ -63,6 +66,7 @@ impl Default for ServerConfig {
             threads: None,
             trusted_proxies: Vec::new(),
             limits: LimitsConfig::default(),
+            work_stealing: true,
             upstream_keepalive_pool_size: 1024,
             grace_period: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(5),

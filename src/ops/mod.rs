@@ -112,3 +112,27 @@ impl ServeHttp for OpsApp {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::mask_secrets;
+
+    #[test]
+    fn secret_values_are_masked_but_references_are_shown() {
+        let mut config = serde_json::json!({
+            "filters": [
+                { "kind": "jwt", "config": { "keys": [{ "secret": "hunter2" }, { "secret": "${env:JWT_SECRET}" }] } },
+                { "kind": "api_key", "config": { "hash": "sha256:abc", "header": "x-api-key" } },
+            ],
+            "redis": { "password": "pw", "url": "redis://127.0.0.1" },
+        });
+        mask_secrets(&mut config);
+        let text = config.to_string();
+        assert!(
+            !text.contains("hunter2") && !text.contains("sha256:abc") && !text.contains("\"pw\"")
+        );
+        assert!(text.contains("${env:JWT_SECRET}"));
+        assert_eq!(config["filters"][1]["config"]["header"], "x-api-key");
+        assert_eq!(config["redis"]["url"], "redis://127.0.0.1");
+    }
+}

@@ -32,8 +32,8 @@ struct ConnectionState {
 }
 
 impl ConnectionState {
-    fn mark(&self, phase: u8) {
-        let elapsed = self.started.elapsed().as_nanos() as u64;
+    fn mark(&self, phase: u8, at: Instant) {
+        let elapsed = at.saturating_duration_since(self.started).as_nanos() as u64;
         self.since.store(elapsed, Ordering::Relaxed);
         self.phase.store(phase, Ordering::Relaxed);
     }
@@ -43,14 +43,15 @@ tokio::task_local! {
     static CONNECTION: Arc<ConnectionState>;
 }
 
-/// Called by the proxy when a request head has been read.
+/// Called by the proxy when a request head has been read. No clock is read: while a request
+/// is in progress the deadline does not apply.
 pub fn head_received() {
-    let _ = CONNECTION.try_with(|state| state.mark(IN_REQUEST));
+    let _ = CONNECTION.try_with(|state| state.phase.store(IN_REQUEST, Ordering::Relaxed));
 }
 
-/// Called by the proxy when a request is over; the next head's clock starts now.
-pub fn request_done() {
-    let _ = CONNECTION.try_with(|state| state.mark(WAITING_NEXT));
+/// Called by the proxy when a request is over (`now` is when); the next head's clock starts.
+pub fn request_done(now: Instant) {
+    let _ = CONNECTION.try_with(|state| state.mark(WAITING_NEXT, now));
 }
 
 pub struct HeadDeadline<A> {

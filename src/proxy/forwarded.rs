@@ -188,3 +188,68 @@ pub fn apply(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::load::parse_yaml;
+
+    fn snapshot(trusted: &str) -> Snapshot {
+        let yaml = format!(
+            "version: 1\nserver: {{ listeners: [{{ name: p, address: \"127.0.0.1:0\" }}], trusted_proxies: {trusted} }}\n"
+        );
+        crate::config::compile(parse_yaml(&yaml).unwrap(), "test", 1).unwrap()
+    }
+
+    fn request(headers: &[(&str, &str)]) -> RequestHeader {
+        let mut request = RequestHeader::build("GET", b"/", None).unwrap();
+        for (name, value) in headers {
+            request.append_header(name.to_string(), *value).unwrap();
+        }
+        request
+    }
+
+    #[test]
+    fn untrusted_peers_cannot_choose_the_client_address() {
+        let snapshot = snapshot("[10.0.0.0/8]");
+        let peer: IpAddr = "203.0.113.7".parse().unwrap();
+        let spoofed = request(&[("x-forwarded-for", "1.2.3.4"), ("forwarded", "for=1.2.3.4")]);
+        assert_eq!(client_address(&snapshot, peer, &spoofed), peer);
+    }
+
+    #[test]
+    fn trusted_chain_is_read_from_the_right() {
+        let snapshot = snapshot("[10.0.0.0/8]");
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        let chain = request(&[("x-forwarded-for", "6.6.6.6, 198.51.100.2, 10.0.0.9")]);
+        assert_eq!(
+            client_address(&snapshot, peer, &chain),
+            "198.51.100.2".parse::<IpAddr>().unwrap()
+        );
+        let forwarded = request(&[("forwarded", "for=\"[2001:db8::1]:4711\";proto=https")]);
+        assert_eq!(
+            client_address(&snapshot, peer, &forwarded),
+            "2001:db8::1".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn apply_replaces_spoofed_headers_from_untrusted_peers() {
+        let peer: IpAddr = "203.0.113.7".parse().unwrap();
+        let mut upstream = request(&[
+            ("host", "api.example.com"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-host", "evil"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        apply(&mut upstream, peer, false, peer, false);
+        assert_eq!(upstream.headers["x-forwarded-for"], "203.0.113.7");
+        assert_eq!(upstream.headers["x-forwarded-host"], "api.example.com");
+        assert_eq!(upstream.headers["x-forwarded-proto"], "http");
+        assert_eq!(
+            upstream.headers["forwarded"],
+            "for=203.0.113.7;proto=http;host=\"api.example.com\""
+        );
+        assert_eq!(upstream.headers["x-real-ip"], "203.0.113.7");
+    }
+}

@@ -120,6 +120,10 @@ fn cookie_value<'a>(request: &'a pingora_http::RequestHeader, name: &str) -> Opt
 impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
 
+    /// No downstream modules: Pingora's default adds a (disabled) compression module that every
+    /// request would still pass through.
+    fn init_downstream_modules(&self, _modules: &mut pingora_core::modules::http::HttpModules) {}
+
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             snapshot: self.store.load(),
@@ -136,7 +140,6 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         deadline::head_received();
-        ctx.filter.started = Instant::now();
         let snapshot = ctx.snapshot.clone();
         let limits = &snapshot.limits;
 
@@ -514,7 +517,8 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
-        deadline::request_done();
+        let now = Instant::now();
+        deadline::request_done(now);
         if let Some((pool, target)) = ctx.target.take() {
             ctx.snapshot.upstreams[pool].finish_request(target);
         }
@@ -524,7 +528,7 @@ impl ProxyHttp for Gateway {
             .or(ctx.filter.status)
             .unwrap_or(if error.is_some() { 502 } else { 0 });
         ctx.filter.status = Some(status);
-        let elapsed = ctx.filter.started.elapsed();
+        let elapsed = now.saturating_duration_since(ctx.filter.started);
         let metrics = match ctx.route {
             Some(route) => &ctx.snapshot.routes[route].metrics,
             None => &ctx.snapshot.unmatched_metrics,
