@@ -9,7 +9,18 @@ use std::time::Instant;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Consumer {
     pub id: Arc<str>,
+    pub username: Option<Arc<str>>,
     pub tags: Arc<[String]>,
+}
+
+impl Consumer {
+    pub fn new(id: &str) -> Consumer {
+        Consumer {
+            id: id.into(),
+            username: None,
+            tags: Arc::from(Vec::new()),
+        }
+    }
 }
 
 /// State carried through every phase of one request.
@@ -31,6 +42,10 @@ pub struct RequestContext {
     pub upstream: Option<Arc<str>>,
     /// The caller, once an authentication filter identified one.
     pub consumer: Option<Consumer>,
+    /// The authenticated subject (e.g. a JWT's `sub`), for upstream identity headers.
+    pub subject: Option<String>,
+    /// Why authentication failed (method, reason), for the failure metric.
+    pub auth_failure: Option<(&'static str, &'static str)>,
     /// The response status, once known.
     pub status: Option<u16>,
     /// Typed per-filter state.
@@ -47,6 +62,8 @@ impl RequestContext {
             route: None,
             upstream: None,
             consumer: None,
+            subject: None,
+            auth_failure: None,
             status: None,
             state: http::Extensions::new(),
         }

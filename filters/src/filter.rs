@@ -26,6 +26,17 @@ pub trait Filter: Send + Sync + 'static {
     /// The registry kind this filter was built from.
     fn kind(&self) -> &'static str;
 
+    /// Whether this filter identifies callers. A route's `auth: required` is enforced after the
+    /// last of these has run.
+    fn is_auth(&self) -> bool {
+        false
+    }
+
+    /// Whether the filter can serve (e.g. its keys have been fetched). `/readyz` waits for all.
+    fn ready(&self) -> bool {
+        true
+    }
+
     /// The request head arrived (after routing). May answer the request itself.
     async fn request(&self, _request: &mut RequestHeader, _ctx: &mut RequestContext) -> Decision {
         Decision::Continue
@@ -62,7 +73,10 @@ pub trait Filter: Send + Sync + 'static {
 
 /// What `build` gets besides its own config: shared clients and settings of the snapshot.
 #[derive(Clone, Debug, Default)]
-pub struct BuildCtx {}
+pub struct BuildCtx {
+    /// The consumers of the snapshot and their credentials.
+    pub consumers: std::sync::Arc<crate::consumers::ConsumerRegistry>,
+}
 
 /// Why a filter could not be built from its config. Each error names the config path below the
 /// filter's `config` where the problem is ("" for the whole config).

@@ -4,12 +4,15 @@
 //! This crate does not depend on the proxy. A filter sees request and response headers and body
 //! bytes, so every filter is unit-testable without starting a server.
 
+pub mod consumers;
 mod context;
 mod filter;
 mod problem;
 mod registry;
 pub mod template;
 
+pub mod api_key;
+pub mod jwt;
 pub mod request_id;
 pub mod response_headers;
 

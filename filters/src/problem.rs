@@ -40,6 +40,8 @@ pub struct Problem {
     pub slug: &'static str,
     pub title: &'static str,
     pub detail: Option<String>,
+    /// Extra response headers, e.g. `WWW-Authenticate`.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl Problem {
@@ -49,7 +51,38 @@ impl Problem {
             slug,
             title,
             detail: None,
+            headers: Vec::new(),
         }
+    }
+
+    pub fn header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+
+    /// 401 for a credential that was given but is not valid (RFC 6750 `invalid_token`). The
+    /// answer never says which check failed.
+    pub fn invalid_token() -> Self {
+        Problem::new(401, "unauthorized", "Authentication failed").header(
+            http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"gatehouse\", error=\"invalid_token\""),
+        )
+    }
+
+    /// 401 for a request that carried no credential where one is required.
+    pub fn credentials_required() -> Self {
+        Problem::new(401, "unauthorized", "Authentication required").header(
+            http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"gatehouse\""),
+        )
+    }
+
+    /// 403: the caller is known but not allowed (RFC 6750 `insufficient_scope`).
+    pub fn forbidden() -> Self {
+        Problem::new(403, "forbidden", "Not allowed").header(
+            http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"gatehouse\", error=\"insufficient_scope\""),
+        )
     }
 
     pub fn detail(mut self, detail: impl Into<String>) -> Self {
@@ -74,7 +107,9 @@ impl Problem {
     /// The whole response, with its content type and the request id header.
     pub fn into_response(self, request_id: &str) -> Response {
         let body = self.to_json(request_id);
-        let mut response = Response::new(self.status).header(
+        let mut response = Response::new(self.status);
+        response.headers = self.headers;
+        let mut response = response.header(
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );

@@ -34,6 +34,8 @@ const fn register<F: FilterKind>() -> Registration {
 }
 
 static KINDS: &[Registration] = &[
+    register::<crate::api_key::ApiKey>(),
+    register::<crate::jwt::Jwt>(),
     register::<crate::request_id::RequestId>(),
     register::<crate::response_headers::ResponseHeaders>(),
 ];
