@@ -37,6 +37,13 @@ enum Command {
     },
     /// Print the JSON Schema of the config file.
     Schema,
+    /// Make a new API key: print it once, with the hash to put in the consumer's credentials.
+    Keygen {
+        /// Hash with HMAC-SHA-256 using the server secret in this environment variable (the
+        /// value of `auth.api_key_secret`), instead of plain SHA-256.
+        #[arg(long, value_name = "ENV_VAR")]
+        hmac_secret_env: Option<String>,
+    },
     /// Show which route a request would match, the candidates it beat, and its filter chain.
     Explain {
         /// The config file.
@@ -89,6 +96,42 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Keygen { hmac_secret_env } => {
+            let mut random = [0u8; 32];
+            if let Err(error) = getrandom::fill(&mut random) {
+                eprintln!("gatehouse keygen: no randomness available: {error}");
+                return ExitCode::FAILURE;
+            }
+            use base64::Engine;
+            let key = format!(
+                "gh_{}",
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random)
+            );
+            let hash = match hmac_secret_env {
+                None => format!(
+                    "sha256:{}",
+                    hex::encode(gatehouse_filters::consumers::sha256(key.as_bytes()))
+                ),
+                Some(name) => match std::env::var(&name) {
+                    Ok(secret) if !secret.is_empty() => format!(
+                        "hmac-sha256:{}",
+                        hex::encode(gatehouse_filters::consumers::hmac_sha256(
+                            secret.as_bytes(),
+                            key.as_bytes()
+                        ))
+                    ),
+                    _ => {
+                        eprintln!("gatehouse keygen: environment variable {name} is not set");
+                        return ExitCode::FAILURE;
+                    }
+                },
+            };
+            println!("key:  {key}");
+            println!("hash: {hash}");
+            eprintln!("Give the key to its owner now: it is not stored and cannot be shown again.");
+            eprintln!("Add the hash to the consumer:  - {{ type: api_key, hash: \"{hash}\" }}");
+            ExitCode::SUCCESS
+        }
         Command::Schema => {
             println!(
                 "{}",

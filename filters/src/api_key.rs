@@ -50,12 +50,20 @@ impl FilterKind for ApiKey {
         let header = if config.header.is_empty() {
             None
         } else {
-            Some(HeaderName::from_bytes(config.header.as_bytes()).map_err(|_| {
-                vec![BuildError::new("header", format!("\"{}\" is not a valid header name", config.header))]
-            })?)
+            Some(
+                HeaderName::from_bytes(config.header.as_bytes()).map_err(|_| {
+                    vec![BuildError::new(
+                        "header",
+                        format!("\"{}\" is not a valid header name", config.header),
+                    )]
+                })?,
+            )
         };
         if header.is_none() && config.query.is_none() {
-            return Err(vec![BuildError::new("", "give a `header`, a `query` parameter, or both")]);
+            return Err(vec![BuildError::new(
+                "",
+                "give a `header`, a `query` parameter, or both",
+            )]);
         }
         Ok(ApiKey {
             header,
@@ -88,7 +96,10 @@ fn percent_decode(text: &str) -> String {
     while index < bytes.len() {
         match bytes[index] {
             b'%' if index + 2 < bytes.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&bytes[index + 1..index + 3]).unwrap_or("zz"), 16) {
+                match u8::from_str_radix(
+                    std::str::from_utf8(&bytes[index + 1..index + 3]).unwrap_or("zz"),
+                    16,
+                ) {
                     Ok(value) => {
                         out.push(value);
                         index += 3;
@@ -142,7 +153,11 @@ impl Filter for ApiKey {
                 if let Some((value, rest)) = take_query_param(query, name) {
                     if self.hide_credential {
                         let path = request.uri.path().to_string();
-                        let target = if rest.is_empty() { path } else { format!("{path}?{rest}") };
+                        let target = if rest.is_empty() {
+                            path
+                        } else {
+                            format!("{path}?{rest}")
+                        };
                         if let Ok(uri) = target.parse::<http::Uri>() {
                             request.set_uri(uri);
                         }
@@ -196,10 +211,20 @@ mod tests {
                 expires_at: None,
             },
         );
-        ApiKey::build(config, &BuildCtx { consumers: Arc::new(registry) }).unwrap()
+        ApiKey::build(
+            config,
+            &BuildCtx {
+                consumers: Arc::new(registry),
+            },
+        )
+        .unwrap()
     }
 
-    async fn run(filter: &ApiKey, path: &str, headers: &[(&str, &str)]) -> (Decision, RequestContext, RequestHeader) {
+    async fn run(
+        filter: &ApiKey,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (Decision, RequestContext, RequestHeader) {
         let mut request = RequestHeader::build("GET", path.as_bytes(), None).unwrap();
         for (name, value) in headers {
             request.append_header(name.to_string(), *value).unwrap();
@@ -238,7 +263,12 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(ctx.auth_failure, Some(("api_key", "unknown_key")));
-        let (decision, _, _) = run(&filter, "/x", &[("x-api-key", "k-123"), ("x-api-key", "wrong")]).await;
+        let (decision, _, _) = run(
+            &filter,
+            "/x",
+            &[("x-api-key", "k-123"), ("x-api-key", "wrong")],
+        )
+        .await;
         assert!(matches!(decision, Decision::Reject(_)));
     }
 }

@@ -106,7 +106,8 @@ impl ConsumerRegistry {
     }
 
     pub fn jwt_consumer(&self, issuer: &str, subject: &str) -> Option<&Consumer> {
-        self.jwt_subjects.get(&(issuer.to_string(), subject.to_string()))
+        self.jwt_subjects
+            .get(&(issuer.to_string(), subject.to_string()))
     }
 
     /// The consumer owning a presented API key. The stored digest is compared in constant time.
@@ -149,7 +150,11 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn credential(hash: [u8; 32], disabled: bool, expires_at: Option<SystemTime>) -> ApiKeyCredential {
+    fn credential(
+        hash: [u8; 32],
+        disabled: bool,
+        expires_at: Option<SystemTime>,
+    ) -> ApiKeyCredential {
         ApiKeyCredential {
             consumer: Consumer::new("acme"),
             hash,
@@ -161,24 +166,51 @@ mod tests {
     #[test]
     fn keys_are_found_by_hash_and_refused_when_disabled_or_expired() {
         let mut registry = ConsumerRegistry::new(Some(b"server-secret".to_vec()));
-        registry.add_api_key(KeyHashKind::Sha256, credential(sha256(b"good"), false, None));
-        registry.add_api_key(KeyHashKind::HmacSha256, credential(hmac_sha256(b"server-secret", b"mac"), false, None));
+        registry.add_api_key(
+            KeyHashKind::Sha256,
+            credential(sha256(b"good"), false, None),
+        );
+        registry.add_api_key(
+            KeyHashKind::HmacSha256,
+            credential(hmac_sha256(b"server-secret", b"mac"), false, None),
+        );
         registry.add_api_key(KeyHashKind::Sha256, credential(sha256(b"off"), true, None));
         let past = SystemTime::now() - Duration::from_secs(1);
-        registry.add_api_key(KeyHashKind::Sha256, credential(sha256(b"old"), false, Some(past)));
+        registry.add_api_key(
+            KeyHashKind::Sha256,
+            credential(sha256(b"old"), false, Some(past)),
+        );
         let now = SystemTime::now();
-        assert_eq!(&*registry.api_key_consumer(b"good", now).unwrap().id, "acme");
+        assert_eq!(
+            &*registry.api_key_consumer(b"good", now).unwrap().id,
+            "acme"
+        );
         assert_eq!(&*registry.api_key_consumer(b"mac", now).unwrap().id, "acme");
-        assert_eq!(registry.api_key_consumer(b"nope", now).unwrap_err(), KeyRefusal::Unknown);
-        assert_eq!(registry.api_key_consumer(b"off", now).unwrap_err(), KeyRefusal::Disabled);
-        assert_eq!(registry.api_key_consumer(b"old", now).unwrap_err(), KeyRefusal::Expired);
+        assert_eq!(
+            registry.api_key_consumer(b"nope", now).unwrap_err(),
+            KeyRefusal::Unknown
+        );
+        assert_eq!(
+            registry.api_key_consumer(b"off", now).unwrap_err(),
+            KeyRefusal::Disabled
+        );
+        assert_eq!(
+            registry.api_key_consumer(b"old", now).unwrap_err(),
+            KeyRefusal::Expired
+        );
     }
 
     #[test]
     fn hashes_parse_only_in_known_forms() {
         let digest = hex::encode(sha256(b"x"));
-        assert_eq!(parse_key_hash(&format!("sha256:{digest}")).unwrap().0, KeyHashKind::Sha256);
-        assert_eq!(parse_key_hash(&format!("hmac-sha256:{digest}")).unwrap().0, KeyHashKind::HmacSha256);
+        assert_eq!(
+            parse_key_hash(&format!("sha256:{digest}")).unwrap().0,
+            KeyHashKind::Sha256
+        );
+        assert_eq!(
+            parse_key_hash(&format!("hmac-sha256:{digest}")).unwrap().0,
+            KeyHashKind::HmacSha256
+        );
         assert!(parse_key_hash("md5:abcd").is_err());
         assert!(parse_key_hash("sha256:abcd").is_err());
         assert!(parse_key_hash("plaintext-key").is_err());

@@ -5,13 +5,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use gatehouse_filters::{BuildCtx, Filter};
+use gatehouse_filters::consumers::{parse_key_hash, ApiKeyCredential, ConsumerRegistry};
+use gatehouse_filters::{BuildCtx, Consumer, Filter};
 use sha2::{Digest, Sha256};
 
 use super::error::{ConfigError, ConfigErrors};
 use super::load::LoadedConfig;
-use super::model::{Config, FilterConfig, PathMatch, SourceKind};
-use super::snapshot::{Limits, Route, Snapshot};
+use super::model::{Config, CredentialConfig, FilterConfig, PathMatch, SourceKind};
+use super::snapshot::{IdentityHeaders, Limits, Route, Snapshot};
 use crate::router::{PathRewrite, Router};
 use crate::telemetry::metrics;
 use crate::upstream::{CaCache, UpstreamPool};
@@ -46,6 +47,135 @@ fn build_chain(
         }
     }
     chain
+}
+
+/// The consumer registry, with every credential checked.
+fn build_consumers(config: &Config, errors: &mut Vec<ConfigError>) -> ConsumerRegistry {
+    let secret = config
+        .auth
+        .api_key_secret
+        .as_ref()
+        .map(|secret| secret.as_bytes().to_vec());
+    if secret.as_ref().is_some_and(|secret| secret.len() < 16) {
+        errors.push(ConfigError::new(
+            "auth.api_key_secret",
+            "use at least 16 bytes",
+        ));
+    }
+    let mut registry = ConsumerRegistry::new(secret);
+    let mut ids = HashMap::new();
+    let mut consumers = HashMap::new();
+    for (index, consumer) in config.consumers.iter().enumerate() {
+        let path = format!("consumers[{index}]");
+        if consumer.id.is_empty() {
+            errors.push(ConfigError::new(
+                format!("{path}.id"),
+                "a consumer needs an id",
+            ));
+        }
+        if let Some(previous) = ids.insert(consumer.id.as_str(), index) {
+            errors.push(ConfigError::new(
+                format!("{path}.id"),
+                format!(
+                    "duplicate consumer id \"{}\" (also consumers[{previous}])",
+                    consumer.id
+                ),
+            ));
+        }
+        let built = Consumer {
+            id: consumer.id.as_str().into(),
+            username: consumer.username.as_deref().map(Into::into),
+            tags: consumer.tags.clone().into(),
+        };
+        consumers.insert(consumer.id.as_str(), built.clone());
+        for (credential_index, credential) in consumer.credentials.iter().enumerate() {
+            let path = format!("{path}.credentials[{credential_index}]");
+            match credential {
+                CredentialConfig::ApiKey {
+                    hash,
+                    disabled,
+                    expires_at,
+                } => {
+                    let expires_at = match expires_at {
+                        Some(text) => match humantime::parse_rfc3339_weak(text) {
+                            Ok(time) => Some(time),
+                            Err(_) => {
+                                errors.push(ConfigError::new(format!("{path}.expires_at"), format!("\"{text}\" is not an RFC 3339 time like 2027-01-31T00:00:00Z")));
+                                None
+                            }
+                        },
+                        None => None,
+                    };
+                    match parse_key_hash(hash) {
+                        Ok((kind, digest)) => {
+                            if kind == gatehouse_filters::consumers::KeyHashKind::HmacSha256
+                                && !registry.has_hmac_secret()
+                            {
+                                errors.push(ConfigError::new(
+                                    format!("{path}.hash"),
+                                    "an hmac-sha256 hash needs `auth.api_key_secret`",
+                                ));
+                            }
+                            let added = registry.add_api_key(
+                                kind,
+                                ApiKeyCredential {
+                                    consumer: built.clone(),
+                                    hash: digest,
+                                    disabled: *disabled,
+                                    expires_at,
+                                },
+                            );
+                            if !added {
+                                errors.push(ConfigError::new(
+                                    format!("{path}.hash"),
+                                    "this key is already registered",
+                                ));
+                            }
+                        }
+                        Err(message) => {
+                            errors.push(ConfigError::new(format!("{path}.hash"), message))
+                        }
+                    }
+                }
+                CredentialConfig::Jwt { issuer, subject } => {
+                    if !registry.add_jwt_subject(issuer, subject, built.clone()) {
+                        errors.push(ConfigError::new(
+                            path,
+                            "issuer and subject already belong to another consumer",
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if let Some(anonymous) = &config.auth.anonymous {
+        match consumers.get(anonymous.as_str()) {
+            Some(consumer) => registry.anonymous = Some(consumer.clone()),
+            None => errors.push(ConfigError::new(
+                "auth.anonymous",
+                format!("no consumer with id \"{anonymous}\""),
+            )),
+        }
+    }
+    registry
+}
+
+fn identity_header(
+    path: &str,
+    name: &Option<String>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<http::HeaderName> {
+    let name = name.as_ref().filter(|name| !name.is_empty())?;
+    match http::HeaderName::from_bytes(name.as_bytes()) {
+        Ok(name) => Some(name),
+        Err(_) => {
+            errors.push(ConfigError::new(
+                path,
+                format!("\"{name}\" is not a valid header name"),
+            ));
+            None
+        }
+    }
 }
 
 /// Hash of the config as written.
@@ -194,8 +324,31 @@ pub fn compile(loaded: LoadedConfig, source: &str, version: u64) -> Result<Snaps
         }
     }
 
+    // consumers and identity
+    let registry = build_consumers(&config, &mut errors);
+    let headers = &config.auth.upstream_headers;
+    let identity_headers = IdentityHeaders {
+        consumer_id: identity_header(
+            "auth.upstream_headers.consumer_id",
+            &headers.consumer_id,
+            &mut errors,
+        ),
+        consumer_username: identity_header(
+            "auth.upstream_headers.consumer_username",
+            &headers.consumer_username,
+            &mut errors,
+        ),
+        subject: identity_header(
+            "auth.upstream_headers.subject",
+            &headers.subject,
+            &mut errors,
+        ),
+    };
+
     // filters
-    let build_ctx = BuildCtx::default();
+    let build_ctx = BuildCtx {
+        consumers: Arc::new(registry),
+    };
     let global_chain = build_chain("filters", &config.filters, &build_ctx, &mut errors);
 
     // routes
@@ -271,7 +424,19 @@ pub fn compile(loaded: LoadedConfig, source: &str, version: u64) -> Result<Snaps
         );
         let mut chain = global_chain.clone();
         chain.extend(own_chain);
+        // `auth` is enforced right after the last filter that identifies callers.
+        let auth_gate = chain
+            .iter()
+            .rposition(|filter| filter.is_auth())
+            .map_or(0, |last| last + 1);
+        if route.auth == Some(super::model::AuthMode::Required)
+            && !chain.iter().any(|filter| filter.is_auth())
+        {
+            errors.push(ConfigError::new(format!("{path}.auth"), "`required` needs an auth filter (jwt, api_key) on the route or in the global chain"));
+        }
         routes.push(Route {
+            auth: route.auth,
+            auth_gate,
             name: route.name.as_str().into(),
             upstream,
             rewrite,
@@ -301,6 +466,8 @@ pub fn compile(loaded: LoadedConfig, source: &str, version: u64) -> Result<Snaps
             header_read_timeout: limits.header_read_timeout.get(),
         },
         trusted_proxies: config.server.trusted_proxies.clone(),
+        identity_headers,
+        anonymous: build_ctx.consumers.anonymous.clone(),
         unmatched_metrics: metrics::route_metrics(metrics::UNMATCHED_ROUTE),
         config: as_written,
     })

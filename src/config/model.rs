@@ -21,6 +21,11 @@ pub struct Config {
     pub config: SourceConfig,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// Who may call: consumers and their credentials.
+    #[serde(default)]
+    pub consumers: Vec<ConsumerConfig>,
+    #[serde(default)]
+    pub auth: AuthConfig,
     #[serde(default)]
     pub upstreams: Vec<UpstreamConfig>,
     /// The global filter chain, run before each route's own filters.
@@ -383,6 +388,11 @@ pub struct RouteConfig {
     /// Replace the path, e.g. `/v${version}/u/${id}` with captures of a regex path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rewrite: Option<String>,
+    /// `required`: a request no auth filter identified gets 401. `optional`: it goes on (as the
+    /// anonymous consumer, if one is set). Unset: auth filters identify callers but nothing is
+    /// enforced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthMode>,
     /// Longest wait for each read from the upstream on this route (overrides the upstream's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Duration>,
@@ -432,3 +442,70 @@ pub struct ValueMatch {
 
 /// A name → value map in config, kept ordered so hashes are stable.
 pub type OrderedMap = BTreeMap<String, String>;
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    Required,
+    Optional,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerConfig {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub credentials: Vec<CredentialConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum CredentialConfig {
+    /// An API key, stored only as `sha256:<hex>` or `hmac-sha256:<hex>` (see `gatehouse keygen`).
+    ApiKey {
+        hash: String,
+        #[serde(default)]
+        disabled: bool,
+        /// RFC 3339 time after which the key is refused.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at: Option<String>,
+    },
+    /// Tokens from `issuer` whose subject claim is `subject` identify this consumer.
+    Jwt { issuer: String, subject: String },
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// The consumer id given to requests no filter identified on `auth: optional` routes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anonymous: Option<String>,
+    /// Server secret for `hmac-sha256:` API key hashes; give it as `${env:NAME}` or `${file:/path}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key_secret: Option<String>,
+    /// Headers that tell the upstream who called. Client-sent copies are always removed.
+    pub upstream_headers: IdentityHeaders,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityHeaders {
+    pub consumer_id: Option<String>,
+    pub consumer_username: Option<String>,
+    /// The authenticated subject (e.g. the JWT `sub`).
+    pub subject: Option<String>,
+}
+
+impl Default for IdentityHeaders {
+    fn default() -> Self {
+        IdentityHeaders {
+            consumer_id: Some("x-consumer-id".into()),
+            consumer_username: Some("x-consumer-username".into()),
+            subject: Some("x-authenticated-subject".into()),
+        }
+    }
+}

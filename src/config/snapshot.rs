@@ -15,6 +15,9 @@ use crate::upstream::UpstreamPool;
 /// A route ready to serve.
 pub struct Route {
     pub name: Arc<str>,
+    pub auth: Option<super::model::AuthMode>,
+    /// Chain index before which `auth` is enforced (after the last auth filter).
+    pub auth_gate: usize,
     pub upstream: usize,
     pub rewrite: Option<PathRewrite>,
     pub read_timeout: Option<Duration>,
@@ -51,9 +54,37 @@ pub struct Snapshot {
     pub limits: Limits,
     pub trusted_proxies: Vec<IpNet>,
     pub unmatched_metrics: RouteMetrics,
+    pub identity_headers: IdentityHeaders,
+    /// The consumer of unidentified requests on `auth: optional` routes.
+    pub anonymous: Option<gatehouse_filters::Consumer>,
+}
+
+/// Headers that tell the upstream who called.
+#[derive(Clone, Debug, Default)]
+pub struct IdentityHeaders {
+    pub consumer_id: Option<http::HeaderName>,
+    pub consumer_username: Option<http::HeaderName>,
+    pub subject: Option<http::HeaderName>,
+}
+
+impl IdentityHeaders {
+    pub fn names(&self) -> impl Iterator<Item = &http::HeaderName> {
+        [&self.consumer_id, &self.consumer_username, &self.subject]
+            .into_iter()
+            .flatten()
+    }
 }
 
 impl Snapshot {
+    /// Whether every filter can serve (e.g. JWKS keys are fetched).
+    pub fn filters_ready(&self) -> bool {
+        self.global_chain.iter().all(|filter| filter.ready())
+            && self
+                .routes
+                .iter()
+                .all(|route| route.chain.iter().all(|filter| filter.ready()))
+    }
+
     pub fn is_trusted_proxy(&self, address: std::net::IpAddr) -> bool {
         !self.trusted_proxies.is_empty()
             && self

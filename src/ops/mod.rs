@@ -75,13 +75,17 @@ impl ServeHttp for OpsApp {
         let snapshot = self.store.load();
         match path.as_str() {
             "/healthz" => reply(200, "text/plain", b"ok\n".to_vec()),
-            "/readyz" => json(
-                200,
-                serde_json::json!({
-                    "ready": true,
-                    "config": { "version": snapshot.version, "hash": snapshot.hash, "source": snapshot.source },
-                }),
-            ),
+            "/readyz" => {
+                let filters_ready = snapshot.filters_ready();
+                json(
+                    if filters_ready { 200 } else { 503 },
+                    serde_json::json!({
+                        "ready": filters_ready,
+                        "config": { "version": snapshot.version, "hash": snapshot.hash, "source": snapshot.source },
+                        "filters_ready": filters_ready,
+                    }),
+                )
+            }
             "/metrics" => reply(
                 200,
                 "text/plain; version=0.0.4",

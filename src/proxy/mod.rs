@@ -18,7 +18,7 @@ use pingora_core::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::ResponseHeader;
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
-use crate::config::model::HashOn;
+use crate::config::model::{AuthMode, HashOn};
 use crate::config::{ConfigStore, Snapshot};
 use crate::router::normalize::normalize_path;
 use crate::router::{request_host, RequestView};
@@ -93,6 +93,30 @@ async fn respond_problem(
     let response = problem.into_response(ctx.filter.request_id());
     respond(session, ctx, response).await?;
     Ok(true)
+}
+
+/// A route's `auth` setting, once every auth filter has had its say.
+fn enforce_auth(
+    route: &crate::config::snapshot::Route,
+    snapshot: &Snapshot,
+    filter_ctx: &mut RequestContext,
+) -> Option<Problem> {
+    if filter_ctx.consumer.is_some() {
+        return None;
+    }
+    match route.auth {
+        Some(AuthMode::Required) => {
+            filter_ctx
+                .auth_failure
+                .get_or_insert(("route", "missing_credentials"));
+            Some(Problem::credentials_required())
+        }
+        Some(AuthMode::Optional) => {
+            filter_ctx.consumer.clone_from(&snapshot.anonymous);
+            None
+        }
+        None => None,
+    }
 }
 
 fn header_bytes(request: &pingora_http::RequestHeader) -> usize {
@@ -311,7 +335,19 @@ impl ProxyHttp for Gateway {
             }
         }
 
-        for filter in route.chain.iter() {
+        // Identity headers are ours to set: a client-sent copy never reaches a filter or upstream.
+        for name in snapshot.identity_headers.names() {
+            if session.req_header().headers.contains_key(name) {
+                session.req_header_mut().remove_header(name);
+            }
+        }
+
+        for (index, filter) in route.chain.iter().enumerate() {
+            if index == route.auth_gate {
+                if let Some(problem) = enforce_auth(route, &snapshot, &mut ctx.filter) {
+                    return respond_problem(session, ctx, problem).await;
+                }
+            }
             ctx.filters_ran += 1;
             match filter
                 .request(session.req_header_mut(), &mut ctx.filter)
@@ -323,6 +359,11 @@ impl ProxyHttp for Gateway {
                     return Ok(true);
                 }
                 Decision::Reject(problem) => return respond_problem(session, ctx, problem).await,
+            }
+        }
+        if route.auth_gate >= route.chain.len() {
+            if let Some(problem) = enforce_auth(route, &snapshot, &mut ctx.filter) {
+                return respond_problem(session, ctx, problem).await;
             }
         }
         Ok(false)
@@ -412,6 +453,24 @@ impl ProxyHttp for Gateway {
                 client,
                 ctx.filter.client_tls,
             );
+        }
+        if let Some(consumer) = &ctx.filter.consumer {
+            let headers = &ctx.snapshot.identity_headers;
+            if let Some(name) = &headers.consumer_id {
+                if let Ok(value) = HeaderValue::from_str(&consumer.id) {
+                    upstream_request.insert_header(name.clone(), value).ok();
+                }
+            }
+            if let (Some(name), Some(username)) = (&headers.consumer_username, &consumer.username) {
+                if let Ok(value) = HeaderValue::from_str(username) {
+                    upstream_request.insert_header(name.clone(), value).ok();
+                }
+            }
+            if let (Some(name), Some(subject)) = (&headers.subject, &ctx.filter.subject) {
+                if let Ok(value) = HeaderValue::from_str(subject) {
+                    upstream_request.insert_header(name.clone(), value).ok();
+                }
+            }
         }
         if let Some(route) = ctx.route {
             let RequestCtx {
@@ -534,6 +593,9 @@ impl ProxyHttp for Gateway {
             None => &ctx.snapshot.unmatched_metrics,
         };
         metrics.observe(status, elapsed.as_secs_f64());
+        if let Some((method, reason)) = ctx.filter.auth_failure {
+            crate::telemetry::metrics::record_auth_failure(method, reason);
+        }
         for filter in ctx.chain().iter() {
             filter.log(&ctx.filter);
         }

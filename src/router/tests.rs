@@ -9,6 +9,7 @@ fn route(name: &str, priority: i32, matcher: MatchConfig) -> RouteConfig {
         upstream: "u".into(),
         strip_prefix: None,
         rewrite: None,
+        auth: None,
         timeout: None,
         filters: Vec::new(),
     }

@@ -20,6 +20,7 @@ pub struct Metrics {
     config_version: IntGauge,
     config_applied_at: IntGauge,
     pub access_log_dropped: IntCounter,
+    auth_failures: IntCounterVec,
 }
 
 pub static METRICS: Lazy<Metrics> = Lazy::new(|| {
@@ -63,8 +64,17 @@ pub static METRICS: Lazy<Metrics> = Lazy::new(|| {
         "Access log lines dropped because the writer fell behind",
     )
     .expect("valid metric");
+    let auth_failures = IntCounterVec::new(
+        Opts::new(
+            "gatehouse_auth_failures_total",
+            "Requests refused by authentication, by method and reason",
+        ),
+        &["method", "reason"],
+    )
+    .expect("valid metric");
     for collector in [
-        Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+        Box::new(auth_failures.clone()) as Box<dyn prometheus::core::Collector>,
+        Box::new(requests.clone()),
         Box::new(duration.clone()),
         Box::new(config_reloads.clone()),
         Box::new(config_version.clone()),
@@ -83,8 +93,16 @@ pub static METRICS: Lazy<Metrics> = Lazy::new(|| {
         config_version,
         config_applied_at,
         access_log_dropped,
+        auth_failures,
     }
 });
+
+pub fn record_auth_failure(method: &str, reason: &str) {
+    METRICS
+        .auth_failures
+        .with_label_values(&[method, reason])
+        .inc();
+}
 
 /// A route's counters and histogram, resolved once.
 #[derive(Clone)]
@@ -140,5 +158,27 @@ pub fn render() -> Vec<u8> {
     let mut buffer = Vec::new();
     let families = METRICS.registry.gather();
     TextEncoder::new().encode(&families, &mut buffer).ok();
+    use std::sync::atomic::Ordering;
+    let jwks = [
+        (
+            "gatehouse_jwks_refreshes_total",
+            "JWKS key-set fetches that succeeded",
+            &gatehouse_filters::jwt::jwks::REFRESHES,
+        ),
+        (
+            "gatehouse_jwks_refresh_failures_total",
+            "JWKS key-set fetches that failed (the stale keys were kept)",
+            &gatehouse_filters::jwt::jwks::REFRESH_FAILURES,
+        ),
+    ];
+    for (name, help, counter) in jwks {
+        buffer.extend_from_slice(
+            format!(
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
+                counter.load(Ordering::Relaxed)
+            )
+            .as_bytes(),
+        );
+    }
     buffer
 }

@@ -3,6 +3,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod auth;
 mod balancing;
 mod lifecycle;
 mod limits;

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod idp;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -65,6 +67,36 @@ impl Gateway {
         gateway.write_config(rest);
         gateway.spawn(false);
         gateway.wait_ready();
+        gateway
+    }
+
+    /// Start without waiting for `/readyz` (for tests of readiness itself); waits only until the
+    /// ops listener answers.
+    pub fn start_unready(rest: &str) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let ops: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config_path = dir.path().join("gatehouse.yaml");
+        let mut gateway = Gateway {
+            child: None,
+            addr,
+            ops,
+            dir,
+            config_path,
+            server_extra: String::new(),
+            listeners_extra: String::new(),
+        };
+        gateway.write_config(rest);
+        gateway.spawn(false);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while try_get(gateway.ops, "/healthz").is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "ops listener did not start:\n{}",
+                gateway.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
         gateway
     }
 

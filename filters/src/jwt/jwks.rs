@@ -31,7 +31,8 @@ pub struct Jwks {
     client: reqwest::Client,
     keys: ArcSwap<KeyMap>,
     ready: AtomicBool,
-    last_fetch: Mutex<Option<Instant>>,
+    /// When a token with an unknown `kid` last caused a fetch (those are rate-limited).
+    last_on_demand: Mutex<Option<Instant>>,
     refresh_lock: tokio::sync::Mutex<()>,
     min_interval: Duration,
 }
@@ -73,7 +74,7 @@ impl Jwks {
             client,
             keys: ArcSwap::from_pointee(HashMap::new()),
             ready: AtomicBool::new(false),
-            last_fetch: Mutex::new(None),
+            last_on_demand: Mutex::new(None),
             refresh_lock: tokio::sync::Mutex::new(()),
             min_interval: settings.min_interval,
         });
@@ -88,7 +89,11 @@ impl Jwks {
                     jwks.is_ready()
                 };
                 // Until the first fetch succeeds, retry soon; then at the refresh interval.
-                let wait = if ready { refresh_every } else { Duration::from_millis(500) };
+                let wait = if ready {
+                    refresh_every
+                } else {
+                    Duration::from_millis(500)
+                };
                 tokio::time::sleep(wait).await;
             }
         });
@@ -114,7 +119,6 @@ impl Jwks {
     }
 
     async fn refresh_now(&self) {
-        *self.last_fetch.lock().expect("JWKS fetch time lock") = Some(Instant::now());
         match self.fetch().await {
             Ok(keys) => {
                 self.keys.store(Arc::new(keys));
@@ -129,19 +133,35 @@ impl Jwks {
     }
 
     async fn fetch(&self) -> Result<KeyMap, String> {
-        let response = self.client.get(&self.url).send().await.map_err(|error| error.to_string())?;
+        let response = self
+            .client
+            .get(&self.url)
+            .send()
+            .await
+            .map_err(|error| error.to_string())?;
         if !response.status().is_success() {
             return Err(format!("status {}", response.status()));
         }
-        let set: JwkSet = response.json().await.map_err(|error| format!("not a JWK set: {error}"))?;
+        let set: JwkSet = response
+            .json()
+            .await
+            .map_err(|error| format!("not a JWK set: {error}"))?;
         let mut keys = HashMap::new();
         for jwk in &set.keys {
-            let algorithm = jwk.common.key_algorithm.and_then(|algorithm| Algorithm::try_from(algorithm).ok());
+            let algorithm = jwk
+                .common
+                .key_algorithm
+                .and_then(|algorithm| Algorithm::try_from(algorithm).ok());
             match DecodingKey::from_jwk(jwk) {
                 Ok(key) => {
-                    keys.insert(jwk.common.key_id.clone().unwrap_or_default(), Arc::new(KeyEntry { algorithm, key }));
+                    keys.insert(
+                        jwk.common.key_id.clone().unwrap_or_default(),
+                        Arc::new(KeyEntry { algorithm, key }),
+                    );
                 }
-                Err(error) => tracing::warn!(url = %self.url, kid = ?jwk.common.key_id, %error, "skipping an unusable JWK"),
+                Err(error) => {
+                    tracing::warn!(url = %self.url, kid = ?jwk.common.key_id, %error, "skipping an unusable JWK")
+                }
             }
         }
         Ok(keys)
@@ -159,12 +179,15 @@ impl Jwks {
                 if let Some(found) = jwks.get(&kid) {
                     return Some(found);
                 }
-                let recent = jwks
-                    .last_fetch
-                    .lock()
-                    .expect("JWKS fetch time lock")
-                    .is_some_and(|last| last.elapsed() < jwks.min_interval);
-                if !recent {
+                let allowed = {
+                    let mut last = jwks.last_on_demand.lock().expect("JWKS fetch time lock");
+                    let allowed = last.is_none_or(|last| last.elapsed() >= jwks.min_interval);
+                    if allowed {
+                        *last = Some(Instant::now());
+                    }
+                    allowed
+                };
+                if allowed {
                     jwks.refresh_now().await;
                 }
                 jwks.get(&kid)

@@ -162,7 +162,10 @@ fn default_jwks_min_refresh() -> String {
 }
 
 enum Source {
-    Header { name: http::HeaderName, scheme: Option<String> },
+    Header {
+        name: http::HeaderName,
+        scheme: Option<String>,
+    },
     Cookie(String),
     Query(String),
 }
@@ -177,6 +180,9 @@ struct Verified {
 
 const CACHE_SHARDS: usize = 8;
 
+/// Verified tokens by the SHA-256 of the token, in shards so requests rarely wait on a lock.
+type TokenCache = Vec<Mutex<lru::LruCache<[u8; 32], Verified>>>;
+
 pub struct Jwt {
     issuer: Option<String>,
     algorithms: Vec<Algorithm>,
@@ -188,12 +194,15 @@ pub struct Jwt {
     consumer_claim: String,
     unknown_subjects: UnknownSubjects,
     consumers: Arc<ConsumerRegistry>,
-    cache: Option<Vec<Mutex<lru::LruCache<[u8; 32], Verified>>>>,
+    cache: Option<TokenCache>,
 }
 
 fn duration(path: &str, text: &str, errors: &mut Vec<BuildError>) -> Duration {
     humantime::parse_duration(text.trim()).unwrap_or_else(|_| {
-        errors.push(BuildError::new(path, format!("\"{text}\" is not a duration like \"30s\"")));
+        errors.push(BuildError::new(
+            path,
+            format!("\"{text}\" is not a duration like \"30s\""),
+        ));
         Duration::ZERO
     })
 }
@@ -203,9 +212,9 @@ fn duration(path: &str, text: &str, errors: &mut Vec<BuildError>) -> Duration {
 fn sane_kid(kid: &str) -> bool {
     !kid.is_empty()
         && kid.len() <= 128
-        && kid
-            .bytes()
-            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b':' | b'=' | b'+'))
+        && kid.bytes().all(|byte| {
+            byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b':' | b'=' | b'+')
+        })
         && !kid.contains("..")
 }
 
@@ -217,7 +226,10 @@ impl FilterKind for Jwt {
         let mut errors = Vec::new();
         let mut algorithms = Vec::new();
         if config.algorithms.is_empty() {
-            errors.push(BuildError::new("algorithms", "list the accepted algorithms, e.g. [RS256]"));
+            errors.push(BuildError::new(
+                "algorithms",
+                "list the accepted algorithms, e.g. [RS256]",
+            ));
         }
         for (index, name) in config.algorithms.iter().enumerate() {
             match Algorithm::from_str(name) {
@@ -233,26 +245,53 @@ impl FilterKind for Jwt {
         for (index, key) in config.keys.iter().enumerate() {
             let path = format!("keys[{index}]");
             let Ok(algorithm) = Algorithm::from_str(&key.algorithm) else {
-                errors.push(BuildError::new(format!("{path}.algorithm"), format!("unknown algorithm \"{}\"", key.algorithm)));
+                errors.push(BuildError::new(
+                    format!("{path}.algorithm"),
+                    format!("unknown algorithm \"{}\"", key.algorithm),
+                ));
                 continue;
             };
             if !algorithms.contains(&algorithm) {
-                errors.push(BuildError::new(format!("{path}.algorithm"), format!("{} is not in `algorithms`", key.algorithm)));
+                errors.push(BuildError::new(
+                    format!("{path}.algorithm"),
+                    format!("{} is not in `algorithms`", key.algorithm),
+                ));
             }
             use jsonwebtoken::AlgorithmFamily as Family;
             let decoded = match (algorithm.family(), &key.secret, &key.public_key) {
-                (Family::Hmac, Some(secret), None) if !secret.is_empty() => DecodingKey::from_secret(secret.as_bytes()).map_err(|error| error.to_string()),
-                (Family::Hmac, _, _) => Err("an HMAC key needs a non-empty `secret` and no `public_key`".to_string()),
-                (Family::Rsa, None, Some(pem)) => DecodingKey::from_rsa_pem(pem.as_bytes()).map_err(|error| format!("not an RSA public key: {error}")),
-                (Family::Ec, None, Some(pem)) => DecodingKey::from_ec_pem(pem.as_bytes()).map_err(|error| format!("not an EC public key: {error}")),
-                (Family::Ed, None, Some(pem)) => DecodingKey::from_ed_pem(pem.as_bytes()).map_err(|error| format!("not an Ed25519 public key: {error}")),
-                _ => Err("a public-key algorithm needs `public_key` (PEM) and no `secret`".to_string()),
+                (Family::Hmac, Some(secret), None) if !secret.is_empty() => {
+                    DecodingKey::from_secret(secret.as_bytes()).map_err(|error| error.to_string())
+                }
+                (Family::Hmac, _, _) => {
+                    Err("an HMAC key needs a non-empty `secret` and no `public_key`".to_string())
+                }
+                (Family::Rsa, None, Some(pem)) => DecodingKey::from_rsa_pem(pem.as_bytes())
+                    .map_err(|error| format!("not an RSA public key: {error}")),
+                (Family::Ec, None, Some(pem)) => DecodingKey::from_ec_pem(pem.as_bytes())
+                    .map_err(|error| format!("not an EC public key: {error}")),
+                (Family::Ed, None, Some(pem)) => DecodingKey::from_ed_pem(pem.as_bytes())
+                    .map_err(|error| format!("not an Ed25519 public key: {error}")),
+                _ => Err(
+                    "a public-key algorithm needs `public_key` (PEM) and no `secret`".to_string(),
+                ),
             };
             match decoded {
                 Ok(decoded) => {
                     let kid = key.kid.clone().unwrap_or_default();
-                    if static_keys.insert(kid.clone(), Arc::new(KeyEntry { algorithm: Some(algorithm), key: decoded })).is_some() {
-                        errors.push(BuildError::new(format!("{path}.kid"), format!("duplicate kid \"{kid}\"")));
+                    if static_keys
+                        .insert(
+                            kid.clone(),
+                            Arc::new(KeyEntry {
+                                algorithm: Some(algorithm),
+                                key: decoded,
+                            }),
+                        )
+                        .is_some()
+                    {
+                        errors.push(BuildError::new(
+                            format!("{path}.kid"),
+                            format!("duplicate kid \"{kid}\""),
+                        ));
                     }
                 }
                 Err(message) => errors.push(BuildError::new(path, message)),
@@ -261,23 +300,38 @@ impl FilterKind for Jwt {
         let settings = JwksSettings {
             timeout: duration("jwks_timeout", &config.jwks_timeout, &mut errors),
             refresh_every: duration("jwks_refresh", &config.jwks_refresh, &mut errors),
-            min_interval: duration("jwks_min_refresh_interval", &config.jwks_min_refresh_interval, &mut errors),
+            min_interval: duration(
+                "jwks_min_refresh_interval",
+                &config.jwks_min_refresh_interval,
+                &mut errors,
+            ),
         };
         if config.jwks_url.is_none() && config.keys.is_empty() {
             errors.push(BuildError::new("", "give `jwks_url` or `keys`"));
         }
         if let Some(url) = &config.jwks_url {
             if !(url.starts_with("https://") || url.starts_with("http://")) {
-                errors.push(BuildError::new("jwks_url", "must be an http:// or https:// URL"));
+                errors.push(BuildError::new(
+                    "jwks_url",
+                    "must be an http:// or https:// URL",
+                ));
             }
         }
         let mut sources = Vec::new();
         for (index, source) in config.token_from.iter().enumerate() {
             match source {
-                TokenSource::Header { header, scheme } => match http::HeaderName::from_bytes(header.as_bytes()) {
-                    Ok(name) => sources.push(Source::Header { name, scheme: scheme.clone() }),
-                    Err(_) => errors.push(BuildError::new(format!("token_from[{index}].header"), "not a valid header name")),
-                },
+                TokenSource::Header { header, scheme } => {
+                    match http::HeaderName::from_bytes(header.as_bytes()) {
+                        Ok(name) => sources.push(Source::Header {
+                            name,
+                            scheme: scheme.clone(),
+                        }),
+                        Err(_) => errors.push(BuildError::new(
+                            format!("token_from[{index}].header"),
+                            "not a valid header name",
+                        )),
+                    }
+                }
                 TokenSource::Cookie { cookie } => sources.push(Source::Cookie(cookie.clone())),
                 TokenSource::Query { query } => sources.push(Source::Query(query.clone())),
             }
@@ -290,7 +344,10 @@ impl FilterKind for Jwt {
         }
         for (index, requirement) in config.require.iter().enumerate() {
             if requirement.equals.is_some() == requirement.contains.is_some() {
-                errors.push(BuildError::new(format!("require[{index}]"), "give exactly one of `equals` or `contains`"));
+                errors.push(BuildError::new(
+                    format!("require[{index}]"),
+                    "give exactly one of `equals` or `contains`",
+                ));
             }
         }
         if !errors.is_empty() {
@@ -317,13 +374,20 @@ impl FilterKind for Jwt {
             .collect();
         let cache = NonZeroUsize::new(config.cache_size / CACHE_SHARDS + 1)
             .filter(|_| config.cache_size > 0)
-            .map(|per_shard| (0..CACHE_SHARDS).map(|_| Mutex::new(lru::LruCache::new(per_shard))).collect());
+            .map(|per_shard| {
+                (0..CACHE_SHARDS)
+                    .map(|_| Mutex::new(lru::LruCache::new(per_shard)))
+                    .collect()
+            });
         Ok(Jwt {
             issuer: config.issuer,
             algorithms,
             validations,
             static_keys,
-            jwks: config.jwks_url.as_deref().map(|url| Jwks::shared(url, settings)),
+            jwks: config
+                .jwks_url
+                .as_deref()
+                .map(|url| Jwks::shared(url, settings)),
             sources,
             require: config.require,
             consumer_claim: config.consumer_claim,
@@ -408,7 +472,11 @@ impl Jwt {
         Ok(None)
     }
 
-    async fn key(&self, kid: Option<&str>, algorithm: Algorithm) -> Result<Arc<KeyEntry>, &'static str> {
+    async fn key(
+        &self,
+        kid: Option<&str>,
+        algorithm: Algorithm,
+    ) -> Result<Arc<KeyEntry>, &'static str> {
         let kid_key = kid.unwrap_or("");
         if kid.is_some_and(|kid| !sane_kid(kid)) {
             return Err("kid");
@@ -416,7 +484,9 @@ impl Jwt {
         if let Some(entry) = self.static_keys.get(kid_key) {
             return Ok(entry.clone());
         }
-        let Some(jwks) = &self.jwks else { return Err("unknown_kid") };
+        let Some(jwks) = &self.jwks else {
+            return Err("unknown_kid");
+        };
         if let Some(entry) = jwks.get(kid_key) {
             return Ok(entry);
         }
@@ -431,34 +501,51 @@ impl Jwt {
         if token.len() > 16 * 1024 || token.split('.').count() != 3 {
             return Err(Failure::Invalid("malformed"));
         }
-        let header = jsonwebtoken::decode_header(token).map_err(|_| Failure::Invalid("malformed"))?;
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|_| Failure::Invalid("malformed"))?;
         if !self.algorithms.contains(&header.alg) {
             return Err(Failure::Invalid("algorithm"));
         }
-        let entry = self.key(header.kid.as_deref(), header.alg).await.map_err(Failure::Invalid)?;
+        let entry = self
+            .key(header.kid.as_deref(), header.alg)
+            .await
+            .map_err(Failure::Invalid)?;
         // The key decides the algorithm family, never the token: an RSA key is never used as an
         // HMAC secret, whatever `alg` says.
         match entry.algorithm {
-            Some(algorithm) if algorithm != header.alg => return Err(Failure::Invalid("algorithm")),
-            None if entry.key.family() != header.alg.family() => return Err(Failure::Invalid("algorithm")),
+            Some(algorithm) if algorithm != header.alg => {
+                return Err(Failure::Invalid("algorithm"))
+            }
+            None if entry.key.family() != header.alg.family() => {
+                return Err(Failure::Invalid("algorithm"))
+            }
             _ => {}
         }
         let validation = &self.validations[&header.alg];
-        let data = jsonwebtoken::decode::<serde_json::Value>(token, &entry.key, validation).map_err(|error| {
-            Failure::Invalid(match error.kind() {
-                ErrorKind::ExpiredSignature => "expired",
-                ErrorKind::ImmatureSignature => "not_yet_valid",
-                ErrorKind::InvalidIssuer => "issuer",
-                ErrorKind::InvalidAudience => "audience",
-                ErrorKind::InvalidSignature => "signature",
-                ErrorKind::InvalidAlgorithm => "algorithm",
-                ErrorKind::MissingRequiredClaim(_) | ErrorKind::InvalidClaimFormat(_) => "claims",
-                _ => "malformed",
-            })
-        })?;
+        let data = jsonwebtoken::decode::<serde_json::Value>(token, &entry.key, validation)
+            .map_err(|error| {
+                Failure::Invalid(match error.kind() {
+                    ErrorKind::ExpiredSignature => "expired",
+                    ErrorKind::ImmatureSignature => "not_yet_valid",
+                    ErrorKind::InvalidIssuer => "issuer",
+                    ErrorKind::InvalidAudience => "audience",
+                    ErrorKind::InvalidSignature => "signature",
+                    ErrorKind::InvalidAlgorithm => "algorithm",
+                    ErrorKind::MissingRequiredClaim(_) | ErrorKind::InvalidClaimFormat(_) => {
+                        "claims"
+                    }
+                    _ => "malformed",
+                })
+            })?;
         let claims = data.claims;
-        let expires = claims.get("exp").and_then(serde_json::Value::as_u64).ok_or(Failure::Invalid("claims"))?;
-        let subject = claims.get(&self.consumer_claim).and_then(|value| value.as_str()).map(str::to_owned);
+        let expires = claims
+            .get("exp")
+            .and_then(serde_json::Value::as_u64)
+            .ok_or(Failure::Invalid("claims"))?;
+        let subject = claims
+            .get(&self.consumer_claim)
+            .and_then(|value| value.as_str())
+            .map(str::to_owned);
         let issuer = claims
             .get("iss")
             .and_then(serde_json::Value::as_str)
@@ -482,14 +569,20 @@ impl Jwt {
 
     fn requirements_met(&self, claims: &serde_json::Value) -> bool {
         self.require.iter().all(|requirement| {
-            let Some(value) = claims.get(&requirement.claim) else { return false };
+            let Some(value) = claims.get(&requirement.claim) else {
+                return false;
+            };
             if let Some(expected) = &requirement.equals {
                 return value == expected;
             }
-            let Some(item) = &requirement.contains else { return false };
+            let Some(item) = &requirement.contains else {
+                return false;
+            };
             match value {
                 serde_json::Value::String(text) => text.split_whitespace().any(|part| part == item),
-                serde_json::Value::Array(items) => items.iter().any(|entry| entry.as_str() == Some(item)),
+                serde_json::Value::Array(items) => {
+                    items.iter().any(|entry| entry.as_str() == Some(item))
+                }
                 _ => false,
             }
         })

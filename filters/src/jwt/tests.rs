@@ -20,7 +20,11 @@ fn filter(extra: serde_json::Value) -> Jwt {
     for (key, value) in extra.as_object().unwrap() {
         config[key] = value.clone();
     }
-    Jwt::build(serde_json::from_value(config).unwrap(), &BuildCtx::default()).unwrap_or_else(|errors| panic!("{errors:?}"))
+    Jwt::build(
+        serde_json::from_value(config).unwrap(),
+        &BuildCtx::default(),
+    )
+    .unwrap_or_else(|errors| panic!("{errors:?}"))
 }
 
 fn claims() -> serde_json::Value {
@@ -30,7 +34,12 @@ fn claims() -> serde_json::Value {
 fn sign(claims: &serde_json::Value, kid: Option<&str>) -> String {
     let mut header = Header::new(Algorithm::RS256);
     header.kid = kid.map(str::to_owned);
-    encode(&header, claims, &EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).unwrap()).unwrap()
+    encode(
+        &header,
+        claims,
+        &EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).unwrap(),
+    )
+    .unwrap()
 }
 
 async fn check(filter: &Jwt, headers: &[(&str, &str)]) -> (Option<u16>, RequestContext) {
@@ -58,7 +67,11 @@ fn b64(value: &serde_json::Value) -> String {
 #[tokio::test]
 async fn a_valid_token_identifies_the_subject() {
     let filter = filter(serde_json::json!({}));
-    let (status, ctx) = check(&filter, &[("authorization", &bearer(&sign(&claims(), Some("k1"))))]).await;
+    let (status, ctx) = check(
+        &filter,
+        &[("authorization", &bearer(&sign(&claims(), Some("k1"))))],
+    )
+    .await;
     assert_eq!(status, None);
     assert_eq!(&*ctx.consumer.unwrap().id, "alice");
     assert_eq!(ctx.subject.as_deref(), Some("alice"));
@@ -75,11 +88,26 @@ async fn token_attacks_are_401() {
     let parts: Vec<&str> = good.split('.').collect();
     let mut cases: Vec<(&str, String)> = Vec::new();
     // alg:none
-    cases.push(("alg none", format!("{}.{}.", b64(&serde_json::json!({"alg": "none", "typ": "JWT"})), parts[1])));
+    cases.push((
+        "alg none",
+        format!(
+            "{}.{}.",
+            b64(&serde_json::json!({"alg": "none", "typ": "JWT"})),
+            parts[1]
+        ),
+    ));
     // RS256 -> HS256 with the public key as the HMAC secret.
     let mut hs = Header::new(Algorithm::HS256);
     hs.kid = Some("k1".into());
-    cases.push(("key confusion", encode(&hs, &claims(), &EncodingKey::from_secret(RSA_PUBLIC.as_bytes()).unwrap()).unwrap()));
+    cases.push((
+        "key confusion",
+        encode(
+            &hs,
+            &claims(),
+            &EncodingKey::from_secret(RSA_PUBLIC.as_bytes()).unwrap(),
+        )
+        .unwrap(),
+    ));
     for kid in ["../../dev/null", "1' OR '1'='1", &"k".repeat(10_000)] {
         cases.push(("hostile kid", sign(&claims(), Some(kid))));
     }
@@ -103,7 +131,10 @@ async fn token_attacks_are_401() {
     cases.push(("aud", sign(&wrong_aud, Some("k1"))));
     let mut admin = claims();
     admin["sub"] = serde_json::json!("admin");
-    cases.push(("tampered", format!("{}.{}.{}", parts[0], b64(&admin), parts[2])));
+    cases.push((
+        "tampered",
+        format!("{}.{}.{}", parts[0], b64(&admin), parts[2]),
+    ));
     cases.push(("truncated", good[..good.len() - 10].to_string()));
     cases.push(("two parts", format!("{}.{}", parts[0], parts[1])));
     cases.push(("unknown kid", sign(&claims(), Some("k2"))));
@@ -113,7 +144,14 @@ async fn token_attacks_are_401() {
     }
     let (status, _) = check(&filter, &[("authorization", "Bearer ")]).await;
     assert_eq!(status, Some(401), "empty bearer");
-    let (status, _) = check(&filter, &[("authorization", &bearer(&good)), ("authorization", &bearer(&good))]).await;
+    let (status, _) = check(
+        &filter,
+        &[
+            ("authorization", &bearer(&good)),
+            ("authorization", &bearer(&good)),
+        ],
+    )
+    .await;
     assert_eq!(status, Some(401), "two Authorization headers");
 }
 
