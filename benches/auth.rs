@@ -1,0 +1,2 @@
+//! Authentication micro-benchmarks (see the helper)
+fn main() {}
