@@ -215,6 +215,7 @@ mod tests {
             config,
             &BuildCtx {
                 consumers: Arc::new(registry),
+                redis: None,
             },
         )
         .unwrap()

@@ -76,6 +76,8 @@ pub trait Filter: Send + Sync + 'static {
 pub struct BuildCtx {
     /// The consumers of the snapshot and their credentials.
     pub consumers: std::sync::Arc<crate::consumers::ConsumerRegistry>,
+    /// The shared Redis client, when the config has a `redis` section.
+    pub redis: Option<std::sync::Arc<fred::clients::Client>>,
 }
 
 /// Why a filter could not be built from its config. Each error names the config path below the

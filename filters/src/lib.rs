@@ -13,8 +13,10 @@ pub mod template;
 
 pub mod api_key;
 pub mod jwt;
+pub mod oauth2;
 pub mod request_id;
 pub mod response_headers;
+pub mod shared;
 
 pub use context::{Consumer, RequestContext};
 pub use filter::{BuildCtx, BuildError, Decision, Filter};

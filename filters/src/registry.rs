@@ -36,6 +36,7 @@ const fn register<F: FilterKind>() -> Registration {
 static KINDS: &[Registration] = &[
     register::<crate::api_key::ApiKey>(),
     register::<crate::jwt::Jwt>(),
+    register::<crate::oauth2::OAuth2>(),
     register::<crate::request_id::RequestId>(),
     register::<crate::response_headers::ResponseHeaders>(),
 ];

@@ -346,8 +346,25 @@ pub fn compile(loaded: LoadedConfig, source: &str, version: u64) -> Result<Snaps
     };
 
     // filters
+    let redis = match &config.redis {
+        Some(redis) => match gatehouse_filters::shared::redis_client(
+            &gatehouse_filters::shared::RedisSettings {
+                url: redis.url.clone(),
+                command_timeout: redis.command_timeout.get(),
+                connect_timeout: redis.connect_timeout.get(),
+            },
+        ) {
+            Ok(client) => Some(client),
+            Err(message) => {
+                errors.push(ConfigError::new("redis.url", message));
+                None
+            }
+        },
+        None => None,
+    };
     let build_ctx = BuildCtx {
         consumers: Arc::new(registry),
+        redis,
     };
     let global_chain = build_chain("filters", &config.filters, &build_ctx, &mut errors);
 

@@ -21,6 +21,9 @@ pub struct Config {
     pub config: SourceConfig,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// The Redis server, for filters that share state across nodes (introspection cache).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisConfig>,
     /// Who may call: consumers and their credentials.
     #[serde(default)]
     pub consumers: Vec<ConsumerConfig>,
@@ -508,4 +511,24 @@ impl Default for IdentityHeaders {
             subject: Some("x-authenticated-subject".into()),
         }
     }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]`; the password may be a `${env:NAME}` reference.
+    pub url: String,
+    /// Deadline of every Redis command; past it the caller's failure policy applies.
+    #[serde(default = "default_redis_command_timeout")]
+    pub command_timeout: Duration,
+    #[serde(default = "default_redis_connect_timeout")]
+    pub connect_timeout: Duration,
+}
+
+fn default_redis_command_timeout() -> Duration {
+    Duration::from_millis(5)
+}
+
+fn default_redis_connect_timeout() -> Duration {
+    Duration::from_secs(1)
 }

@@ -5,6 +5,7 @@ mod support;
 
 mod auth;
 mod balancing;
+mod introspection;
 mod lifecycle;
 mod limits;
 mod reload;
