@@ -13,6 +13,7 @@ pub mod template;
 
 pub mod api_key;
 pub mod jwt;
+mod login;
 pub mod oauth2;
 pub mod request_id;
 pub mod response_headers;

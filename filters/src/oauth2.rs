@@ -25,6 +25,8 @@ pub enum Mode {
     /// Check opaque bearer tokens with the introspection endpoint.
     #[default]
     Introspection,
+    /// Log browsers in with the authorization-code flow and PKCE; keep the session in Redis.
+    Login,
 }
 
 #[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
@@ -32,8 +34,40 @@ pub enum Mode {
 pub struct Config {
     #[serde(default)]
     pub mode: Mode,
-    /// The RFC 7662 endpoint.
+    /// The RFC 7662 endpoint (introspection mode).
+    #[serde(default)]
     pub introspection_url: String,
+    /// Login mode: the authorization server's authorize endpoint.
+    #[serde(default)]
+    pub authorization_url: String,
+    /// Login mode: the token endpoint (code exchange and refresh).
+    #[serde(default)]
+    pub token_url: String,
+    /// Login mode: this gateway's callback URL, registered with the authorization server. Its
+    /// path must be routed to a route carrying this filter.
+    #[serde(default)]
+    pub redirect_uri: String,
+    /// Login mode: the path that ends the session.
+    #[serde(default = "default_logout_path")]
+    pub logout_path: String,
+    /// Login mode: where the browser goes after logout.
+    #[serde(default = "default_after_logout")]
+    pub after_logout: String,
+    /// Login mode: scopes asked for.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Login mode: the session cookie's name.
+    #[serde(default = "default_cookie_name")]
+    pub cookie_name: String,
+    /// Login mode: mark cookies `Secure` (on unless set to false for plain-HTTP development).
+    #[serde(default = "default_true")]
+    pub cookie_secure: bool,
+    /// Login mode: how long a session lives in Redis.
+    #[serde(default = "default_session_ttl")]
+    pub session_ttl: String,
+    /// Login mode: send the session's access token upstream as `Authorization: Bearer`.
+    #[serde(default)]
+    pub forward_access_token: bool,
     pub client_id: String,
     /// Give it as `${env:NAME}` or `${file:/path}`.
     pub client_secret: String,
@@ -54,6 +88,21 @@ pub struct Config {
     pub cache_size: usize,
 }
 
+fn default_logout_path() -> String {
+    "/oauth2/logout".into()
+}
+fn default_after_logout() -> String {
+    "/".into()
+}
+fn default_cookie_name() -> String {
+    "gatehouse_session".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_session_ttl() -> String {
+    "8h".into()
+}
 fn default_timeout() -> String {
     "1s".into()
 }
@@ -88,6 +137,7 @@ pub struct OAuth2 {
     client: reqwest::Client,
     local: Option<Mutex<lru::LruCache<[u8; 32], Answer>>>,
     redis: Option<Arc<Client>>,
+    login: Option<crate::login::Login>,
 }
 
 fn duration(path: &str, text: &str, errors: &mut Vec<BuildError>) -> Duration {
@@ -113,20 +163,44 @@ impl FilterKind for OAuth2 {
 
     fn build(config: Config, ctx: &BuildCtx) -> Result<Self, Vec<BuildError>> {
         let mut errors = Vec::new();
-        if !(config.introspection_url.starts_with("https://")
-            || config.introspection_url.starts_with("http://"))
-        {
-            errors.push(BuildError::new(
-                "introspection_url",
-                "must be an http:// or https:// URL",
-            ));
+        let url = |value: &str| value.starts_with("https://") || value.starts_with("http://");
+        match config.mode {
+            Mode::Introspection => {
+                if !url(&config.introspection_url) {
+                    errors.push(BuildError::new(
+                        "introspection_url",
+                        "must be an http:// or https:// URL",
+                    ));
+                }
+            }
+            Mode::Login => {
+                for (key, value) in [
+                    ("authorization_url", &config.authorization_url),
+                    ("token_url", &config.token_url),
+                    ("redirect_uri", &config.redirect_uri),
+                ] {
+                    if !url(value) {
+                        errors.push(BuildError::new(key, "must be an http:// or https:// URL"));
+                    }
+                }
+                if ctx.redis.is_none() {
+                    errors.push(BuildError::new(
+                        "mode",
+                        "login sessions are kept in Redis: add a `redis` section",
+                    ));
+                }
+                if !config.logout_path.starts_with('/') {
+                    errors.push(BuildError::new("logout_path", "must start with \"/\""));
+                }
+            }
         }
         if config.client_id.is_empty() || config.client_secret.is_empty() {
             errors.push(BuildError::new(
                 "client_secret",
-                "introspection needs `client_id` and `client_secret`",
+                "give `client_id` and `client_secret`",
             ));
         }
+        let session_ttl = duration("session_ttl", &config.session_ttl, &mut errors);
         let timeout = duration("timeout", &config.timeout, &mut errors);
         let cache_ttl = duration("cache_ttl", &config.cache_ttl, &mut errors);
         let negative_ttl = duration(
@@ -150,7 +224,36 @@ impl FilterKind for OAuth2 {
                     format!("cannot build the HTTP client: {error}"),
                 )]
             })?;
+        let login = match (config.mode, &ctx.redis) {
+            (Mode::Login, Some(redis)) => {
+                let callback_path = config
+                    .redirect_uri
+                    .parse::<http::Uri>()
+                    .map(|uri| uri.path().to_string())
+                    .unwrap_or_else(|_| "/oauth2/callback".into());
+                Some(crate::login::Login {
+                    authorization_url: config.authorization_url.clone(),
+                    token_url: config.token_url.clone(),
+                    client_id: config.client_id.clone(),
+                    client_secret: config.client_secret.clone(),
+                    redirect_uri: config.redirect_uri.clone(),
+                    callback_path,
+                    logout_path: config.logout_path.clone(),
+                    after_logout: config.after_logout.clone(),
+                    scopes: config.scopes.clone(),
+                    cookie_name: config.cookie_name.clone(),
+                    cookie_secure: config.cookie_secure,
+                    session_ttl,
+                    forward_access_token: config.forward_access_token,
+                    timeout,
+                    client: client.clone(),
+                    redis: redis.clone(),
+                })
+            }
+            _ => None,
+        };
         Ok(OAuth2 {
+            login,
             url: config.introspection_url,
             client_id: config.client_id,
             client_secret: config.client_secret,
@@ -304,6 +407,9 @@ impl Filter for OAuth2 {
     }
 
     async fn request(&self, request: &mut RequestHeader, ctx: &mut RequestContext) -> Decision {
+        if let Some(login) = &self.login {
+            return login.request(request, ctx).await;
+        }
         let token = match bearer(request) {
             Ok(Some(token)) => token.to_owned(),
             Ok(None) => return Decision::Continue,

@@ -8,6 +8,7 @@ mod balancing;
 mod introspection;
 mod lifecycle;
 mod limits;
+mod login;
 mod reload;
 mod routing;
 mod tls;
