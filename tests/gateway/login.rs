@@ -244,3 +244,51 @@ routes:
     assert_eq!(reply.status, 401);
     assert!(cookie_value(&reply, "gatehouse_session").is_none());
 }
+
+#[test]
+fn a_dead_session_store_is_503_not_a_hang_or_a_pass() {
+    let idp = IdentityProvider::start();
+    let echo = spawn_echo("echo");
+    let dead = format!("redis://127.0.0.1:{}", crate::support::free_port());
+    let gateway = Gateway::start(&format!(
+        r#"
+redis: {{ url: "{dead}", command_timeout: 100ms }}
+upstreams: [{{ name: echo, targets: [{{ address: "{echo}" }}] }}]
+routes:
+  - name: app
+    match: {{ paths: [{{ prefix: / }}] }}
+    upstream: echo
+    auth: required
+    filters:
+      - kind: oauth2
+        config:
+          mode: login
+          authorization_url: "{authorize}"
+          token_url: "{token}"
+          redirect_uri: "http://gateway.test/oauth2/callback"
+          client_id: {client_id}
+          client_secret: {client_secret}
+"#,
+        authorize = idp.authorize_url(),
+        token = idp.token_url(),
+        client_id = IdentityProvider::CLIENT_ID,
+        client_secret = IdentityProvider::CLIENT_SECRET,
+    ));
+    let started = std::time::Instant::now();
+    let reply = gateway.request("GET", "/app", &[("Cookie", "gatehouse_session=abc")], b"");
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert_eq!(
+        reply.json()["type"],
+        "urn:gatehouse:problem:auth-unavailable"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    let reply = gateway.get("/app");
+    assert_eq!(
+        reply.status, 503,
+        "a login must not start without a place to keep its state"
+    );
+}
