@@ -31,6 +31,8 @@ pub struct Jwks {
     client: reqwest::Client,
     keys: ArcSwap<KeyMap>,
     ready: AtomicBool,
+    /// The key set's own `Cache-Control: max-age`, in seconds (0: none given).
+    max_age: AtomicU64,
     /// When a token with an unknown `kid` last caused a fetch (those are rate-limited).
     last_on_demand: Mutex<Option<Instant>>,
     refresh_lock: tokio::sync::Mutex<()>,
@@ -74,6 +76,7 @@ impl Jwks {
             client,
             keys: ArcSwap::from_pointee(HashMap::new()),
             ready: AtomicBool::new(false),
+            max_age: AtomicU64::new(0),
             last_on_demand: Mutex::new(None),
             refresh_lock: tokio::sync::Mutex::new(()),
             min_interval: settings.min_interval,
@@ -142,6 +145,21 @@ impl Jwks {
         if !response.status().is_success() {
             return Err(format!("status {}", response.status()));
         }
+        let max_age = response
+            .headers()
+            .get(reqwest::header::CACHE_CONTROL)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| {
+                value.split(',').find_map(|directive| {
+                    directive
+                        .trim()
+                        .strip_prefix("max-age=")?
+                        .parse::<u64>()
+                        .ok()
+                })
+            })
+            .unwrap_or(0);
+        self.max_age.store(max_age, Ordering::Relaxed);
         let set: JwkSet = response
             .json()
             .await
