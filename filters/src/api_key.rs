@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::consumers::{ConsumerRegistry, KeyRefusal};
 use crate::registry::FilterKind;
+use crate::util::decode_query_component;
 use crate::{BuildCtx, BuildError, Decision, Filter, Problem, RequestContext};
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -81,46 +82,12 @@ fn take_query_param(query: &str, name: &str) -> Option<(String, String)> {
     for pair in query.split('&') {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         if found.is_none() && key == name {
-            found = Some(percent_decode(value));
+            found = Some(decode_query_component(value));
         } else if !pair.is_empty() {
             rest.push(pair);
         }
     }
     found.map(|value| (value, rest.join("&")))
-}
-
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut index = 0;
-    while index < bytes.len() {
-        match bytes[index] {
-            b'%' if index + 2 < bytes.len() => {
-                match u8::from_str_radix(
-                    std::str::from_utf8(&bytes[index + 1..index + 3]).unwrap_or("zz"),
-                    16,
-                ) {
-                    Ok(value) => {
-                        out.push(value);
-                        index += 3;
-                    }
-                    Err(_) => {
-                        out.push(b'%');
-                        index += 1;
-                    }
-                }
-            }
-            b'+' => {
-                out.push(b' ');
-                index += 1;
-            }
-            byte => {
-                out.push(byte);
-                index += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[async_trait]

@@ -10,6 +10,7 @@ mod filter;
 mod problem;
 mod registry;
 pub mod template;
+pub mod util;
 
 pub mod api_key;
 pub mod jwt;

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::shared::IO;
+use crate::util::{cookie, decode_query_component, now_seconds};
 use crate::{Consumer, Decision, Problem, RequestContext, Response};
 
 /// Settings of login mode, checked by the `oauth2` filter's build.
@@ -58,53 +59,11 @@ fn random_token() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-fn now_seconds() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_secs())
-        .unwrap_or_default()
-}
-
-fn cookie<'a>(request: &'a RequestHeader, name: &str) -> Option<&'a str> {
-    request
-        .headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(';'))
-        .find_map(|pair| {
-            let (key, value) = pair.trim().split_once('=')?;
-            (key == name).then_some(value)
-        })
-}
-
 fn query_param(request: &RequestHeader, name: &str) -> Option<String> {
     request.uri.query()?.split('&').find_map(|pair| {
         let (key, value) = pair.split_once('=')?;
-        (key == name).then(|| percent_encoding_decode(value))
+        (key == name).then(|| decode_query_component(value))
     })
-}
-
-fn percent_encoding_decode(text: &str) -> String {
-    let mut out = Vec::new();
-    let bytes = text.as_bytes();
-    let mut index = 0;
-    while index < bytes.len() {
-        if bytes[index] == b'%' && index + 2 < bytes.len() {
-            if let Ok(value) = u8::from_str_radix(&text[index + 1..index + 3], 16) {
-                out.push(value);
-                index += 3;
-                continue;
-            }
-        }
-        out.push(if bytes[index] == b'+' {
-            b' '
-        } else {
-            bytes[index]
-        });
-        index += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn encode(text: &str) -> String {

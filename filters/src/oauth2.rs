@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::consumers::sha256;
 use crate::registry::FilterKind;
 use crate::shared::IO;
+use crate::util::{duration, now_seconds};
 use crate::{BuildCtx, BuildError, Consumer, Decision, Filter, Problem, RequestContext};
 
 #[derive(Debug, Default, Deserialize, schemars::JsonSchema, Clone, Copy, PartialEq, Eq)]
@@ -138,23 +139,6 @@ pub struct OAuth2 {
     local: Option<Mutex<lru::LruCache<[u8; 32], Answer>>>,
     redis: Option<Arc<Client>>,
     login: Option<crate::login::Login>,
-}
-
-fn duration(path: &str, text: &str, errors: &mut Vec<BuildError>) -> Duration {
-    humantime::parse_duration(text.trim()).unwrap_or_else(|_| {
-        errors.push(BuildError::new(
-            path,
-            format!("\"{text}\" is not a duration like \"1s\""),
-        ));
-        Duration::ZERO
-    })
-}
-
-fn now_seconds() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_secs())
-        .unwrap_or_default()
 }
 
 impl FilterKind for OAuth2 {

@@ -127,19 +127,6 @@ fn header_bytes(request: &pingora_http::RequestHeader) -> usize {
         .sum()
 }
 
-fn cookie_value<'a>(request: &'a pingora_http::RequestHeader, name: &str) -> Option<&'a [u8]> {
-    request
-        .headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(';'))
-        .find_map(|pair| {
-            let (key, value) = pair.trim().split_once('=')?;
-            (key == name).then_some(value.as_bytes())
-        })
-}
-
 #[async_trait]
 impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
@@ -427,7 +414,9 @@ impl ProxyHttp for Gateway {
                 .headers
                 .get(name.as_str())
                 .map(HeaderValue::as_bytes),
-            Some(HashOn::Cookie(name)) => cookie_value(request, name),
+            Some(HashOn::Cookie(name)) => {
+                gatehouse_filters::util::cookie(request, name).map(str::as_bytes)
+            }
             Some(HashOn::ClientIp(_)) => {
                 client_ip = ctx.filter.client_addr.map(|address| address.to_string());
                 client_ip.as_deref().map(str::as_bytes)

@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use jsonwebtoken::errors::ErrorKind;
@@ -20,6 +19,7 @@ use serde::Deserialize;
 
 use crate::consumers::{sha256, ConsumerRegistry};
 use crate::registry::FilterKind;
+use crate::util::{cookie, duration, now_seconds};
 use crate::{BuildCtx, BuildError, Consumer, Decision, Filter, Problem, RequestContext};
 use jwks::{Jwks, JwksSettings, KeyEntry};
 
@@ -195,16 +195,6 @@ pub struct Jwt {
     unknown_subjects: UnknownSubjects,
     consumers: Arc<ConsumerRegistry>,
     cache: Option<TokenCache>,
-}
-
-fn duration(path: &str, text: &str, errors: &mut Vec<BuildError>) -> Duration {
-    humantime::parse_duration(text.trim()).unwrap_or_else(|_| {
-        errors.push(BuildError::new(
-            path,
-            format!("\"{text}\" is not a duration like \"30s\""),
-        ));
-        Duration::ZERO
-    })
 }
 
 /// Whether a `kid` is a plain identifier; anything else (paths, quotes, huge values) is refused
@@ -401,26 +391,6 @@ impl FilterKind for Jwt {
 /// Why a token was refused (the `reason` label of the failure metric).
 enum Failure {
     Invalid(&'static str),
-}
-
-fn cookie<'a>(request: &'a RequestHeader, name: &str) -> Option<&'a str> {
-    request
-        .headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(';'))
-        .find_map(|pair| {
-            let (key, value) = pair.trim().split_once('=')?;
-            (key == name).then_some(value)
-        })
-}
-
-fn now_seconds() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_secs())
-        .unwrap_or_default()
 }
 
 impl Jwt {
