@@ -44,6 +44,8 @@ pub struct RequestContext {
     pub consumer: Option<Consumer>,
     /// The authenticated subject (e.g. a JWT's `sub`), for upstream identity headers.
     pub subject: Option<String>,
+    /// The verified token's claims, for filters keyed on a claim.
+    pub claims: Option<Arc<serde_json::Value>>,
     /// Why authentication failed (method, reason), for the failure metric.
     pub auth_failure: Option<(&'static str, &'static str)>,
     /// The response status, once known.
@@ -63,6 +65,7 @@ impl RequestContext {
             upstream: None,
             consumer: None,
             subject: None,
+            claims: None,
             auth_failure: None,
             status: None,
             state: http::Extensions::new(),

@@ -16,6 +16,7 @@ pub mod api_key;
 pub mod jwt;
 mod login;
 pub mod oauth2;
+pub mod rate_limit;
 pub mod request_id;
 pub mod response_headers;
 pub mod shared;

@@ -37,6 +37,7 @@ static KINDS: &[Registration] = &[
     register::<crate::api_key::ApiKey>(),
     register::<crate::jwt::Jwt>(),
     register::<crate::oauth2::OAuth2>(),
+    register::<crate::rate_limit::RateLimit>(),
     register::<crate::request_id::RequestId>(),
     register::<crate::response_headers::ResponseHeaders>(),
 ];

@@ -71,14 +71,25 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeadDeadline<A> {
             return self.inner.process_new(stream, shutdown).await;
         }
         let timeout = self.store.load().limits.header_read_timeout;
+        // Wait for the first bytes of the request before handing the connection to the proxy.
+        // A proxy that is shutting down (SIGTERM, or SIGQUIT during an upgrade) drops connections
+        // whose request has not started to arrive; a connection accepted just before that moment
+        // would otherwise be closed without an answer. The peeked bytes stay in the stream.
+        let started = Instant::now();
+        let mut stream = stream;
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(timeout, stream.try_peek(&mut first)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => return None,
+        }
         let state = Arc::new(ConnectionState {
-            started: Instant::now(),
+            started,
             phase: AtomicU8::new(WAITING_FIRST),
             since: AtomicU64::new(0),
         });
         let inner = CONNECTION.scope(state.clone(), self.inner.process_new(stream, shutdown));
         tokio::pin!(inner);
-        let mut deadline = tokio::time::Instant::now() + timeout;
+        let mut deadline = tokio::time::Instant::from_std(started) + timeout;
         loop {
             tokio::select! {
                 biased;

@@ -171,6 +171,31 @@ pub fn render() -> Vec<u8> {
             &gatehouse_filters::jwt::jwks::REFRESH_FAILURES,
         ),
     ];
+    let decisions = gatehouse_filters::rate_limit::DECISIONS
+        .lock()
+        .map(|decisions| {
+            let mut rows: Vec<_> = decisions
+                .iter()
+                .map(|((policy, result), count)| {
+                    (policy.clone(), *result, count.load(Ordering::Relaxed))
+                })
+                .collect();
+            rows.sort();
+            rows
+        });
+    if let Ok(rows) = decisions {
+        if !rows.is_empty() {
+            buffer.extend_from_slice(
+                b"# HELP gatehouse_ratelimit_decisions_total Rate-limit decisions, by policy and result\n# TYPE gatehouse_ratelimit_decisions_total counter\n",
+            );
+            for (policy, result, count) in rows {
+                let policy = policy.replace('\\', "\\\\").replace('"', "\\\"");
+                buffer.extend_from_slice(
+                    format!("gatehouse_ratelimit_decisions_total{{policy=\"{policy}\",result=\"{result}\"}} {count}\n").as_bytes(),
+                );
+            }
+        }
+    }
     for (name, help, counter) in jwks {
         buffer.extend_from_slice(
             format!(

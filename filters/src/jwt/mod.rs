@@ -623,6 +623,7 @@ impl Filter for Jwt {
         }
         ctx.consumer = Some(verified.consumer);
         ctx.subject = verified.subject;
+        ctx.claims = Some(verified.claims);
         Decision::Continue
     }
 }

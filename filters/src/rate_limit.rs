@@ -1,0 +1,544 @@
+//! `rate_limit`: token buckets. A request passes when every policy of the filter has tokens
+//! for its cost; otherwise it gets 429 with `Retry-After`. Each policy has a capacity (the
+//! burst), a refill rate and a key built from the consumer, the client address (the
+//! trusted-proxy-aware one, never a raw `X-Forwarded-For`), the route, a header or a JWT claim.
+//! Responses carry the IETF `RateLimit-Policy` and `RateLimit` headers, and optionally the
+//! legacy `X-RateLimit-*` ones.
+//!
+//! Backend `local` keeps buckets in process, in sharded LRU maps with a fixed number of keys, so
+//! a flood of random keys evicts idle buckets instead of growing memory.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use http::{HeaderName, HeaderValue};
+use once_cell::sync::Lazy;
+use pingora_http::{RequestHeader, ResponseHeader};
+use serde::Deserialize;
+
+use crate::registry::FilterKind;
+use crate::util::duration;
+use crate::{BuildCtx, BuildError, Decision, Filter, Problem, RequestContext};
+
+#[derive(Debug, Deserialize, schemars::JsonSchema, Clone, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum KeyPart {
+    /// `consumer`, `client_ip` or `route`.
+    Named(String),
+    Header {
+        header: String,
+    },
+    Claim {
+        claim: String,
+    },
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Refill {
+    pub tokens: u64,
+    pub every: String,
+}
+
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    #[default]
+    Local,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    pub name: String,
+    /// Parts of the bucket key, combined: `consumer`, `client_ip`, `route`, `{header: NAME}`,
+    /// `{claim: NAME}`. A request missing a part (no consumer, no such header) is keyed by the
+    /// empty value of that part.
+    pub key: Vec<KeyPart>,
+    /// Bucket size: the burst allowed.
+    pub capacity: u64,
+    pub refill: Refill,
+    /// Tokens one request takes.
+    #[serde(default = "default_cost")]
+    pub cost: u64,
+    #[serde(default)]
+    pub backend: Backend,
+    /// Also send `X-RateLimit-Limit/-Remaining/-Reset`.
+    #[serde(default)]
+    pub legacy_headers: bool,
+}
+
+fn default_cost() -> u64 {
+    1
+}
+
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub policies: Vec<Policy>,
+    /// Buckets kept in memory per policy (least recently used ones are dropped beyond it).
+    #[serde(default = "default_max_keys")]
+    pub max_keys: usize,
+}
+
+fn default_max_keys() -> usize {
+    100_000
+}
+
+#[derive(Clone, Debug)]
+enum Part {
+    Consumer,
+    ClientIp,
+    Route,
+    Header(HeaderName),
+    Claim(String),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    tokens: f64,
+    updated: Instant,
+}
+
+const SHARDS: usize = 16;
+
+type Shard = Mutex<lru::LruCache<u64, Bucket, rustc_hash::FxBuildHasher>>;
+
+struct CompiledPolicy {
+    name: Arc<str>,
+    parts: Vec<Part>,
+    capacity: f64,
+    /// Tokens per second.
+    rate: f64,
+    window: Duration,
+    cost: f64,
+    legacy_headers: bool,
+    shards: Vec<Shard>,
+    allowed: Arc<AtomicU64>,
+    limited: Arc<AtomicU64>,
+}
+
+/// Decision counters by (policy, result).
+pub type DecisionCounters = HashMap<(String, &'static str), Arc<AtomicU64>>;
+
+/// Decisions per (policy, result), for the metrics endpoint.
+pub static DECISIONS: Lazy<Mutex<DecisionCounters>> = Lazy::new(Default::default);
+
+fn decision_counter(policy: &str, result: &'static str) -> Arc<AtomicU64> {
+    DECISIONS
+        .lock()
+        .expect("rate-limit decision registry lock")
+        .entry((policy.to_string(), result))
+        .or_default()
+        .clone()
+}
+
+pub struct RateLimit {
+    policies: Vec<CompiledPolicy>,
+}
+
+/// What the response phase needs: the tightest policy's numbers.
+#[derive(Clone, Debug)]
+struct Outcome {
+    policy: usize,
+    remaining: u64,
+    reset_seconds: u64,
+}
+
+impl FilterKind for RateLimit {
+    const KIND: &'static str = "rate_limit";
+    type Config = Config;
+
+    fn build(config: Config, _ctx: &BuildCtx) -> Result<Self, Vec<BuildError>> {
+        let mut errors = Vec::new();
+        if config.policies.is_empty() {
+            errors.push(BuildError::new("policies", "give at least one policy"));
+        }
+        let per_shard = NonZeroUsize::new((config.max_keys / SHARDS).max(1)).expect("at least one");
+        let mut names = std::collections::HashSet::new();
+        let mut policies = Vec::new();
+        for (index, policy) in config.policies.iter().enumerate() {
+            let path = format!("policies[{index}]");
+            if !names.insert(policy.name.clone()) {
+                errors.push(BuildError::new(
+                    format!("{path}.name"),
+                    format!("duplicate policy name \"{}\"", policy.name),
+                ));
+            }
+            let mut parts = Vec::new();
+            for (part_index, part) in policy.key.iter().enumerate() {
+                let part_path = format!("{path}.key[{part_index}]");
+                match part {
+                    KeyPart::Named(name) => match name.as_str() {
+                        "consumer" => parts.push(Part::Consumer),
+                        "client_ip" => parts.push(Part::ClientIp),
+                        "route" => parts.push(Part::Route),
+                        other => errors.push(BuildError::new(
+                            part_path,
+                            format!("unknown key part \"{other}\" (consumer, client_ip, route, {{header: NAME}}, {{claim: NAME}})"),
+                        )),
+                    },
+                    KeyPart::Header { header } => match HeaderName::from_bytes(header.as_bytes()) {
+                        Ok(name) => parts.push(Part::Header(name)),
+                        Err(_) => errors.push(BuildError::new(part_path, format!("\"{header}\" is not a valid header name"))),
+                    },
+                    KeyPart::Claim { claim } => parts.push(Part::Claim(claim.clone())),
+                }
+            }
+            if policy.key.is_empty() {
+                errors.push(BuildError::new(
+                    format!("{path}.key"),
+                    "give at least one key part",
+                ));
+            }
+            if policy.capacity == 0 {
+                errors.push(BuildError::new(
+                    format!("{path}.capacity"),
+                    "must be at least 1",
+                ));
+            }
+            if policy.cost == 0 || policy.cost > policy.capacity {
+                errors.push(BuildError::new(
+                    format!("{path}.cost"),
+                    "must be between 1 and the capacity",
+                ));
+            }
+            let every = duration(
+                &format!("{path}.refill.every"),
+                &policy.refill.every,
+                &mut errors,
+            );
+            if policy.refill.tokens == 0 || every.is_zero() {
+                errors.push(BuildError::new(
+                    format!("{path}.refill"),
+                    "refill needs tokens > 0 every > 0s",
+                ));
+                continue;
+            }
+            let rate = policy.refill.tokens as f64 / every.as_secs_f64();
+            let window = Duration::from_secs_f64(policy.capacity as f64 / rate);
+            policies.push(CompiledPolicy {
+                name: policy.name.as_str().into(),
+                parts,
+                capacity: policy.capacity as f64,
+                rate,
+                window,
+                cost: policy.cost as f64,
+                legacy_headers: policy.legacy_headers,
+                shards: (0..SHARDS)
+                    .map(|_| Mutex::new(lru::LruCache::with_hasher(per_shard, Default::default())))
+                    .collect(),
+                allowed: decision_counter(&policy.name, "allowed"),
+                limited: decision_counter(&policy.name, "limited"),
+            });
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(RateLimit { policies })
+    }
+}
+
+impl CompiledPolicy {
+    fn key(&self, request: &RequestHeader, ctx: &RequestContext) -> u64 {
+        let mut hasher = rustc_hash::FxHasher::default();
+        self.name.hash(&mut hasher);
+        for part in &self.parts {
+            match part {
+                Part::Consumer => ctx
+                    .consumer
+                    .as_ref()
+                    .map(|consumer| &*consumer.id)
+                    .unwrap_or("")
+                    .hash(&mut hasher),
+                Part::ClientIp => ctx.client_addr.hash(&mut hasher),
+                Part::Route => ctx.route.as_deref().unwrap_or("").hash(&mut hasher),
+                Part::Header(name) => request
+                    .headers
+                    .get(name)
+                    .map(HeaderValue::as_bytes)
+                    .unwrap_or(b"")
+                    .hash(&mut hasher),
+                Part::Claim(claim) => ctx
+                    .claims
+                    .as_ref()
+                    .and_then(|claims| claims.get(claim))
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+                    .hash(&mut hasher),
+            }
+            // Separate parts so ("ab","c") and ("a","bc") differ.
+            0xffu8.hash(&mut hasher);
+        }
+        hasher.finish()
+    }
+
+    /// Take `cost` tokens if there are enough. Returns (admitted, tokens left, seconds until the
+    /// cost is available again).
+    fn take(&self, key: u64, now: Instant) -> (bool, f64, f64) {
+        let shard = &self.shards[(key as usize) % SHARDS];
+        let mut buckets = shard.lock().expect("rate-limit shard lock");
+        let bucket = buckets.get_or_insert_mut(key, || Bucket {
+            tokens: self.capacity,
+            updated: now,
+        });
+        let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.capacity);
+        bucket.updated = now;
+        if bucket.tokens >= self.cost {
+            bucket.tokens -= self.cost;
+            (true, bucket.tokens, 0.0)
+        } else {
+            (
+                false,
+                bucket.tokens,
+                (self.cost - bucket.tokens) / self.rate,
+            )
+        }
+    }
+
+    fn refund(&self, key: u64) {
+        let shard = &self.shards[(key as usize) % SHARDS];
+        if let Ok(mut buckets) = shard.lock() {
+            if let Some(bucket) = buckets.peek_mut(&key) {
+                bucket.tokens = (bucket.tokens + self.cost).min(self.capacity);
+            }
+        }
+    }
+
+    fn seconds_to_full(&self, tokens: f64) -> u64 {
+        ((self.capacity - tokens) / self.rate).ceil() as u64
+    }
+}
+
+fn header_value(text: String) -> HeaderValue {
+    HeaderValue::from_str(&text).expect("rate-limit header values are ASCII")
+}
+
+impl RateLimit {
+    fn headers(&self, outcome: &Outcome) -> Vec<(HeaderName, HeaderValue)> {
+        let policy = &self.policies[outcome.policy];
+        let window = policy.window.as_secs().max(1);
+        let mut headers = vec![
+            (
+                HeaderName::from_static("ratelimit-policy"),
+                header_value(format!(
+                    "\"{}\";q={};w={window}",
+                    policy.name, policy.capacity as u64
+                )),
+            ),
+            (
+                HeaderName::from_static("ratelimit"),
+                header_value(format!(
+                    "\"{}\";r={};t={}",
+                    policy.name, outcome.remaining, outcome.reset_seconds
+                )),
+            ),
+        ];
+        if policy.legacy_headers {
+            headers.push((
+                HeaderName::from_static("x-ratelimit-limit"),
+                header_value((policy.capacity as u64).to_string()),
+            ));
+            headers.push((
+                HeaderName::from_static("x-ratelimit-remaining"),
+                header_value(outcome.remaining.to_string()),
+            ));
+            headers.push((
+                HeaderName::from_static("x-ratelimit-reset"),
+                header_value(outcome.reset_seconds.to_string()),
+            ));
+        }
+        headers
+    }
+}
+
+#[async_trait]
+impl Filter for RateLimit {
+    fn kind(&self) -> &'static str {
+        Self::KIND
+    }
+
+    async fn request(&self, request: &mut RequestHeader, ctx: &mut RequestContext) -> Decision {
+        let now = Instant::now();
+        let mut taken: Vec<(usize, u64)> = Vec::with_capacity(self.policies.len());
+        let mut tightest: Option<Outcome> = None;
+        for (index, policy) in self.policies.iter().enumerate() {
+            let key = policy.key(request, ctx);
+            let (admitted, tokens, wait) = policy.take(key, now);
+            if !admitted {
+                policy.limited.fetch_add(1, Ordering::Relaxed);
+                // Give back what earlier policies took: a refused request costs nothing.
+                for (earlier, key) in taken {
+                    self.policies[earlier].refund(key);
+                }
+                let retry_after = wait.ceil().max(1.0) as u64;
+                let outcome = Outcome {
+                    policy: index,
+                    remaining: 0,
+                    reset_seconds: retry_after,
+                };
+                let mut problem = Problem::new(429, "rate-limited", "Too many requests").header(
+                    http::header::RETRY_AFTER,
+                    header_value(retry_after.to_string()),
+                );
+                for (name, value) in self.headers(&outcome) {
+                    problem = problem.header(name, value);
+                }
+                return Decision::Reject(problem);
+            }
+            policy.allowed.fetch_add(1, Ordering::Relaxed);
+            taken.push((index, key));
+            let remaining = tokens.floor() as u64;
+            if tightest
+                .as_ref()
+                .is_none_or(|current| remaining < current.remaining)
+            {
+                tightest = Some(Outcome {
+                    policy: index,
+                    remaining,
+                    reset_seconds: policy.seconds_to_full(tokens),
+                });
+            }
+        }
+        if let Some(outcome) = tightest {
+            ctx.state.insert(RateLimitOutcome(outcome));
+        }
+        Decision::Continue
+    }
+
+    fn response(&self, response: &mut ResponseHeader, ctx: &mut RequestContext) {
+        if let Some(RateLimitOutcome(outcome)) = ctx.state.get::<RateLimitOutcome>() {
+            for (name, value) in self.headers(outcome) {
+                response.insert_header(name, value).ok();
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct RateLimitOutcome(Outcome);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Consumer;
+
+    fn filter(config: serde_json::Value) -> RateLimit {
+        RateLimit::build(
+            serde_json::from_value(config).unwrap(),
+            &BuildCtx::default(),
+        )
+        .unwrap_or_else(|errors| panic!("{errors:?}"))
+    }
+
+    async fn run(filter: &RateLimit, consumer: &str) -> Option<Problem> {
+        let mut request = RequestHeader::build("GET", b"/", None).unwrap();
+        let mut ctx = RequestContext::new(Instant::now());
+        ctx.consumer = Some(Consumer::new(consumer));
+        match filter.request(&mut request, &mut ctx).await {
+            Decision::Continue => None,
+            Decision::Reject(problem) => Some(problem),
+            Decision::Respond(_) => panic!("unexpected response"),
+        }
+    }
+
+    #[tokio::test]
+    async fn admits_the_burst_then_refuses_with_retry_after() {
+        let filter = filter(serde_json::json!({
+            "policies": [{ "name": "per-consumer", "key": ["consumer"], "capacity": 5, "refill": { "tokens": 1, "every": "10s" } }]
+        }));
+        for _ in 0..5 {
+            assert!(run(&filter, "acme").await.is_none());
+        }
+        let problem = run(&filter, "acme").await.expect("the sixth is refused");
+        assert_eq!(problem.status, 429);
+        let header = |name: &str| {
+            problem
+                .headers
+                .iter()
+                .find(|(key, _)| key == name)
+                .map(|(_, value)| value.to_str().unwrap().to_string())
+        };
+        assert_eq!(header("retry-after").as_deref(), Some("10"));
+        assert_eq!(
+            header("ratelimit-policy").as_deref(),
+            Some("\"per-consumer\";q=5;w=50")
+        );
+        assert_eq!(
+            header("ratelimit").as_deref(),
+            Some("\"per-consumer\";r=0;t=10")
+        );
+        // Another consumer has its own bucket.
+        assert!(run(&filter, "other").await.is_none());
+    }
+
+    #[tokio::test]
+    async fn two_policies_apply_together_and_a_refusal_costs_nothing() {
+        let filter = filter(serde_json::json!({
+            "policies": [
+                { "name": "burst", "key": ["consumer"], "capacity": 3, "refill": { "tokens": 3, "every": "1h" } },
+                { "name": "tiny", "key": ["consumer"], "capacity": 2, "refill": { "tokens": 2, "every": "1h" } },
+            ]
+        }));
+        assert!(run(&filter, "a").await.is_none());
+        assert!(run(&filter, "a").await.is_none());
+        let problem = run(&filter, "a").await.unwrap();
+        assert!(problem
+            .headers
+            .iter()
+            .any(|(name, value)| name == "ratelimit"
+                && value.to_str().unwrap().starts_with("\"tiny\"")));
+        // "burst" was refunded: it still has one token, so it is not the one refusing.
+        let problem = run(&filter, "a").await.unwrap();
+        assert!(problem
+            .headers
+            .iter()
+            .any(|(name, value)| name == "ratelimit"
+                && value.to_str().unwrap().starts_with("\"tiny\"")));
+    }
+
+    #[tokio::test]
+    async fn memory_is_bounded_under_a_key_flood() {
+        let filter = filter(serde_json::json!({
+            "max_keys": 1600,
+            "policies": [{ "name": "p", "key": ["consumer"], "capacity": 1, "refill": { "tokens": 1, "every": "1h" } }]
+        }));
+        for index in 0..20_000 {
+            assert!(run(&filter, &format!("key-{index}")).await.is_none());
+        }
+        let kept: usize = filter.policies[0]
+            .shards
+            .iter()
+            .map(|shard| shard.lock().unwrap().len())
+            .sum();
+        assert!(kept <= 1600, "{kept} buckets kept");
+    }
+
+    #[test]
+    fn config_errors_are_reported() {
+        let errors = RateLimit::build(
+            serde_json::from_value(serde_json::json!({
+                "policies": [{ "name": "p", "key": ["nobody"], "capacity": 0, "refill": { "tokens": 0, "every": "soon" } }]
+            }))
+            .unwrap(),
+            &BuildCtx::default(),
+        )
+        .err()
+        .unwrap();
+        let paths: Vec<_> = errors.iter().map(|error| error.path.as_str()).collect();
+        for expected in [
+            "policies[0].key[0]",
+            "policies[0].capacity",
+            "policies[0].refill.every",
+            "policies[0].refill",
+        ] {
+            assert!(paths.contains(&expected), "{expected} missing in {paths:?}");
+        }
+    }
+}

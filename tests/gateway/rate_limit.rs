@@ -1,0 +1,144 @@
+//! Rate limiting through the real gateway (local backend): exact admission under concurrency,
+//! 429 answers with their headers, and buckets keyed on the real client address.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crate::support::{spawn_echo, Gateway};
+
+fn gateway(policy: &str) -> Gateway {
+    let echo = spawn_echo("echo");
+    Gateway::start(&format!(
+        r#"
+upstreams: [{{ name: echo, targets: [{{ address: "{echo}" }}] }}]
+routes:
+  - name: limited
+    match: {{ paths: [{{ prefix: / }}] }}
+    upstream: echo
+    filters:
+      - kind: rate_limit
+        config:
+          policies:
+            - {policy}
+"#
+    ))
+}
+
+#[test]
+fn concurrent_requests_admit_exactly_the_capacity() {
+    let gateway = gateway(
+        "{ name: per-ip, key: [client_ip], capacity: 50, refill: { tokens: 1, every: 1h } }",
+    );
+    let admitted = Arc::new(AtomicUsize::new(0));
+    let limited = Arc::new(AtomicUsize::new(0));
+    let address = gateway.addr;
+    let clients: Vec<_> = (0..20)
+        .map(|_| {
+            let admitted = admitted.clone();
+            let limited = limited.clone();
+            std::thread::spawn(move || {
+                for _ in 0..10 {
+                    match crate::support::request(address, "GET", "/x", &[], b"").status {
+                        200 => admitted.fetch_add(1, Ordering::Relaxed),
+                        429 => limited.fetch_add(1, Ordering::Relaxed),
+                        other => panic!("unexpected status {other}"),
+                    };
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().unwrap();
+    }
+    assert_eq!(admitted.load(Ordering::Relaxed), 50);
+    assert_eq!(limited.load(Ordering::Relaxed), 150);
+    let metrics = gateway.metrics();
+    assert!(
+        metrics.contains(
+            "gatehouse_ratelimit_decisions_total{policy=\"per-ip\",result=\"allowed\"} 50"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "gatehouse_ratelimit_decisions_total{policy=\"per-ip\",result=\"limited\"} 150"
+        ),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn limited_answers_carry_retry_after_and_ratelimit_headers() {
+    let gateway = gateway("{ name: per-ip, key: [client_ip], capacity: 3, refill: { tokens: 1, every: 20s }, legacy_headers: true }");
+    for expected_remaining in [2, 1, 0] {
+        let reply = gateway.get("/x");
+        assert_eq!(reply.status, 200);
+        assert_eq!(
+            reply.header("ratelimit-policy"),
+            Some("\"per-ip\";q=3;w=60")
+        );
+        assert!(reply
+            .header("ratelimit")
+            .unwrap()
+            .starts_with(&format!("\"per-ip\";r={expected_remaining};t=")));
+        assert_eq!(reply.header("x-ratelimit-limit"), Some("3"));
+        assert_eq!(
+            reply.header("x-ratelimit-remaining"),
+            Some(expected_remaining.to_string().as_str())
+        );
+    }
+    let reply = gateway.get("/x");
+    assert_eq!(reply.status, 429);
+    assert_eq!(
+        reply.header("content-type"),
+        Some("application/problem+json")
+    );
+    assert_eq!(reply.json()["type"], "urn:gatehouse:problem:rate-limited");
+    let retry_after: u64 = reply.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=20).contains(&retry_after), "{retry_after}");
+    assert!(reply
+        .header("ratelimit")
+        .unwrap()
+        .starts_with("\"per-ip\";r=0;t="));
+}
+
+#[test]
+fn spoofed_forwarding_headers_do_not_change_the_bucket() {
+    let gateway = gateway(
+        "{ name: per-ip, key: [client_ip], capacity: 3, refill: { tokens: 1, every: 1h } }",
+    );
+    let mut statuses = Vec::new();
+    for index in 0..6 {
+        let spoofed = format!("203.0.113.{index}");
+        let reply = gateway.request(
+            "GET",
+            "/x",
+            &[
+                ("X-Forwarded-For", &spoofed),
+                ("X-Real-IP", &spoofed),
+                ("Forwarded", &format!("for={spoofed}")),
+            ],
+            b"",
+        );
+        statuses.push(reply.status);
+    }
+    assert_eq!(statuses, [200, 200, 200, 429, 429, 429]);
+}
+
+#[test]
+fn a_connection_header_cannot_remove_the_gateways_forwarding_headers() {
+    let gateway = gateway(
+        "{ name: per-ip, key: [client_ip], capacity: 100, refill: { tokens: 1, every: 1h } }",
+    );
+    // Naming X-Forwarded-For as hop-by-hop would strip the gateway's own header; it is refused.
+    let raw = b"GET /x HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 6.6.6.6\r\nConnection: close, X-Forwarded-For\r\n\r\n";
+    let reply = crate::support::send_raw(gateway.addr, raw).unwrap();
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    assert_eq!(
+        reply.header("content-type"),
+        Some("application/problem+json")
+    );
+    // Without the trick the upstream sees the gateway's value, not the client's.
+    let reply = gateway.request("GET", "/x", &[("X-Forwarded-For", "6.6.6.6")], b"");
+    assert_eq!(reply.json()["headers"]["x-forwarded-for"], "127.0.0.1");
+}
