@@ -1,4 +1,4 @@
-//! JWKS key sets fetched over HTTP: fetched in the background (on a small runtime of their own)
+//! JWKS key sets fetched over HTTP: fetched in the background (on the shared I/O runtime)
 //! before the filter reports ready, refreshed periodically, refreshed once more — single-flight
 //! and rate-limited — when a token names an unknown `kid`, and kept (stale) when a refresh fails.
 //! One key set per URL is shared by every filter and config version that names it.
@@ -39,14 +39,7 @@ pub struct Jwks {
     min_interval: Duration,
 }
 
-static RUNTIME: Lazy<tokio::runtime::Runtime> = Lazy::new(|| {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("gatehouse-jwks")
-        .enable_all()
-        .build()
-        .expect("start the JWKS runtime")
-});
+use crate::shared::IO as RUNTIME;
 
 static SHARED: Lazy<Mutex<HashMap<String, Weak<Jwks>>>> = Lazy::new(Default::default);
 
