@@ -50,6 +50,21 @@ pub struct Refill {
 pub enum Backend {
     #[default]
     Local,
+    /// One bucket per key shared by every node, updated atomically by a Lua script in Redis.
+    Redis,
+}
+
+/// What a `redis` policy does when Redis does not answer within its command deadline.
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnRedisError {
+    /// Admit the request.
+    FailOpen,
+    /// Answer 503.
+    FailClosed,
+    /// Limit in process to `capacity / expected_nodes` (and the same share of the refill).
+    #[default]
+    LocalFallback,
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -68,6 +83,11 @@ pub struct Policy {
     pub cost: u64,
     #[serde(default)]
     pub backend: Backend,
+    #[serde(default)]
+    pub on_redis_error: OnRedisError,
+    /// Nodes sharing the limit, for `local_fallback`.
+    #[serde(default = "default_expected_nodes")]
+    pub expected_nodes: u64,
     /// Also send `X-RateLimit-Limit/-Remaining/-Reset`.
     #[serde(default)]
     pub legacy_headers: bool,
@@ -76,6 +96,38 @@ pub struct Policy {
 fn default_cost() -> u64 {
     1
 }
+
+fn default_expected_nodes() -> u64 {
+    1
+}
+
+/// The token bucket, atomically in Redis, on Redis's own clock: returns {admitted, tokens left}.
+const BUCKET_SCRIPT: &str = r#"
+local time = redis.call('TIME')
+local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+local capacity = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(state[1])
+local updated = tonumber(state[2])
+if tokens == nil or updated == nil then
+  tokens = capacity
+  updated = now
+end
+tokens = math.min(capacity, tokens + math.max(0, now - updated) * rate)
+local admitted = 0
+if tokens >= cost then
+  tokens = tokens - cost
+  admitted = 1
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return {admitted, tostring(tokens)}
+"#;
+
+/// Redis fell back (policy, mode) counts for the metrics endpoint.
+pub static FALLBACKS: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -121,6 +173,18 @@ struct CompiledPolicy {
     shards: Vec<Shard>,
     allowed: Arc<AtomicU64>,
     limited: Arc<AtomicU64>,
+    redis: Option<RedisBucket>,
+}
+
+struct RedisBucket {
+    client: Arc<fred::clients::Client>,
+    script_sha: String,
+    on_error: OnRedisError,
+    /// Seconds an idle bucket is kept (time to refill completely, at least a second).
+    ttl: u64,
+    /// `capacity / expected_nodes` and `rate / expected_nodes`, for `local_fallback`.
+    fallback_capacity: f64,
+    fallback_rate: f64,
 }
 
 /// Decision counters by (policy, result).
@@ -154,7 +218,7 @@ impl FilterKind for RateLimit {
     const KIND: &'static str = "rate_limit";
     type Config = Config;
 
-    fn build(config: Config, _ctx: &BuildCtx) -> Result<Self, Vec<BuildError>> {
+    fn build(config: Config, ctx: &BuildCtx) -> Result<Self, Vec<BuildError>> {
         let mut errors = Vec::new();
         if config.policies.is_empty() {
             errors.push(BuildError::new("policies", "give at least one policy"));
@@ -222,6 +286,32 @@ impl FilterKind for RateLimit {
             }
             let rate = policy.refill.tokens as f64 / every.as_secs_f64();
             let window = Duration::from_secs_f64(policy.capacity as f64 / rate);
+            if policy.expected_nodes == 0 {
+                errors.push(BuildError::new(
+                    format!("{path}.expected_nodes"),
+                    "must be at least 1",
+                ));
+            }
+            let redis = match (policy.backend, &ctx.redis) {
+                (Backend::Local, _) => None,
+                (Backend::Redis, None) => {
+                    errors.push(BuildError::new(
+                        format!("{path}.backend"),
+                        "the redis backend needs a `redis` section",
+                    ));
+                    None
+                }
+                (Backend::Redis, Some(client)) => Some(RedisBucket {
+                    client: client.clone(),
+                    script_sha: fred::util::sha1_hash(BUCKET_SCRIPT),
+                    on_error: policy.on_redis_error,
+                    ttl: window.as_secs().max(1) + 1,
+                    fallback_capacity: (policy.capacity as f64
+                        / policy.expected_nodes.max(1) as f64)
+                        .max(1.0),
+                    fallback_rate: rate / policy.expected_nodes.max(1) as f64,
+                }),
+            };
             policies.push(CompiledPolicy {
                 name: policy.name.as_str().into(),
                 parts,
@@ -235,6 +325,7 @@ impl FilterKind for RateLimit {
                     .collect(),
                 allowed: decision_counter(&policy.name, "allowed"),
                 limited: decision_counter(&policy.name, "limited"),
+                redis,
             });
         }
         if !errors.is_empty() {
@@ -281,24 +372,61 @@ impl CompiledPolicy {
     /// Take `cost` tokens if there are enough. Returns (admitted, tokens left, seconds until the
     /// cost is available again).
     fn take(&self, key: u64, now: Instant) -> (bool, f64, f64) {
+        self.take_local(key, now, self.capacity, self.rate)
+    }
+
+    fn take_local(&self, key: u64, now: Instant, capacity: f64, rate: f64) -> (bool, f64, f64) {
         let shard = &self.shards[(key as usize) % SHARDS];
         let mut buckets = shard.lock().expect("rate-limit shard lock");
         let bucket = buckets.get_or_insert_mut(key, || Bucket {
-            tokens: self.capacity,
+            tokens: capacity,
             updated: now,
         });
         let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.capacity);
+        bucket.tokens = (bucket.tokens + elapsed * rate).min(capacity);
         bucket.updated = now;
         if bucket.tokens >= self.cost {
             bucket.tokens -= self.cost;
             (true, bucket.tokens, 0.0)
         } else {
-            (
-                false,
-                bucket.tokens,
-                (self.cost - bucket.tokens) / self.rate,
-            )
+            (false, bucket.tokens, (self.cost - bucket.tokens) / rate)
+        }
+    }
+
+    /// The shared bucket in Redis. `Err` when Redis did not answer within its deadline.
+    async fn take_redis(&self, redis: &RedisBucket, key: u64) -> Result<(bool, f64, f64), ()> {
+        use fred::prelude::LuaInterface;
+        // The hash tag keeps each bucket on one Redis Cluster slot.
+        let redis_key = format!("gatehouse:ratelimit:{{{}:{key:016x}}}", self.name);
+        let args: Vec<String> = vec![
+            self.capacity.to_string(),
+            self.rate.to_string(),
+            self.cost.to_string(),
+            redis.ttl.to_string(),
+        ];
+        let client = redis.client.clone();
+        let sha = redis.script_sha.clone();
+        let answer: Result<(i64, String), ()> = crate::shared::IO
+            .spawn(async move {
+                match client
+                    .evalsha::<(i64, String), _, _, _>(sha, vec![redis_key.clone()], args.clone())
+                    .await
+                {
+                    Err(error) if error.details().starts_with("NOSCRIPT") => client
+                        .eval::<(i64, String), _, _, _>(BUCKET_SCRIPT, vec![redis_key], args)
+                        .await
+                        .map_err(|_| ()),
+                    result => result.map_err(|_| ()),
+                }
+            })
+            .await
+            .map_err(|_| ())?;
+        let (admitted, tokens) = answer?;
+        let tokens: f64 = tokens.parse().map_err(|_| ())?;
+        if admitted == 1 {
+            Ok((true, tokens, 0.0))
+        } else {
+            Ok((false, tokens, (self.cost - tokens) / self.rate))
         }
     }
 
@@ -370,7 +498,34 @@ impl Filter for RateLimit {
         let mut tightest: Option<Outcome> = None;
         for (index, policy) in self.policies.iter().enumerate() {
             let key = policy.key(request, ctx);
-            let (admitted, tokens, wait) = policy.take(key, now);
+            let (admitted, tokens, wait) = match &policy.redis {
+                None => policy.take(key, now),
+                Some(redis) => match policy.take_redis(redis, key).await {
+                    Ok(decision) => decision,
+                    Err(()) => {
+                        FALLBACKS.fetch_add(1, Ordering::Relaxed);
+                        match redis.on_error {
+                            OnRedisError::FailOpen => (true, policy.capacity, 0.0),
+                            OnRedisError::FailClosed => {
+                                for (earlier, key) in taken {
+                                    self.policies[earlier].refund(key);
+                                }
+                                return Decision::Reject(Problem::new(
+                                    503,
+                                    "rate-limit-unavailable",
+                                    "The rate limit could not be checked",
+                                ));
+                            }
+                            OnRedisError::LocalFallback => policy.take_local(
+                                key,
+                                now,
+                                redis.fallback_capacity,
+                                redis.fallback_rate,
+                            ),
+                        }
+                    }
+                },
+            };
             if !admitted {
                 policy.limited.fetch_add(1, Ordering::Relaxed);
                 // Give back what earlier policies took: a refused request costs nothing.

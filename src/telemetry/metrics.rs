@@ -170,6 +170,11 @@ pub fn render() -> Vec<u8> {
             "JWKS key-set fetches that failed (the stale keys were kept)",
             &gatehouse_filters::jwt::jwks::REFRESH_FAILURES,
         ),
+        (
+            "gatehouse_ratelimit_fallback_total",
+            "Rate-limit decisions made without Redis (it did not answer in time)",
+            &gatehouse_filters::rate_limit::FALLBACKS,
+        ),
     ];
     let decisions = gatehouse_filters::rate_limit::DECISIONS
         .lock()

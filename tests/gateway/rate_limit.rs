@@ -142,3 +142,100 @@ fn a_connection_header_cannot_remove_the_gateways_forwarding_headers() {
     let reply = gateway.request("GET", "/x", &[("X-Forwarded-For", "6.6.6.6")], b"");
     assert_eq!(reply.json()["headers"]["x-forwarded-for"], "127.0.0.1");
 }
+
+fn redis_url() -> String {
+    std::env::var("GATEHOUSE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+fn redis_gateway(redis: &str, policy: &str) -> Gateway {
+    let echo = spawn_echo("echo");
+    Gateway::start(&format!(
+        r#"
+redis: {{ url: "{redis}", command_timeout: 50ms }}
+upstreams: [{{ name: echo, targets: [{{ address: "{echo}" }}] }}]
+routes:
+  - name: limited
+    match: {{ paths: [{{ prefix: / }}] }}
+    upstream: echo
+    filters:
+      - kind: rate_limit
+        config:
+          policies:
+            - {policy}
+"#
+    ))
+}
+
+fn unique_name(prefix: &str) -> String {
+    format!("{prefix}-{}-{}", std::process::id(), fastrand::u64(..))
+}
+
+#[test]
+fn the_redis_backend_admits_exactly_the_capacity() {
+    let name = unique_name("redis-exact");
+    let gateway = redis_gateway(
+        &redis_url(),
+        &format!("{{ name: {name}, key: [client_ip], capacity: 50, refill: {{ tokens: 1, every: 1h }}, backend: redis }}"),
+    );
+    let admitted = Arc::new(AtomicUsize::new(0));
+    let address = gateway.addr;
+    let clients: Vec<_> = (0..20)
+        .map(|_| {
+            let admitted = admitted.clone();
+            std::thread::spawn(move || {
+                for _ in 0..10 {
+                    if crate::support::request(address, "GET", "/x", &[], b"").status == 200 {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().unwrap();
+    }
+    assert_eq!(admitted.load(Ordering::Relaxed), 50);
+    // A second gateway on the same Redis shares the (now empty) bucket.
+    let second = redis_gateway(
+        &redis_url(),
+        &format!("{{ name: {name}, key: [client_ip], capacity: 50, refill: {{ tokens: 1, every: 1h }}, backend: redis }}"),
+    );
+    assert_eq!(second.get("/x").status, 429);
+}
+
+#[test]
+fn a_dead_redis_gets_each_policys_documented_answer_within_the_deadline() {
+    let dead = format!("redis://127.0.0.1:{}", crate::support::free_port());
+    let cases = [
+        ("fail_closed", vec![503, 503]),
+        ("fail_open", vec![200, 200, 200, 200]),
+        ("local_fallback", vec![200, 200, 429, 429]),
+    ];
+    for (mode, expected) in cases {
+        let gateway = redis_gateway(
+            &dead,
+            &format!(
+                "{{ name: {}, key: [client_ip], capacity: 4, refill: {{ tokens: 1, every: 1h }}, backend: redis, on_redis_error: {mode}, expected_nodes: 2 }}",
+                unique_name(mode)
+            ),
+        );
+        let mut statuses = Vec::new();
+        for _ in 0..expected.len() {
+            let started = std::time::Instant::now();
+            let reply = gateway.get("/x");
+            assert!(
+                started.elapsed() < std::time::Duration::from_millis(500),
+                "{mode}: took {:?}",
+                started.elapsed()
+            );
+            statuses.push(reply.status);
+        }
+        assert_eq!(statuses, expected, "{mode}");
+        assert!(
+            gateway
+                .metrics()
+                .contains("gatehouse_ratelimit_fallback_total"),
+            "{mode}"
+        );
+    }
+}
