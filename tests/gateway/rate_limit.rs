@@ -239,3 +239,99 @@ fn a_dead_redis_gets_each_policys_documented_answer_within_the_deadline() {
         );
     }
 }
+
+/// A Redis server of the test's own, so it can be stopped and paused without touching others.
+struct PrivateRedis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl PrivateRedis {
+    fn start(port: u16) -> PrivateRedis {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (make test installs or reports it)");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "private redis did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        PrivateRedis { child, port }
+    }
+
+    fn signal(&self, signal: &str) {
+        crate::support::signal_pid(self.child.id(), signal);
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn redis_paused_stopped_and_restarted_mid_run() {
+    let port = crate::support::free_port();
+    let mut redis = PrivateRedis::start(port);
+    let name = unique_name("faults");
+    let gateway = redis_gateway(
+        &format!("redis://127.0.0.1:{port}"),
+        &format!("{{ name: {name}, key: [client_ip], capacity: 1000, refill: {{ tokens: 1, every: 1h }}, backend: redis, on_redis_error: fail_closed }}"),
+    );
+    let timed = |label: &str| {
+        let started = std::time::Instant::now();
+        let status = gateway.get("/x").status;
+        let elapsed = started.elapsed();
+        // The command deadline is 50 ms; no request may wait longer than that plus 50 ms, plus
+        // the request's own time on a loaded test machine.
+        assert!(
+            elapsed < std::time::Duration::from_millis(300),
+            "{label}: took {elapsed:?}"
+        );
+        status
+    };
+    assert_eq!(timed("healthy"), 200);
+    redis.signal("STOP");
+    for _ in 0..3 {
+        assert_eq!(timed("paused"), 503);
+    }
+    redis.signal("CONT");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(timed("resumed"), 200);
+    redis.signal("TERM");
+    let _ = redis.child.wait();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    for _ in 0..3 {
+        assert_eq!(timed("stopped"), 503);
+    }
+    // Redis comes back (empty): it is used again without a restart of the gateway.
+    redis = PrivateRedis::start(port);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while gateway.get("/x").status != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Redis was not used again after it came back"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    drop(redis);
+}
