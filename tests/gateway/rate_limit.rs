@@ -243,7 +243,6 @@ fn a_dead_redis_gets_each_policys_documented_answer_within_the_deadline() {
 /// A Redis server of the test's own, so it can be stopped and paused without touching others.
 struct PrivateRedis {
     child: std::process::Child,
-    port: u16,
 }
 
 impl PrivateRedis {
@@ -270,7 +269,7 @@ impl PrivateRedis {
             );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        PrivateRedis { child, port }
+        PrivateRedis { child }
     }
 
     fn signal(&self, signal: &str) {
