@@ -122,13 +122,15 @@ fn session_key(id: &str) -> String {
     )
 }
 
-#[test]
-fn login_refresh_and_logout() {
-    let idp = IdentityProvider::start();
+/// A gateway whose only route logs browsers in at `idp`, keeping sessions in `redis`.
+fn login_gateway(
+    idp: &IdentityProvider,
+    redis: &str,
+    route_extra: &str,
+    filter_extra: &str,
+) -> Gateway {
     let echo = spawn_echo("echo");
-    let redis = std::env::var("GATEHOUSE_TEST_REDIS_URL")
-        .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let gateway = Gateway::start(&format!(
+    Gateway::start(&format!(
         r#"
 redis: {{ url: "{redis}", command_timeout: 100ms }}
 upstreams: [{{ name: echo, targets: [{{ address: "{echo}" }}] }}]
@@ -136,7 +138,7 @@ routes:
   - name: app
     match: {{ paths: [{{ prefix: / }}] }}
     upstream: echo
-    auth: required
+    {route_extra}
     filters:
       - kind: oauth2
         config:
@@ -146,14 +148,28 @@ routes:
           redirect_uri: "http://gateway.test/oauth2/callback"
           client_id: {client_id}
           client_secret: {client_secret}
-          scopes: [openid, read]
-          forward_access_token: true
+          {filter_extra}
 "#,
         authorize = idp.authorize_url(),
         token = idp.token_url(),
         client_id = IdentityProvider::CLIENT_ID,
         client_secret = IdentityProvider::CLIENT_SECRET,
-    ));
+    ))
+}
+
+fn redis_url() -> String {
+    std::env::var("GATEHOUSE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+#[test]
+fn login_refresh_and_logout() {
+    let idp = IdentityProvider::start();
+    let gateway = login_gateway(
+        &idp,
+        &redis_url(),
+        "auth: required",
+        "scopes: [openid, read]\n          forward_access_token: true",
+    );
     idp.set_access_token_lifetime(Duration::from_secs(1));
     let browser = Browser {
         gateway: &gateway,
@@ -202,32 +218,7 @@ routes:
 #[test]
 fn a_callback_with_a_foreign_state_is_refused() {
     let idp = IdentityProvider::start();
-    let echo = spawn_echo("echo");
-    let redis = std::env::var("GATEHOUSE_TEST_REDIS_URL")
-        .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let gateway = Gateway::start(&format!(
-        r#"
-redis: {{ url: "{redis}", command_timeout: 100ms }}
-upstreams: [{{ name: echo, targets: [{{ address: "{echo}" }}] }}]
-routes:
-  - name: app
-    match: {{ paths: [{{ prefix: / }}] }}
-    upstream: echo
-    filters:
-      - kind: oauth2
-        config:
-          mode: login
-          authorization_url: "{authorize}"
-          token_url: "{token}"
-          redirect_uri: "http://gateway.test/oauth2/callback"
-          client_id: {client_id}
-          client_secret: {client_secret}
-"#,
-        authorize = idp.authorize_url(),
-        token = idp.token_url(),
-        client_id = IdentityProvider::CLIENT_ID,
-        client_secret = IdentityProvider::CLIENT_SECRET,
-    ));
+    let gateway = login_gateway(&idp, &redis_url(), "", "");
     let reply = gateway.get("/app");
     let location = reply.header("location").unwrap().to_string();
     let authorized = request(idp.addr, "GET", &location_path(&location), &[], b"");
@@ -248,32 +239,8 @@ routes:
 #[test]
 fn a_dead_session_store_is_503_not_a_hang_or_a_pass() {
     let idp = IdentityProvider::start();
-    let echo = spawn_echo("echo");
     let dead = format!("redis://127.0.0.1:{}", crate::support::free_port());
-    let gateway = Gateway::start(&format!(
-        r#"
-redis: {{ url: "{dead}", command_timeout: 100ms }}
-upstreams: [{{ name: echo, targets: [{{ address: "{echo}" }}] }}]
-routes:
-  - name: app
-    match: {{ paths: [{{ prefix: / }}] }}
-    upstream: echo
-    auth: required
-    filters:
-      - kind: oauth2
-        config:
-          mode: login
-          authorization_url: "{authorize}"
-          token_url: "{token}"
-          redirect_uri: "http://gateway.test/oauth2/callback"
-          client_id: {client_id}
-          client_secret: {client_secret}
-"#,
-        authorize = idp.authorize_url(),
-        token = idp.token_url(),
-        client_id = IdentityProvider::CLIENT_ID,
-        client_secret = IdentityProvider::CLIENT_SECRET,
-    ));
+    let gateway = login_gateway(&idp, &dead, "auth: required", "");
     let started = std::time::Instant::now();
     let reply = gateway.request("GET", "/app", &[("Cookie", "gatehouse_session=abc")], b"");
     assert_eq!(reply.status, 503, "{}", reply.text());

@@ -7,9 +7,15 @@ use std::sync::Arc;
 use crate::support::{spawn_echo, Gateway};
 
 fn gateway(policy: &str) -> Gateway {
+    limited_gateway("", policy)
+}
+
+/// One route limited by `policy`; `preamble` goes before the upstreams (e.g. a `redis` section).
+fn limited_gateway(preamble: &str, policy: &str) -> Gateway {
     let echo = spawn_echo("echo");
     Gateway::start(&format!(
         r#"
+{preamble}
 upstreams: [{{ name: echo, targets: [{{ address: "{echo}" }}] }}]
 routes:
   - name: limited
@@ -148,22 +154,10 @@ fn redis_url() -> String {
 }
 
 fn redis_gateway(redis: &str, policy: &str) -> Gateway {
-    let echo = spawn_echo("echo");
-    Gateway::start(&format!(
-        r#"
-redis: {{ url: "{redis}", command_timeout: 50ms }}
-upstreams: [{{ name: echo, targets: [{{ address: "{echo}" }}] }}]
-routes:
-  - name: limited
-    match: {{ paths: [{{ prefix: / }}] }}
-    upstream: echo
-    filters:
-      - kind: rate_limit
-        config:
-          policies:
-            - {policy}
-"#
-    ))
+    limited_gateway(
+        &format!("redis: {{ url: \"{redis}\", command_timeout: 50ms }}"),
+        policy,
+    )
 }
 
 fn unique_name(prefix: &str) -> String {

@@ -51,6 +51,13 @@ impl Gateway {
 
     /// `listeners_extra` is appended inside the `listeners: [...]` flow list (start it with ", ").
     pub fn start_full(listeners_extra: &str, server_extra: &str, rest: &str) -> Gateway {
+        let gateway = Gateway::spawned(listeners_extra, server_extra, rest);
+        gateway.wait_ready();
+        gateway
+    }
+
+    /// Write the config on fresh ephemeral ports and start the process, without waiting.
+    fn spawned(listeners_extra: &str, server_extra: &str, rest: &str) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let ops: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -66,28 +73,13 @@ impl Gateway {
         };
         gateway.write_config(rest);
         gateway.spawn(false);
-        gateway.wait_ready();
         gateway
     }
 
     /// Start without waiting for `/readyz` (for tests of readiness itself); waits only until the
     /// ops listener answers.
     pub fn start_unready(rest: &str) -> Gateway {
-        let dir = tempfile::tempdir().unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let ops: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let config_path = dir.path().join("gatehouse.yaml");
-        let mut gateway = Gateway {
-            child: None,
-            addr,
-            ops,
-            dir,
-            config_path,
-            server_extra: String::new(),
-            listeners_extra: String::new(),
-        };
-        gateway.write_config(rest);
-        gateway.spawn(false);
+        let gateway = Gateway::spawned("", "", rest);
         let deadline = Instant::now() + Duration::from_secs(15);
         while try_get(gateway.ops, "/healthz").is_err() {
             assert!(
