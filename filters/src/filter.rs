@@ -77,7 +77,7 @@ pub struct BuildCtx {
     /// The consumers of the snapshot and their credentials.
     pub consumers: std::sync::Arc<crate::consumers::ConsumerRegistry>,
     /// The shared Redis client, when the config has a `redis` section.
-    pub redis: Option<std::sync::Arc<fred::clients::Client>>,
+    pub redis: Option<std::sync::Arc<crate::shared::Redis>>,
 }
 
 /// Why a filter could not be built from its config. Each error names the config path below the

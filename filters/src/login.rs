@@ -35,7 +35,7 @@ pub struct Login {
     pub forward_access_token: bool,
     pub timeout: Duration,
     pub client: reqwest::Client,
-    pub redis: Arc<Client>,
+    pub redis: Arc<crate::shared::Redis>,
 }
 
 #[derive(Serialize, Deserialize)]

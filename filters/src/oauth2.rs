@@ -137,7 +137,7 @@ pub struct OAuth2 {
     negative_ttl: Duration,
     client: reqwest::Client,
     local: Option<Mutex<lru::LruCache<[u8; 32], Answer>>>,
-    redis: Option<Arc<Client>>,
+    redis: Option<Arc<crate::shared::Redis>>,
     login: Option<crate::login::Login>,
 }
 

@@ -7,6 +7,14 @@
 //!
 //! Backend `local` keeps buckets in process, in sharded LRU maps with a fixed number of keys, so
 //! a flood of random keys evicts idle buckets instead of growing memory.
+//!
+//! Backend `redis` keeps one bucket per key for the whole cluster, updated atomically by a Lua
+//! script on Redis's clock. With `lease`, a node takes up to `lease.tokens` at once and spends
+//! them locally, so most requests cost no round trip. Tokens are always taken from Redis before
+//! they are spent, so the cluster never admits more than the bucket gave out; a lease only moves
+//! admissions later in time. In any interval of length T the cluster admits at most
+//! `capacity + rate * T + nodes * lease.tokens` per key, and leased tokens a node does not spend
+//! within `lease.max_age` are dropped (admitting less, never more).
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -91,6 +99,23 @@ pub struct Policy {
     /// Also send `X-RateLimit-Limit/-Remaining/-Reset`.
     #[serde(default)]
     pub legacy_headers: bool,
+    /// `redis` only: take tokens from Redis in batches and spend them locally.
+    #[serde(default)]
+    pub lease: Option<Lease>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Lease {
+    /// Tokens a node takes from Redis at once (at least the cost, at most the capacity).
+    pub tokens: u64,
+    /// Leased tokens not spent within this time are dropped (default 1s).
+    #[serde(default = "default_lease_max_age")]
+    pub max_age: String,
+}
+
+fn default_lease_max_age() -> String {
+    "1s".into()
 }
 
 fn default_cost() -> u64 {
@@ -101,13 +126,15 @@ fn default_expected_nodes() -> u64 {
     1
 }
 
-/// The token bucket, atomically in Redis, on Redis's own clock: returns {admitted, tokens left}.
+/// The token bucket, atomically in Redis, on Redis's own clock. Takes `cost` tokens, or up to
+/// `want` (a lease) when at least `cost` are there; returns {tokens granted, tokens left}.
 const BUCKET_SCRIPT: &str = r#"
 local time = redis.call('TIME')
 local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
 local capacity = tonumber(ARGV[1])
 local rate = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
+local want = tonumber(ARGV[5])
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
 local tokens = tonumber(state[1])
 local updated = tonumber(state[2])
@@ -116,18 +143,15 @@ if tokens == nil or updated == nil then
   updated = now
 end
 tokens = math.min(capacity, tokens + math.max(0, now - updated) * rate)
-local admitted = 0
+local granted = 0
 if tokens >= cost then
-  tokens = tokens - cost
-  admitted = 1
+  granted = math.max(cost, math.min(want, math.floor(tokens)))
+  tokens = tokens - granted
 end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-return {admitted, tostring(tokens)}
+return {granted, tostring(tokens)}
 "#;
-
-/// Redis fell back (policy, mode) counts for the metrics endpoint.
-pub static FALLBACKS: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -161,6 +185,27 @@ const SHARDS: usize = 16;
 
 type Shard = Mutex<lru::LruCache<u64, Bucket, rustc_hash::FxBuildHasher>>;
 
+/// Tokens a node holds from Redis for one key.
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    tokens: f64,
+    /// When the lease was taken; past `max_age` the rest is dropped.
+    taken: Instant,
+    /// Tokens Redis had left at that time, for the `RateLimit` header.
+    remote: f64,
+    /// A lease request for this key is under way: others go to Redis for their own cost only,
+    /// so a node never holds more than one lease per key.
+    refilling: bool,
+}
+
+type LeaseShard = Mutex<lru::LruCache<u64, Held, rustc_hash::FxBuildHasher>>;
+
+struct Leasing {
+    tokens: f64,
+    max_age: Duration,
+    shards: Vec<LeaseShard>,
+}
+
 struct CompiledPolicy {
     name: Arc<str>,
     parts: Vec<Part>,
@@ -177,9 +222,11 @@ struct CompiledPolicy {
 }
 
 struct RedisBucket {
-    client: Arc<fred::clients::Client>,
-    script_sha: String,
+    redis: Arc<crate::shared::Redis>,
+    script_sha: Arc<str>,
     on_error: OnRedisError,
+    fallbacks: Arc<AtomicU64>,
+    leasing: Option<Leasing>,
     /// Seconds an idle bucket is kept (time to refill completely, at least a second).
     ttl: u64,
     /// `capacity / expected_nodes` and `rate / expected_nodes`, for `local_fallback`.
@@ -187,17 +234,28 @@ struct RedisBucket {
     fallback_rate: f64,
 }
 
-/// Decision counters by (policy, result).
+/// Counters by (policy, label).
 pub type DecisionCounters = HashMap<(String, &'static str), Arc<AtomicU64>>;
 
 /// Decisions per (policy, result), for the metrics endpoint.
 pub static DECISIONS: Lazy<Mutex<DecisionCounters>> = Lazy::new(Default::default);
 
+/// Decisions made without Redis per (policy, failure mode), for the metrics endpoint.
+pub static FALLBACKS: Lazy<Mutex<DecisionCounters>> = Lazy::new(Default::default);
+
 fn decision_counter(policy: &str, result: &'static str) -> Arc<AtomicU64> {
-    DECISIONS
+    counter(&DECISIONS, policy, result)
+}
+
+fn counter(
+    registry: &Mutex<DecisionCounters>,
+    policy: &str,
+    label: &'static str,
+) -> Arc<AtomicU64> {
+    registry
         .lock()
         .expect("rate-limit decision registry lock")
-        .entry((policy.to_string(), result))
+        .entry((policy.to_string(), label))
         .or_default()
         .clone()
 }
@@ -292,6 +350,20 @@ impl FilterKind for RateLimit {
                     "must be at least 1",
                 ));
             }
+            if let Some(lease) = &policy.lease {
+                if policy.backend != Backend::Redis {
+                    errors.push(BuildError::new(
+                        format!("{path}.lease"),
+                        "leasing takes tokens from Redis: it needs `backend: redis`",
+                    ));
+                }
+                if lease.tokens < policy.cost || lease.tokens > policy.capacity {
+                    errors.push(BuildError::new(
+                        format!("{path}.lease.tokens"),
+                        "must be between the cost and the capacity",
+                    ));
+                }
+            }
             let redis = match (policy.backend, &ctx.redis) {
                 (Backend::Local, _) => None,
                 (Backend::Redis, None) => {
@@ -302,9 +374,34 @@ impl FilterKind for RateLimit {
                     None
                 }
                 (Backend::Redis, Some(client)) => Some(RedisBucket {
-                    client: client.clone(),
-                    script_sha: fred::util::sha1_hash(BUCKET_SCRIPT),
+                    redis: client.clone(),
+                    script_sha: fred::util::sha1_hash(BUCKET_SCRIPT).into(),
                     on_error: policy.on_redis_error,
+                    fallbacks: counter(
+                        &FALLBACKS,
+                        &policy.name,
+                        match policy.on_redis_error {
+                            OnRedisError::FailOpen => "fail_open",
+                            OnRedisError::FailClosed => "fail_closed",
+                            OnRedisError::LocalFallback => "local_fallback",
+                        },
+                    ),
+                    leasing: policy.lease.as_ref().map(|lease| Leasing {
+                        tokens: lease.tokens as f64,
+                        max_age: duration(
+                            &format!("{path}.lease.max_age"),
+                            &lease.max_age,
+                            &mut errors,
+                        ),
+                        shards: (0..SHARDS)
+                            .map(|_| {
+                                Mutex::new(lru::LruCache::with_hasher(
+                                    per_shard,
+                                    Default::default(),
+                                ))
+                            })
+                            .collect(),
+                    }),
                     ttl: window.as_secs().max(1) + 1,
                     fallback_capacity: (policy.capacity as f64
                         / policy.expected_nodes.max(1) as f64)
@@ -393,41 +490,144 @@ impl CompiledPolicy {
         }
     }
 
-    /// The shared bucket in Redis. `Err` when Redis did not answer within its deadline.
-    async fn take_redis(&self, redis: &RedisBucket, key: u64) -> Result<(bool, f64, f64), ()> {
+    /// Asks Redis for `cost` tokens, or up to `want` of them (a lease). Returns (tokens granted,
+    /// tokens left). `Err` when Redis did not answer within its command deadline, or failed so
+    /// recently that it is in its back-off (then no time is spent waiting on it).
+    async fn redis_take(
+        &self,
+        bucket: &RedisBucket,
+        key: u64,
+        want: f64,
+    ) -> Result<(f64, f64), ()> {
         use fred::prelude::LuaInterface;
+        let redis = &bucket.redis;
+        if !redis.available() {
+            return Err(());
+        }
         // The hash tag keeps each bucket on one Redis Cluster slot.
         let redis_key = format!("gatehouse:ratelimit:{{{}:{key:016x}}}", self.name);
         let args: Vec<String> = vec![
             self.capacity.to_string(),
             self.rate.to_string(),
             self.cost.to_string(),
-            redis.ttl.to_string(),
+            bucket.ttl.to_string(),
+            want.to_string(),
         ];
-        let client = redis.client.clone();
-        let sha = redis.script_sha.clone();
-        let answer: Result<(i64, String), ()> = crate::shared::IO
-            .spawn(async move {
-                match client
-                    .evalsha::<(i64, String), _, _, _>(sha, vec![redis_key.clone()], args.clone())
-                    .await
-                {
-                    Err(error) if error.details().starts_with("NOSCRIPT") => client
+        let client = redis.clone();
+        let sha = bucket.script_sha.clone();
+        let call = crate::shared::IO.spawn(async move {
+            let result = match client
+                .evalsha::<(i64, String), _, _, _>(&*sha, vec![redis_key.clone()], args.clone())
+                .await
+            {
+                Err(error) if error.details().starts_with("NOSCRIPT") => {
+                    client
                         .eval::<(i64, String), _, _, _>(BUCKET_SCRIPT, vec![redis_key], args)
                         .await
-                        .map_err(|_| ()),
-                    result => result.map_err(|_| ()),
                 }
-            })
-            .await
-            .map_err(|_| ())?;
-        let (admitted, tokens) = answer?;
+                result => result,
+            };
+            match &result {
+                Ok(_) => client.record_success(),
+                Err(error) => client.record_failure(&error.to_string()),
+            }
+            result.map_err(|_| ())
+        });
+        // The client's own timeout covers each command; this bounds the whole exchange (and a
+        // busy I/O thread) to the same deadline.
+        let deadline = redis.command_timeout + Duration::from_millis(2);
+        let (granted, tokens) = match tokio::time::timeout(deadline, call).await {
+            Ok(Ok(answer)) => answer?,
+            Ok(Err(_)) => return Err(()),
+            Err(_) => {
+                redis.record_failure("no answer within the command deadline");
+                return Err(());
+            }
+        };
         let tokens: f64 = tokens.parse().map_err(|_| ())?;
-        if admitted == 1 {
-            Ok((true, tokens, 0.0))
+        Ok((granted as f64, tokens))
+    }
+
+    /// (admitted, tokens left, seconds until the cost is available) from Redis's answer.
+    fn verdict(&self, granted: f64, tokens: f64) -> (bool, f64, f64) {
+        if granted >= self.cost {
+            (true, tokens, 0.0)
         } else {
-            Ok((false, tokens, (self.cost - tokens) / self.rate))
+            (false, tokens, (self.cost - tokens) / self.rate)
         }
+    }
+
+    /// The decision of a `redis` policy; `Err` when Redis could not be asked.
+    async fn take_redis(
+        &self,
+        bucket: &RedisBucket,
+        key: u64,
+        now: Instant,
+    ) -> Result<(bool, f64, f64), ()> {
+        let Some(leasing) = &bucket.leasing else {
+            let (granted, tokens) = self.redis_take(bucket, key, self.cost).await?;
+            return Ok(self.verdict(granted, tokens));
+        };
+        let shard = &leasing.shards[(key as usize) % SHARDS];
+        let want = {
+            let mut held = shard.lock().expect("rate-limit lease shard lock");
+            match held.get_mut(&key) {
+                Some(lease) => {
+                    let fresh = now.saturating_duration_since(lease.taken) <= leasing.max_age;
+                    if fresh && lease.tokens >= self.cost {
+                        lease.tokens -= self.cost;
+                        return Ok((true, lease.remote + lease.tokens, 0.0));
+                    }
+                    if !fresh {
+                        lease.tokens = 0.0;
+                    }
+                    if lease.refilling {
+                        self.cost
+                    } else {
+                        lease.refilling = true;
+                        leasing.tokens
+                    }
+                }
+                None => {
+                    held.put(
+                        key,
+                        Held {
+                            tokens: 0.0,
+                            taken: now,
+                            remote: 0.0,
+                            refilling: true,
+                        },
+                    );
+                    leasing.tokens
+                }
+            }
+        };
+        let answer = self.redis_take(bucket, key, want).await;
+        if want == self.cost && leasing.tokens > self.cost {
+            // Another request is taking this key's lease: this one took its own cost only.
+            let (granted, tokens) = answer?;
+            return Ok(self.verdict(granted, tokens));
+        }
+        let mut held = shard.lock().expect("rate-limit lease shard lock");
+        let taken = Instant::now();
+        let lease = held.get_or_insert_mut(key, || Held {
+            tokens: 0.0,
+            taken,
+            remote: 0.0,
+            refilling: false,
+        });
+        lease.refilling = false;
+        let (granted, tokens) = answer?;
+        if granted < self.cost {
+            return Ok(self.verdict(granted, tokens));
+        }
+        if taken.saturating_duration_since(lease.taken) > leasing.max_age {
+            lease.tokens = 0.0;
+        }
+        lease.tokens += granted - self.cost;
+        lease.taken = taken;
+        lease.remote = tokens;
+        Ok((true, tokens + lease.tokens, 0.0))
     }
 
     fn refund(&self, key: u64) {
@@ -500,10 +700,10 @@ impl Filter for RateLimit {
             let key = policy.key(request, ctx);
             let (admitted, tokens, wait) = match &policy.redis {
                 None => policy.take(key, now),
-                Some(redis) => match policy.take_redis(redis, key).await {
+                Some(redis) => match policy.take_redis(redis, key, now).await {
                     Ok(decision) => decision,
                     Err(()) => {
-                        FALLBACKS.fetch_add(1, Ordering::Relaxed);
+                        redis.fallbacks.fetch_add(1, Ordering::Relaxed);
                         match redis.on_error {
                             OnRedisError::FailOpen => (true, policy.capacity, 0.0),
                             OnRedisError::FailClosed => {

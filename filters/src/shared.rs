@@ -1,9 +1,10 @@
 //! Clients shared by filters and config versions: a small I/O runtime for background work
-//! (key-set fetches, Redis connections) and one Redis client per URL.
+//! (key-set fetches, Redis connections) and one Redis client per URL, with its health.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fred::prelude::*;
 use once_cell::sync::Lazy;
@@ -25,13 +26,189 @@ pub struct RedisSettings {
     /// Every command's deadline; a command past it fails, and the caller's failure policy applies.
     pub command_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Commands that may wait for a connection; beyond it they fail at once.
+    pub max_queue: usize,
 }
 
-static CLIENTS: Lazy<Mutex<HashMap<RedisSettings, Arc<Client>>>> = Lazy::new(Default::default);
+/// One Redis server as Gatehouse sees it: the client, and whether it has been answering.
+///
+/// After a failed command, callers skip Redis for a short back-off (50 ms, doubling up to 1 s)
+/// and take their failure policy at once instead of each waiting for the deadline; the first
+/// command after the back-off tries it again. While it is down a background probe PINGs it every
+/// 200 ms, so it shows `up` again as soon as it answers, with or without traffic.
+pub struct Redis {
+    client: Client,
+    /// The URL without its password, for `/readyz` and logs.
+    pub display_url: String,
+    pub command_timeout: Duration,
+    health: Arc<Health>,
+}
 
-/// The client for these settings, created and connected (in the background) on first use.
-/// Reconnects with exponential backoff; commands queued while disconnected fail at their deadline.
-pub fn redis_client(settings: &RedisSettings) -> Result<Arc<Client>, String> {
+struct Health {
+    display_url: String,
+    consecutive_failures: AtomicU64,
+    /// Milliseconds since `epoch` before which Redis is not tried.
+    skip_until: AtomicU64,
+    /// Wall-clock milliseconds of the first failure of the current outage (0 when up).
+    down_since: AtomicU64,
+    last_error: Mutex<Option<String>>,
+    commands_ok: AtomicU64,
+    commands_failed: AtomicU64,
+    epoch: Instant,
+}
+
+impl std::fmt::Debug for Redis {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Redis")
+            .field("url", &self.display_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::ops::Deref for Redis {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+/// What `/readyz` and `/metrics` show about a Redis server.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RedisStatus {
+    pub url: String,
+    /// `up`, or `down` (commands fail or time out; policies use their failure mode).
+    pub state: &'static str,
+    pub connected: bool,
+    pub consecutive_failures: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub down_since_unix_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    pub commands_ok: u64,
+    pub commands_failed: u64,
+}
+
+impl Redis {
+    /// False while a recent failure's back-off runs: the caller should not wait on Redis now.
+    pub fn available(&self) -> bool {
+        self.health.available()
+    }
+
+    pub fn record_success(&self) {
+        self.health.record_success();
+    }
+
+    pub fn record_failure(&self, error: &str) {
+        if self.health.record_failure(error) {
+            let client = self.client.clone();
+            let health = Arc::downgrade(&self.health);
+            let timeout = self.command_timeout;
+            IO.spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let Some(health) = health.upgrade() else {
+                        return;
+                    };
+                    if health.consecutive_failures.load(Ordering::Relaxed) == 0 {
+                        return;
+                    }
+                    if let Ok(Ok(())) = tokio::time::timeout(timeout, client.ping::<()>(None)).await
+                    {
+                        health.record_success();
+                        return;
+                    }
+                }
+            });
+        }
+    }
+
+    pub fn status(&self) -> RedisStatus {
+        let health = &self.health;
+        let failures = health.consecutive_failures.load(Ordering::Relaxed);
+        let down_since = health.down_since.load(Ordering::Relaxed);
+        RedisStatus {
+            url: self.display_url.clone(),
+            state: if failures == 0 { "up" } else { "down" },
+            connected: self.client.is_connected(),
+            consecutive_failures: failures,
+            down_since_unix_ms: (down_since != 0).then_some(down_since),
+            last_error: if failures == 0 {
+                None
+            } else {
+                health.last_error.lock().ok().and_then(|last| last.clone())
+            },
+            commands_ok: health.commands_ok.load(Ordering::Relaxed),
+            commands_failed: health.commands_failed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Health {
+    fn millis(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn available(&self) -> bool {
+        self.millis() >= self.skip_until.load(Ordering::Relaxed)
+    }
+
+    fn record_success(&self) {
+        self.commands_ok.fetch_add(1, Ordering::Relaxed);
+        if self.consecutive_failures.swap(0, Ordering::Relaxed) != 0 {
+            self.down_since.store(0, Ordering::Relaxed);
+            self.skip_until.store(0, Ordering::Relaxed);
+            tracing::info!(redis = %self.display_url, "Redis answers again");
+        }
+    }
+
+    /// Returns true when this failure starts an outage.
+    fn record_failure(&self, error: &str) -> bool {
+        self.commands_failed.fetch_add(1, Ordering::Relaxed);
+        let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let backoff = 50u64 << (failures - 1).min(5);
+        self.skip_until
+            .store(self.millis() + backoff.min(1_000), Ordering::Relaxed);
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = Some(error.to_string());
+        }
+        if failures == 1 {
+            self.down_since.store(unix_ms(), Ordering::Relaxed);
+            tracing::warn!(redis = %self.display_url, error, "Redis did not answer; rate-limit policies use their failure mode");
+        }
+        failures == 1
+    }
+}
+
+fn display_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("****"));
+            }
+            parsed.to_string()
+        }
+        Err(_) => "(invalid URL)".to_string(),
+    }
+}
+
+static CLIENTS: Lazy<Mutex<HashMap<RedisSettings, Arc<Redis>>>> = Lazy::new(Default::default);
+
+/// The client for these settings, created and connected (in the background) on first use, and
+/// shared by every config version that uses the same settings.
+///
+/// Explicit client settings: every command has `command_timeout` and one attempt; reconnects
+/// back off exponentially (up to 2 s); at most `max_queue` commands wait for a connection;
+/// commands from concurrent requests are pipelined on the one connection.
+pub fn redis_client(settings: &RedisSettings) -> Result<Arc<Redis>, String> {
     let mut clients = CLIENTS.lock().expect("Redis client registry lock");
     if let Some(client) = clients.get(settings) {
         return Ok(client.clone());
@@ -40,16 +217,20 @@ pub fn redis_client(settings: &RedisSettings) -> Result<Arc<Client>, String> {
         Config::from_url(&settings.url).map_err(|error| format!("invalid Redis URL: {error}"))?;
     let command_timeout = settings.command_timeout;
     let connect_timeout = settings.connect_timeout;
+    let max_queue = settings.max_queue;
     let client = Builder::from_config(config)
         .with_performance_config(|performance| {
             performance.default_command_timeout = command_timeout;
+            // Commands of concurrent requests share the connection without waiting for each
+            // other's replies (fred always pipelines); up to this many are written per flush.
+            performance.max_feed_count = 200;
         })
         .with_connection_config(|connection| {
             connection.connection_timeout = connect_timeout;
             connection.internal_command_timeout = connect_timeout;
             connection.max_command_attempts = 1;
             // A bounded queue: while Redis is away, commands fail instead of piling up.
-            connection.max_command_buffer_len = 10_000;
+            connection.max_command_buffer_len = max_queue;
             connection.tcp = TcpConfig {
                 nodelay: Some(true),
                 ..Default::default()
@@ -62,7 +243,53 @@ pub fn redis_client(settings: &RedisSettings) -> Result<Arc<Client>, String> {
         let _runtime = IO.enter();
         let _connection = client.connect();
     }
-    let client = Arc::new(client);
-    clients.insert(settings.clone(), client.clone());
-    Ok(client)
+    let redis = Arc::new(Redis {
+        client,
+        display_url: display_url(&settings.url),
+        command_timeout,
+        health: Arc::new(Health {
+            display_url: display_url(&settings.url),
+            consecutive_failures: AtomicU64::new(0),
+            skip_until: AtomicU64::new(0),
+            down_since: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+            commands_ok: AtomicU64::new(0),
+            commands_failed: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }),
+    });
+    clients.insert(settings.clone(), redis.clone());
+    Ok(redis)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_back_off_and_one_success_clears_them() {
+        let redis = redis_client(&RedisSettings {
+            url: "redis://user:secret@127.0.0.1:1".into(),
+            command_timeout: Duration::from_millis(5),
+            connect_timeout: Duration::from_millis(50),
+            max_queue: 10,
+        })
+        .unwrap();
+        assert_eq!(redis.display_url, "redis://user:****@127.0.0.1:1");
+        assert!(redis.available());
+        assert_eq!(redis.status().state, "up");
+        redis.record_failure("timeout");
+        assert!(!redis.available(), "a failure starts a back-off");
+        let status = redis.status();
+        assert_eq!(status.state, "down");
+        assert_eq!(status.last_error.as_deref(), Some("timeout"));
+        assert!(status.down_since_unix_ms.is_some());
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(redis.available(), "the back-off ends after 50 ms");
+        redis.record_success();
+        let status = redis.status();
+        assert_eq!(status.state, "up");
+        assert_eq!(status.consecutive_failures, 0);
+        assert!(status.last_error.is_none());
+    }
 }

@@ -352,6 +352,7 @@ pub fn compile(loaded: LoadedConfig, source: &str, version: u64) -> Result<Snaps
                 url: redis.url.clone(),
                 command_timeout: redis.command_timeout.get(),
                 connect_timeout: redis.connect_timeout.get(),
+                max_queue: redis.max_queue,
             },
         ) {
             Ok(client) => Some(client),
@@ -485,6 +486,7 @@ pub fn compile(loaded: LoadedConfig, source: &str, version: u64) -> Result<Snaps
         trusted_proxies: config.server.trusted_proxies.clone(),
         identity_headers,
         anonymous: build_ctx.consumers.anonymous.clone(),
+        redis: build_ctx.redis.clone(),
         unmatched_metrics: metrics::route_metrics(metrics::UNMATCHED_ROUTE),
         config: as_written,
     })

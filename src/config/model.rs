@@ -523,6 +523,14 @@ pub struct RedisConfig {
     pub command_timeout: Duration,
     #[serde(default = "default_redis_connect_timeout")]
     pub connect_timeout: Duration,
+    /// Commands allowed to wait for a connection while Redis is unreachable; beyond it a command
+    /// fails at once (and the caller's failure policy applies).
+    #[serde(default = "default_redis_max_queue")]
+    pub max_queue: usize,
+}
+
+fn default_redis_max_queue() -> usize {
+    10_000
 }
 
 fn default_redis_command_timeout() -> Duration {

@@ -57,6 +57,8 @@ pub struct Snapshot {
     pub identity_headers: IdentityHeaders,
     /// The consumer of unidentified requests on `auth: optional` routes.
     pub anonymous: Option<gatehouse_filters::Consumer>,
+    /// The Redis server of the `redis` section, for its state on `/readyz` and `/metrics`.
+    pub redis: Option<std::sync::Arc<gatehouse_filters::shared::Redis>>,
 }
 
 /// Headers that tell the upstream who called.

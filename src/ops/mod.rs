@@ -83,13 +83,16 @@ impl ServeHttp for OpsApp {
                         "ready": filters_ready,
                         "config": { "version": snapshot.version, "hash": snapshot.hash, "source": snapshot.source },
                         "filters_ready": filters_ready,
+                        // Redis being down does not make the node unready: each rate-limit
+                        // policy has its failure mode, and the node keeps serving with it.
+                        "redis": snapshot.redis.as_ref().map(|redis| redis.status()),
                     }),
                 )
             }
             "/metrics" => reply(
                 200,
                 "text/plain; version=0.0.4",
-                crate::telemetry::metrics::render(),
+                crate::telemetry::metrics::render(snapshot.redis.as_deref()),
             ),
             "/config" => {
                 let mut config = serde_json::to_value(&snapshot.config).unwrap_or_default();

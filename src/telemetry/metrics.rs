@@ -153,13 +153,39 @@ pub fn record_config_rejected() {
         .inc();
 }
 
-/// The Prometheus text exposition of every metric.
-pub fn render() -> Vec<u8> {
+fn escape_label(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+/// Rows of a (policy, label) counter registry, sorted.
+fn labelled_rows(
+    registry: &std::sync::Mutex<gatehouse_filters::rate_limit::DecisionCounters>,
+) -> Vec<(String, &'static str, u64)> {
+    use std::sync::atomic::Ordering;
+    let mut rows: Vec<_> = registry
+        .lock()
+        .map(|counters| {
+            counters
+                .iter()
+                .map(|((policy, label), count)| {
+                    (policy.clone(), *label, count.load(Ordering::Relaxed))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    rows.sort();
+    rows
+}
+
+/// The Prometheus text exposition of every metric, with the state of the current config's
+/// Redis server when it has one.
+pub fn render(redis: Option<&gatehouse_filters::shared::Redis>) -> Vec<u8> {
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering;
     let mut buffer = Vec::new();
     let families = METRICS.registry.gather();
     TextEncoder::new().encode(&families, &mut buffer).ok();
-    use std::sync::atomic::Ordering;
-    let jwks = [
+    let counters = [
         (
             "gatehouse_jwks_refreshes_total",
             "JWKS key-set fetches that succeeded",
@@ -170,45 +196,53 @@ pub fn render() -> Vec<u8> {
             "JWKS key-set fetches that failed (the stale keys were kept)",
             &gatehouse_filters::jwt::jwks::REFRESH_FAILURES,
         ),
+    ];
+    let mut text = String::new();
+    let families = [
+        (
+            "gatehouse_ratelimit_decisions_total",
+            "Rate-limit decisions, by policy and result",
+            "result",
+            &*gatehouse_filters::rate_limit::DECISIONS,
+        ),
         (
             "gatehouse_ratelimit_fallback_total",
-            "Rate-limit decisions made without Redis (it did not answer in time)",
-            &gatehouse_filters::rate_limit::FALLBACKS,
+            "Rate-limit decisions made without Redis (it did not answer in time), by policy and failure mode",
+            "mode",
+            &*gatehouse_filters::rate_limit::FALLBACKS,
         ),
     ];
-    let decisions = gatehouse_filters::rate_limit::DECISIONS
-        .lock()
-        .map(|decisions| {
-            let mut rows: Vec<_> = decisions
-                .iter()
-                .map(|((policy, result), count)| {
-                    (policy.clone(), *result, count.load(Ordering::Relaxed))
-                })
-                .collect();
-            rows.sort();
-            rows
-        });
-    if let Ok(rows) = decisions {
-        if !rows.is_empty() {
-            buffer.extend_from_slice(
-                b"# HELP gatehouse_ratelimit_decisions_total Rate-limit decisions, by policy and result\n# TYPE gatehouse_ratelimit_decisions_total counter\n",
+    for (name, help, label, registry) in families {
+        let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (policy, value, count) in labelled_rows(registry) {
+            let _ = writeln!(
+                text,
+                "{name}{{policy=\"{}\",{label}=\"{value}\"}} {count}",
+                escape_label(&policy)
             );
-            for (policy, result, count) in rows {
-                let policy = policy.replace('\\', "\\\\").replace('"', "\\\"");
-                buffer.extend_from_slice(
-                    format!("gatehouse_ratelimit_decisions_total{{policy=\"{policy}\",result=\"{result}\"}} {count}\n").as_bytes(),
-                );
-            }
         }
     }
-    for (name, help, counter) in jwks {
-        buffer.extend_from_slice(
-            format!(
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
-                counter.load(Ordering::Relaxed)
-            )
-            .as_bytes(),
+    for (name, help, counter) in counters {
+        let _ = writeln!(
+            text,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+            counter.load(Ordering::Relaxed)
         );
     }
+    if let Some(redis) = redis {
+        let status = redis.status();
+        let url = escape_label(&status.url);
+        let _ = writeln!(
+            text,
+            "# HELP gatehouse_redis_up Whether Redis answers commands (1) or not (0)\n# TYPE gatehouse_redis_up gauge\ngatehouse_redis_up{{url=\"{url}\"}} {}",
+            u8::from(status.state == "up")
+        );
+        let _ = writeln!(
+            text,
+            "# HELP gatehouse_redis_commands_total Redis commands, by outcome\n# TYPE gatehouse_redis_commands_total counter\ngatehouse_redis_commands_total{{url=\"{url}\",outcome=\"ok\"}} {}\ngatehouse_redis_commands_total{{url=\"{url}\",outcome=\"failed\"}} {}",
+            status.commands_ok, status.commands_failed
+        );
+    }
+    buffer.extend_from_slice(text.as_bytes());
     buffer
 }

@@ -392,3 +392,87 @@ pub fn run_cli(args: &[&str], dir: &Path) -> (i32, String, String) {
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
+
+/// A kept-alive HTTP/1.1 connection for sustained load: one GET at a time, the status back.
+pub struct KeepAlive {
+    addr: SocketAddr,
+    stream: Option<TcpStream>,
+    buffer: Vec<u8>,
+}
+
+impl KeepAlive {
+    pub fn new(addr: SocketAddr) -> KeepAlive {
+        KeepAlive {
+            addr,
+            stream: None,
+            buffer: Vec::with_capacity(4096),
+        }
+    }
+
+    /// GET `path` and return the status; reconnects when the server closed the connection.
+    pub fn get(&mut self, path: &str) -> std::io::Result<u16> {
+        let raw = format!("GET {path} HTTP/1.1\r\nHost: gatehouse.test\r\n\r\n");
+        for attempt in 0..2 {
+            if self.stream.is_none() {
+                let stream = TcpStream::connect(self.addr)?;
+                stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+                stream.set_nodelay(true)?;
+                self.stream = Some(stream);
+            }
+            match self.exchange(raw.as_bytes()) {
+                Ok((status, keep)) => {
+                    if !keep {
+                        self.stream = None;
+                    }
+                    return Ok(status);
+                }
+                Err(error) if attempt == 0 && self.buffer.is_empty() => {
+                    // A kept-alive connection closed by the server before the request: retry once.
+                    let _ = error;
+                    self.stream = None;
+                }
+                Err(error) => {
+                    self.stream = None;
+                    return Err(error);
+                }
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
+    fn exchange(&mut self, raw: &[u8]) -> std::io::Result<(u16, bool)> {
+        let stream = self.stream.as_mut().expect("connected");
+        stream.write_all(raw)?;
+        self.buffer.clear();
+        let mut chunk = [0u8; 8192];
+        loop {
+            if let Some(head_end) = self.buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buffer[..head_end]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|line| line.strip_prefix("content-length:"))
+                    .and_then(|value| value.trim().parse().ok())
+                    .ok_or_else(|| {
+                        std::io::Error::new(std::io::ErrorKind::InvalidData, "no content-length")
+                    })?;
+                if self.buffer.len() >= head_end + 4 + length {
+                    let status = head
+                        .split(' ')
+                        .nth(1)
+                        .and_then(|code| code.parse().ok())
+                        .unwrap_or(0);
+                    let keep = !head.contains("connection: close");
+                    return Ok((status, keep));
+                }
+            }
+            let read = stream.read(&mut chunk)?;
+            if read == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "connection closed",
+                ));
+            }
+            self.buffer.extend_from_slice(&chunk[..read]);
+        }
+    }
+}
