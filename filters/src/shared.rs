@@ -78,7 +78,8 @@ impl std::ops::Deref for Redis {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct RedisStatus {
     pub url: String,
-    /// `up`, or `down` (commands fail or time out; policies use their failure mode).
+    /// `up`; `connecting` before the first connection (or while reconnecting, before a command
+    /// failed); `down` once commands fail or time out (policies use their failure mode).
     pub state: &'static str,
     pub connected: bool,
     pub consecutive_failures: u64,
@@ -130,7 +131,11 @@ impl Redis {
         let down_since = health.down_since.load(Ordering::Relaxed);
         RedisStatus {
             url: self.display_url.clone(),
-            state: if failures == 0 { "up" } else { "down" },
+            state: match (failures, self.client.is_connected()) {
+                (0, true) => "up",
+                (0, false) => "connecting",
+                _ => "down",
+            },
             connected: self.client.is_connected(),
             consecutive_failures: failures,
             down_since_unix_ms: (down_since != 0).then_some(down_since),
@@ -277,7 +282,7 @@ mod tests {
         .unwrap();
         assert_eq!(redis.display_url, "redis://user:****@127.0.0.1:1");
         assert!(redis.available());
-        assert_eq!(redis.status().state, "up");
+        assert_eq!(redis.status().state, "connecting", "nothing listens there");
         redis.record_failure("timeout");
         assert!(!redis.available(), "a failure starts a back-off");
         let status = redis.status();
@@ -288,7 +293,7 @@ mod tests {
         assert!(redis.available(), "the back-off ends after 50 ms");
         redis.record_success();
         let status = redis.status();
-        assert_eq!(status.state, "up");
+        assert_eq!(status.state, "connecting");
         assert_eq!(status.consecutive_failures, 0);
         assert!(status.last_error.is_none());
     }

@@ -161,6 +161,13 @@ fn redis_gateway(redis: &str, policy: &str) -> Gateway {
     )
 }
 
+/// A gateway whose Redis connection is up, so the first requests do not race the connection.
+fn connected_redis_gateway(redis: &str, policy: &str) -> Gateway {
+    let gateway = redis_gateway(redis, policy);
+    wait_for_redis_state(&gateway, "up");
+    gateway
+}
+
 fn unique_name(prefix: &str) -> String {
     format!("{prefix}-{}-{}", std::process::id(), fastrand::u64(..))
 }
@@ -168,7 +175,7 @@ fn unique_name(prefix: &str) -> String {
 #[test]
 fn the_redis_backend_admits_exactly_the_capacity() {
     let name = unique_name("redis-exact");
-    let gateway = redis_gateway(
+    let gateway = connected_redis_gateway(
         &redis_url(),
         &format!("{{ name: {name}, key: [client_ip], capacity: 50, refill: {{ tokens: 1, every: 1h }}, backend: redis }}"),
     );
@@ -191,7 +198,7 @@ fn the_redis_backend_admits_exactly_the_capacity() {
     }
     assert_eq!(admitted.load(Ordering::Relaxed), 50);
     // A second gateway on the same Redis shares the (now empty) bucket.
-    let second = redis_gateway(
+    let second = connected_redis_gateway(
         &redis_url(),
         &format!("{{ name: {name}, key: [client_ip], capacity: 50, refill: {{ tokens: 1, every: 1h }}, backend: redis }}"),
     );
@@ -361,6 +368,7 @@ routes:
         fallback = policy("local_fallback", 20),
         exact = policy("fail_closed", 50),
     ));
+    wait_for_redis_state(&gateway, "up");
     // Sends `rounds` requests to each route and returns each route's statuses; every request must
     // be answered within the command deadline plus 50 ms.
     let mut client = crate::support::KeepAlive::new(gateway.addr);
@@ -482,6 +490,9 @@ routes:
         redis = redis_url(),
     );
     let gateways: Vec<Gateway> = (0..NODES).map(|_| Gateway::start(&config)).collect();
+    for gateway in &gateways {
+        wait_for_redis_state(gateway, "up");
+    }
     // Offered load: three times the rate on each route, spread over the nodes, paced.
     let per_thread_interval = std::time::Duration::from_secs_f64(2.0 * NODES as f64 / (3.0 * RATE));
     let started = std::time::Instant::now();
@@ -559,7 +570,7 @@ routes:
 #[test]
 fn leasing_spends_tokens_locally_between_redis_round_trips() {
     let name = unique_name("lease");
-    let gateway = redis_gateway(
+    let gateway = connected_redis_gateway(
         &redis_url(),
         &format!("{{ name: {name}, key: [client_ip], capacity: 100, refill: {{ tokens: 1, every: 1h }}, backend: redis, lease: {{ tokens: 10, max_age: 5s }} }}"),
     );
