@@ -10,11 +10,13 @@
 //!
 //! Backend `redis` keeps one bucket per key for the whole cluster, updated atomically by a Lua
 //! script on Redis's clock. With `lease`, a node takes up to `lease.tokens` at once and spends
-//! them locally, so most requests cost no round trip. Tokens are always taken from Redis before
-//! they are spent, so the cluster never admits more than the bucket gave out; a lease only moves
-//! admissions later in time. In any interval of length T the cluster admits at most
-//! `capacity + rate * T + nodes * lease.tokens` per key, and leased tokens a node does not spend
-//! within `lease.max_age` are dropped (admitting less, never more).
+//! them locally, so most requests cost no round trip; when fewer than half a lease is left it
+//! fetches the next one in the background. Tokens are always taken from Redis before they are
+//! spent, so the cluster never admits more than the bucket gave out; a lease only moves
+//! admissions later in time. A node holds less than `1.5 * lease.tokens` per key, so in any
+//! interval of length T the cluster admits at most `capacity + rate * T + 1.5 * nodes *
+//! lease.tokens` per key; leased tokens a node does not spend within `lease.max_age` are dropped
+//! (admitting less, never more).
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -193,17 +195,60 @@ struct Held {
     taken: Instant,
     /// Tokens Redis had left at that time, for the `RateLimit` header.
     remote: f64,
-    /// A lease request for this key is under way: others go to Redis for their own cost only,
-    /// so a node never holds more than one lease per key.
+    /// A lease request for this key is under way: others on this node wait for it, so a node
+    /// holds at most one lease per key.
     refilling: bool,
+    /// Redis said the bucket cannot have the cost before then.
+    empty_until: Option<Instant>,
 }
 
-type LeaseShard = Mutex<lru::LruCache<u64, Held, rustc_hash::FxBuildHasher>>;
+impl Held {
+    fn empty(now: Instant) -> Held {
+        Held {
+            tokens: 0.0,
+            taken: now,
+            remote: 0.0,
+            refilling: false,
+            empty_until: None,
+        }
+    }
+}
+
+struct LeaseSlot {
+    held: Mutex<lru::LruCache<u64, Held, rustc_hash::FxBuildHasher>>,
+    /// Woken whenever a refill of a key of this shard ends.
+    refilled: tokio::sync::Notify,
+}
 
 struct Leasing {
     tokens: f64,
+    /// Below this many held tokens a node fetches its next lease in the background, so requests
+    /// keep spending local tokens meanwhile.
+    low_water: f64,
     max_age: Duration,
-    shards: Vec<LeaseShard>,
+    shards: Vec<LeaseSlot>,
+}
+
+/// Ends a refill that did not finish (its request was cancelled): the key is free to be
+/// refilled again and its waiters wake up.
+struct RefillUnderWay<'a> {
+    slot: &'a LeaseSlot,
+    key: u64,
+    done: bool,
+}
+
+impl Drop for RefillUnderWay<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if let Ok(mut held) = self.slot.held.lock() {
+            if let Some(lease) = held.peek_mut(&self.key) {
+                lease.refilling = false;
+            }
+        }
+        self.slot.refilled.notify_waiters();
+    }
 }
 
 struct CompiledPolicy {
@@ -212,9 +257,11 @@ struct CompiledPolicy {
     capacity: f64,
     /// Tokens per second.
     rate: f64,
-    window: Duration,
     cost: f64,
     legacy_headers: bool,
+    /// `RateLimit-Policy` and `X-RateLimit-Limit`, the same on every response.
+    policy_header: HeaderValue,
+    limit_header: HeaderValue,
     shards: Vec<Shard>,
     allowed: Arc<AtomicU64>,
     limited: Arc<AtomicU64>,
@@ -222,16 +269,25 @@ struct CompiledPolicy {
 }
 
 struct RedisBucket {
-    redis: Arc<crate::shared::Redis>,
-    script_sha: Arc<str>,
+    call: Arc<RedisCall>,
     on_error: OnRedisError,
     fallbacks: Arc<AtomicU64>,
-    leasing: Option<Leasing>,
-    /// Seconds an idle bucket is kept (time to refill completely, at least a second).
-    ttl: u64,
+    leasing: Option<Arc<Leasing>>,
     /// `capacity / expected_nodes` and `rate / expected_nodes`, for `local_fallback`.
     fallback_capacity: f64,
     fallback_rate: f64,
+}
+
+/// Everything one call of the bucket script needs, shareable with a background refill.
+struct RedisCall {
+    redis: Arc<crate::shared::Redis>,
+    script_sha: Arc<str>,
+    name: Arc<str>,
+    cost: f64,
+    rate: f64,
+    /// The script's first four arguments: capacity, rate, cost, and the seconds an idle bucket
+    /// is kept (the time to refill completely, at least a second).
+    args: [String; 4],
 }
 
 /// Counters by (policy, label).
@@ -374,8 +430,19 @@ impl FilterKind for RateLimit {
                     None
                 }
                 (Backend::Redis, Some(client)) => Some(RedisBucket {
-                    redis: client.clone(),
-                    script_sha: fred::util::sha1_hash(BUCKET_SCRIPT).into(),
+                    call: Arc::new(RedisCall {
+                        redis: client.clone(),
+                        script_sha: fred::util::sha1_hash(BUCKET_SCRIPT).into(),
+                        name: policy.name.as_str().into(),
+                        cost: policy.cost as f64,
+                        rate,
+                        args: [
+                            (policy.capacity as f64).to_string(),
+                            rate.to_string(),
+                            (policy.cost as f64).to_string(),
+                            (window.as_secs().max(1) + 1).to_string(),
+                        ],
+                    }),
                     on_error: policy.on_redis_error,
                     fallbacks: counter(
                         &FALLBACKS,
@@ -386,23 +453,26 @@ impl FilterKind for RateLimit {
                             OnRedisError::LocalFallback => "local_fallback",
                         },
                     ),
-                    leasing: policy.lease.as_ref().map(|lease| Leasing {
-                        tokens: lease.tokens as f64,
-                        max_age: duration(
-                            &format!("{path}.lease.max_age"),
-                            &lease.max_age,
-                            &mut errors,
-                        ),
-                        shards: (0..SHARDS)
-                            .map(|_| {
-                                Mutex::new(lru::LruCache::with_hasher(
-                                    per_shard,
-                                    Default::default(),
-                                ))
-                            })
-                            .collect(),
+                    leasing: policy.lease.as_ref().map(|lease| {
+                        Arc::new(Leasing {
+                            tokens: lease.tokens as f64,
+                            low_water: (lease.tokens as f64 / 2.0).max(policy.cost as f64),
+                            max_age: duration(
+                                &format!("{path}.lease.max_age"),
+                                &lease.max_age,
+                                &mut errors,
+                            ),
+                            shards: (0..SHARDS)
+                                .map(|_| LeaseSlot {
+                                    held: Mutex::new(lru::LruCache::with_hasher(
+                                        per_shard,
+                                        Default::default(),
+                                    )),
+                                    refilled: tokio::sync::Notify::new(),
+                                })
+                                .collect(),
+                        })
                     }),
-                    ttl: window.as_secs().max(1) + 1,
                     fallback_capacity: (policy.capacity as f64
                         / policy.expected_nodes.max(1) as f64)
                         .max(1.0),
@@ -414,9 +484,15 @@ impl FilterKind for RateLimit {
                 parts,
                 capacity: policy.capacity as f64,
                 rate,
-                window,
                 cost: policy.cost as f64,
                 legacy_headers: policy.legacy_headers,
+                policy_header: header_value(format!(
+                    "\"{}\";q={};w={}",
+                    policy.name,
+                    policy.capacity,
+                    window.as_secs().max(1)
+                )),
+                limit_header: HeaderValue::from(policy.capacity),
                 shards: (0..SHARDS)
                     .map(|_| Mutex::new(lru::LruCache::with_hasher(per_shard, Default::default())))
                     .collect(),
@@ -490,31 +566,129 @@ impl CompiledPolicy {
         }
     }
 
-    /// Asks Redis for `cost` tokens, or up to `want` of them (a lease). Returns (tokens granted,
-    /// tokens left). `Err` when Redis did not answer within its command deadline, or failed so
-    /// recently that it is in its back-off (then no time is spent waiting on it).
-    async fn redis_take(
+    /// (admitted, tokens left, seconds until the cost is available) from Redis's answer.
+    fn verdict(&self, granted: f64, tokens: f64) -> (bool, f64, f64) {
+        verdict(self.cost, self.rate, granted, tokens)
+    }
+
+    /// The decision of a `redis` policy; `Err` when Redis could not be asked.
+    async fn take_redis(
         &self,
         bucket: &RedisBucket,
         key: u64,
-        want: f64,
-    ) -> Result<(f64, f64), ()> {
+        now: Instant,
+    ) -> Result<(bool, f64, f64), ()> {
+        let Some(leasing) = &bucket.leasing else {
+            let (granted, tokens) = bucket.call.take(key, self.cost).await?;
+            return Ok(self.verdict(granted, tokens));
+        };
+        let slot = &leasing.shards[(key as usize) % SHARDS];
+        // Requests that find the lease empty while it is being refilled wait for that refill
+        // (one Redis call per lease, not one per request), at most one command deadline.
+        let deadline = now + bucket.call.redis.command_timeout + Duration::from_millis(2);
+        loop {
+            let refill_under_way = {
+                let mut held = slot.held.lock().expect("rate-limit lease shard lock");
+                let now = Instant::now();
+                let lease = held.get_or_insert_mut(key, || Held::empty(now));
+                if now.saturating_duration_since(lease.taken) > leasing.max_age {
+                    lease.tokens = 0.0;
+                }
+                if lease.tokens >= self.cost {
+                    lease.tokens -= self.cost;
+                    let remaining = lease.remote + lease.tokens;
+                    let prefetch = lease.tokens < leasing.low_water
+                        && !lease.refilling
+                        && lease.empty_until.is_none_or(|until| now >= until)
+                        && bucket.call.redis.available();
+                    if prefetch {
+                        lease.refilling = true;
+                    }
+                    drop(held);
+                    if prefetch {
+                        let call = bucket.call.clone();
+                        let leasing = leasing.clone();
+                        crate::shared::IO.spawn(async move {
+                            let answer = call.take(key, leasing.tokens).await;
+                            let _ = leasing.finish_refill(key, answer, call.cost, call.rate, false);
+                        });
+                    }
+                    return Ok((true, remaining, 0.0));
+                }
+                if let Some(until) = lease.empty_until {
+                    // Redis said the bucket cannot have the cost before `until`: tokens only
+                    // come back with time, so asking again sooner would only cost a round trip.
+                    if now < until {
+                        return Ok((false, lease.remote, (until - now).as_secs_f64()));
+                    }
+                }
+                if lease.refilling {
+                    if now >= deadline {
+                        return Err(());
+                    }
+                    Some(slot.refilled.notified())
+                } else {
+                    lease.refilling = true;
+                    None
+                }
+            };
+            match refill_under_way {
+                Some(refilled) => {
+                    let _ = tokio::time::timeout_at(deadline.into(), refilled).await;
+                }
+                None => break,
+            }
+        }
+        let mut refill = RefillUnderWay {
+            slot,
+            key,
+            done: false,
+        };
+        let answer = bucket.call.take(key, leasing.tokens).await;
+        refill.done = true;
+        leasing.finish_refill(key, answer, self.cost, self.rate, true)
+    }
+
+    fn refund(&self, key: u64) {
+        let shard = &self.shards[(key as usize) % SHARDS];
+        if let Ok(mut buckets) = shard.lock() {
+            if let Some(bucket) = buckets.peek_mut(&key) {
+                bucket.tokens = (bucket.tokens + self.cost).min(self.capacity);
+            }
+        }
+    }
+
+    fn seconds_to_full(&self, tokens: f64) -> u64 {
+        ((self.capacity - tokens) / self.rate).ceil() as u64
+    }
+}
+
+/// (admitted, tokens left, seconds until the cost is available) from Redis's answer.
+fn verdict(cost: f64, rate: f64, granted: f64, tokens: f64) -> (bool, f64, f64) {
+    if granted >= cost {
+        (true, tokens, 0.0)
+    } else {
+        (false, tokens, (cost - tokens) / rate)
+    }
+}
+
+impl RedisCall {
+    /// Asks Redis for `cost` tokens, or up to `want` of them (a lease). Returns (tokens granted,
+    /// tokens left). `Err` when Redis did not answer within its command deadline, or failed so
+    /// recently that it is in its back-off (then no time is spent waiting on it).
+    async fn take(&self, key: u64, want: f64) -> Result<(f64, f64), ()> {
         use fred::prelude::LuaInterface;
-        let redis = &bucket.redis;
+        let redis = &self.redis;
         if !redis.available() {
             return Err(());
         }
         // The hash tag keeps each bucket on one Redis Cluster slot.
         let redis_key = format!("gatehouse:ratelimit:{{{}:{key:016x}}}", self.name);
-        let args: Vec<String> = vec![
-            self.capacity.to_string(),
-            self.rate.to_string(),
-            self.cost.to_string(),
-            bucket.ttl.to_string(),
-            want.to_string(),
-        ];
+        let mut args: Vec<String> = Vec::with_capacity(5);
+        args.extend(self.args.iter().cloned());
+        args.push(want.to_string());
         let client = redis.clone();
-        let sha = bucket.script_sha.clone();
+        let sha = self.script_sha.clone();
         let call = crate::shared::IO.spawn(async move {
             let result = match client
                 .evalsha::<(i64, String), _, _, _>(&*sha, vec![redis_key.clone()], args.clone())
@@ -547,100 +721,42 @@ impl CompiledPolicy {
         let tokens: f64 = tokens.parse().map_err(|_| ())?;
         Ok((granted as f64, tokens))
     }
+}
 
-    /// (admitted, tokens left, seconds until the cost is available) from Redis's answer.
-    fn verdict(&self, granted: f64, tokens: f64) -> (bool, f64, f64) {
-        if granted >= self.cost {
-            (true, tokens, 0.0)
-        } else {
-            (false, tokens, (self.cost - tokens) / self.rate)
-        }
-    }
-
-    /// The decision of a `redis` policy; `Err` when Redis could not be asked.
-    async fn take_redis(
+impl Leasing {
+    /// Records a refill's answer and wakes the requests waiting for it. With `spend`, one cost
+    /// of the new lease is taken for the request that asked, and its decision returned.
+    fn finish_refill(
         &self,
-        bucket: &RedisBucket,
         key: u64,
-        now: Instant,
+        answer: Result<(f64, f64), ()>,
+        cost: f64,
+        rate: f64,
+        spend: bool,
     ) -> Result<(bool, f64, f64), ()> {
-        let Some(leasing) = &bucket.leasing else {
-            let (granted, tokens) = self.redis_take(bucket, key, self.cost).await?;
-            return Ok(self.verdict(granted, tokens));
-        };
-        let shard = &leasing.shards[(key as usize) % SHARDS];
-        let want = {
-            let mut held = shard.lock().expect("rate-limit lease shard lock");
-            match held.get_mut(&key) {
-                Some(lease) => {
-                    let fresh = now.saturating_duration_since(lease.taken) <= leasing.max_age;
-                    if fresh && lease.tokens >= self.cost {
-                        lease.tokens -= self.cost;
-                        return Ok((true, lease.remote + lease.tokens, 0.0));
-                    }
-                    if !fresh {
-                        lease.tokens = 0.0;
-                    }
-                    if lease.refilling {
-                        self.cost
-                    } else {
-                        lease.refilling = true;
-                        leasing.tokens
-                    }
-                }
-                None => {
-                    held.put(
-                        key,
-                        Held {
-                            tokens: 0.0,
-                            taken: now,
-                            remote: 0.0,
-                            refilling: true,
-                        },
-                    );
-                    leasing.tokens
-                }
-            }
-        };
-        let answer = self.redis_take(bucket, key, want).await;
-        if want == self.cost && leasing.tokens > self.cost {
-            // Another request is taking this key's lease: this one took its own cost only.
-            let (granted, tokens) = answer?;
-            return Ok(self.verdict(granted, tokens));
-        }
-        let mut held = shard.lock().expect("rate-limit lease shard lock");
+        let slot = &self.shards[(key as usize) % SHARDS];
         let taken = Instant::now();
-        let lease = held.get_or_insert_mut(key, || Held {
-            tokens: 0.0,
-            taken,
-            remote: 0.0,
-            refilling: false,
-        });
+        let mut held = slot.held.lock().expect("rate-limit lease shard lock");
+        let lease = held.get_or_insert_mut(key, || Held::empty(taken));
         lease.refilling = false;
+        slot.refilled.notify_waiters();
         let (granted, tokens) = answer?;
-        if granted < self.cost {
-            return Ok(self.verdict(granted, tokens));
+        lease.remote = tokens;
+        if granted < cost {
+            lease.empty_until =
+                Some(taken + Duration::from_secs_f64((cost - tokens).max(0.0) / rate));
+            return Ok(verdict(cost, rate, granted, tokens));
         }
-        if taken.saturating_duration_since(lease.taken) > leasing.max_age {
+        lease.empty_until = None;
+        if taken.saturating_duration_since(lease.taken) > self.max_age {
             lease.tokens = 0.0;
         }
-        lease.tokens += granted - self.cost;
+        lease.tokens += granted;
         lease.taken = taken;
-        lease.remote = tokens;
-        Ok((true, tokens + lease.tokens, 0.0))
-    }
-
-    fn refund(&self, key: u64) {
-        let shard = &self.shards[(key as usize) % SHARDS];
-        if let Ok(mut buckets) = shard.lock() {
-            if let Some(bucket) = buckets.peek_mut(&key) {
-                bucket.tokens = (bucket.tokens + self.cost).min(self.capacity);
-            }
+        if spend {
+            lease.tokens -= cost;
         }
-    }
-
-    fn seconds_to_full(&self, tokens: f64) -> u64 {
-        ((self.capacity - tokens) / self.rate).ceil() as u64
+        Ok((true, tokens + lease.tokens, 0.0))
     }
 }
 
@@ -649,40 +765,34 @@ fn header_value(text: String) -> HeaderValue {
 }
 
 impl RateLimit {
-    fn headers(&self, outcome: &Outcome) -> Vec<(HeaderName, HeaderValue)> {
+    /// The rate-limit headers for `outcome`, given to `emit` one by one.
+    fn headers(&self, outcome: &Outcome, mut emit: impl FnMut(HeaderName, HeaderValue)) {
         let policy = &self.policies[outcome.policy];
-        let window = policy.window.as_secs().max(1);
-        let mut headers = vec![
-            (
-                HeaderName::from_static("ratelimit-policy"),
-                header_value(format!(
-                    "\"{}\";q={};w={window}",
-                    policy.name, policy.capacity as u64
-                )),
-            ),
-            (
-                HeaderName::from_static("ratelimit"),
-                header_value(format!(
-                    "\"{}\";r={};t={}",
-                    policy.name, outcome.remaining, outcome.reset_seconds
-                )),
-            ),
-        ];
+        emit(
+            HeaderName::from_static("ratelimit-policy"),
+            policy.policy_header.clone(),
+        );
+        emit(
+            HeaderName::from_static("ratelimit"),
+            header_value(format!(
+                "\"{}\";r={};t={}",
+                policy.name, outcome.remaining, outcome.reset_seconds
+            )),
+        );
         if policy.legacy_headers {
-            headers.push((
+            emit(
                 HeaderName::from_static("x-ratelimit-limit"),
-                header_value((policy.capacity as u64).to_string()),
-            ));
-            headers.push((
+                policy.limit_header.clone(),
+            );
+            emit(
                 HeaderName::from_static("x-ratelimit-remaining"),
-                header_value(outcome.remaining.to_string()),
-            ));
-            headers.push((
+                HeaderValue::from(outcome.remaining),
+            );
+            emit(
                 HeaderName::from_static("x-ratelimit-reset"),
-                header_value(outcome.reset_seconds.to_string()),
-            ));
+                HeaderValue::from(outcome.reset_seconds),
+            );
         }
-        headers
     }
 }
 
@@ -742,9 +852,9 @@ impl Filter for RateLimit {
                     http::header::RETRY_AFTER,
                     header_value(retry_after.to_string()),
                 );
-                for (name, value) in self.headers(&outcome) {
-                    problem = problem.header(name, value);
-                }
+                self.headers(&outcome, |name, value| {
+                    problem.headers.push((name, value));
+                });
                 return Decision::Reject(problem);
             }
             policy.allowed.fetch_add(1, Ordering::Relaxed);
@@ -769,9 +879,9 @@ impl Filter for RateLimit {
 
     fn response(&self, response: &mut ResponseHeader, ctx: &mut RequestContext) {
         if let Some(RateLimitOutcome(outcome)) = ctx.state.get::<RateLimitOutcome>() {
-            for (name, value) in self.headers(outcome) {
+            self.headers(outcome, |name, value| {
                 response.insert_header(name, value).ok();
-            }
+            });
         }
     }
 }
