@@ -1,4 +1,5 @@
-//! The `gatehouse` command line: run, validate, schema, explain.
+//! The `gatehouse` command line: run, validate, schema, explain, keygen, and the PostgreSQL config
+//! store's migrate, config push and config pull.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -59,6 +60,90 @@ enum Command {
         /// The request path (with query, if any).
         path: String,
     },
+    /// Apply the PostgreSQL config store's schema migrations that are not applied yet.
+    Migrate {
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// The config in PostgreSQL: push a YAML file as a new version, or pull the live one.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+#[derive(clap::Args)]
+struct DatabaseArgs {
+    /// `postgres://user[:password]@host[:port]/database`.
+    #[arg(long, env = "GATEHOUSE_DATABASE_URL")]
+    database_url: String,
+    /// The schema holding the config tables (created by `migrate` if missing).
+    #[arg(long)]
+    schema: Option<String>,
+    /// `disable` or `require` (TLS mandatory, server certificate verified).
+    #[arg(long, default_value = "disable")]
+    tls: String,
+    /// CA certificates (PEM) that verify the server with `--tls require`.
+    #[arg(long)]
+    ca_file: Option<String>,
+}
+
+impl DatabaseArgs {
+    fn database(&self) -> Result<gatehouse::config::postgres::Database, String> {
+        let mode = match self.tls.as_str() {
+            "disable" => gatehouse::config::model::PostgresTlsMode::Disable,
+            "require" => gatehouse::config::model::PostgresTlsMode::Require,
+            other => return Err(format!("--tls {other}: use disable or require")),
+        };
+        gatehouse::config::postgres::Database::new(
+            &self.database_url,
+            self.schema.as_deref(),
+            mode,
+            self.ca_file.as_deref(),
+            std::time::Duration::from_secs(10),
+        )
+    }
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Validate a YAML config file, then store it as one new version (replacing the stored one).
+    Push {
+        file: PathBuf,
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// Recorded in `config_versions.author` (default: $USER).
+        #[arg(long)]
+        author: Option<String>,
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
+    /// Print the live database config as YAML.
+    Pull {
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+}
+
+fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("start a runtime")
+        .block_on(future)
+}
+
+fn database_command(label: &str, action: impl FnOnce() -> Result<String, String>) -> ExitCode {
+    match action() {
+        Ok(output) => {
+            print!("{output}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("gatehouse {label}: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -132,6 +217,56 @@ fn main() -> ExitCode {
             eprintln!("Add the hash to the consumer:  - {{ type: api_key, hash: \"{hash}\" }}");
             ExitCode::SUCCESS
         }
+        Command::Migrate { database } => database_command("migrate", || {
+            let database = database.database()?;
+            let applied = block_on(database.migrate())?;
+            Ok(if applied.is_empty() {
+                format!("{}: the schema is up to date\n", database.display)
+            } else {
+                format!("{}: applied {}\n", database.display, applied.join(", "))
+            })
+        }),
+        Command::Config {
+            action:
+                ConfigAction::Push {
+                    file,
+                    database,
+                    author,
+                    comment,
+                },
+        } => database_command("config push", || {
+            let database = database.database()?;
+            // The file must compile as it is, exactly as a node would build it.
+            gatehouse::config::load::load_file(&file)
+                .and_then(|loaded| {
+                    gatehouse::config::compile(loaded, &file.display().to_string(), 0)
+                })
+                .map_err(|errors| {
+                    format!("{} is not valid, nothing stored:\n{errors}", file.display())
+                })?;
+            // What is stored is the document as written: secret references, not their values.
+            let written = gatehouse::config::load::read_yaml(&file).map_err(|e| e.to_string())?;
+            let document = serde_json::to_value(written).map_err(|e| e.to_string())?;
+            let author = author
+                .or_else(|| std::env::var("USER").ok())
+                .unwrap_or_else(|| "gatehouse".into());
+            let version = block_on(database.push(&document, &author, &comment))?;
+            Ok(format!(
+                "{}: stored as version {version} in {}\n",
+                file.display(),
+                database.display
+            ))
+        }),
+        Command::Config {
+            action: ConfigAction::Pull { database },
+        } => database_command("config pull", || {
+            let database = database.database()?;
+            let loaded = block_on(database.pull())?;
+            if loaded.version.is_none() {
+                return Err(format!("{} holds no config yet", database.display));
+            }
+            serde_yaml::to_string(&loaded.document).map_err(|e| e.to_string())
+        }),
         Command::Schema => {
             println!(
                 "{}",

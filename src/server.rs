@@ -36,10 +36,13 @@ pub enum StartError {
 
 /// Start Gatehouse on `config_path` and serve until shut down. Returns only on a start failure.
 pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
+    // Logging first, from the file's own `telemetry` section, so that what happens while the
+    // config is opened (a database that does not answer, a snapshot file served) is logged.
+    let local = crate::config::load::load_file(config_path)?;
+    crate::telemetry::logging::init(&local.resolved.telemetry.log);
     let store = Arc::new(ConfigStore::open(config_path)?);
     let snapshot = store.load();
     let config = &snapshot.config;
-    crate::telemetry::logging::init(&config.telemetry.log);
     crate::telemetry::access_log::init(
         &config.telemetry.access_log.path,
         config.telemetry.access_log.sample,
@@ -122,14 +125,22 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
         server.add_service(ops);
     }
 
-    let reloader = background_service(
-        "config reloader",
-        ConfigReloader {
-            store: store.clone(),
-            watch: config.config.watch,
-        },
-    );
-    server.add_service(reloader);
+    if store.postgres().is_some() {
+        server.add_service(background_service(
+            "postgres config sync",
+            crate::config::postgres::PostgresSync {
+                store: store.clone(),
+            },
+        ));
+    } else {
+        server.add_service(background_service(
+            "config reloader",
+            ConfigReloader {
+                store: store.clone(),
+                watch: config.config.watch,
+            },
+        ));
+    }
 
     tracing::info!(
         version = snapshot.version,

@@ -281,11 +281,17 @@ pub fn compile(loaded: LoadedConfig, source: &str, version: u64) -> Result<Snaps
             ),
         ));
     }
-    if config.config.source == SourceKind::Postgres {
-        errors.push(ConfigError::new(
-            "config.source",
-            "the postgres source is not available in this version; use \"file\"",
-        ));
+    match (&config.config.source, &config.config.postgres) {
+        (SourceKind::Postgres, None) => errors.push(ConfigError::new(
+            "config.postgres",
+            "`source: postgres` needs a `postgres` section with the database `url`",
+        )),
+        (SourceKind::Postgres, Some(postgres)) => {
+            if let Err(message) = super::postgres::check_url(&postgres.url) {
+                errors.push(ConfigError::new("config.postgres.url", message));
+            }
+        }
+        (SourceKind::File, _) => {}
     }
     let sample = config.telemetry.access_log.sample;
     if !(0.0..=1.0).contains(&sample) {
@@ -487,6 +493,8 @@ pub fn compile(loaded: LoadedConfig, source: &str, version: u64) -> Result<Snaps
         identity_headers,
         anonymous: build_ctx.consumers.anonymous.clone(),
         redis: build_ctx.redis.clone(),
+        serving: true,
+        database_version: None,
         unmatched_metrics: metrics::route_metrics(metrics::UNMATCHED_ROUTE),
         config: as_written,
     })

@@ -25,14 +25,33 @@ pub fn load_file(path: &Path) -> Result<LoadedConfig, ConfigErrors> {
     parse_yaml(&text)
 }
 
-/// Parse a YAML config text.
-pub fn parse_yaml(text: &str) -> Result<LoadedConfig, ConfigErrors> {
-    let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|error| {
+/// Read a YAML file as a document, without interpreting it.
+pub fn read_yaml(path: &Path) -> Result<serde_yaml::Value, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|error| {
+        ConfigErrors(vec![ConfigError::new(
+            "",
+            format!("cannot read {}: {error}", path.display()),
+        )])
+    })?;
+    yaml_value(&text)
+}
+
+fn yaml_value(text: &str) -> Result<serde_yaml::Value, ConfigErrors> {
+    serde_yaml::from_str(text).map_err(|error| {
         ConfigErrors(vec![ConfigError::new(
             "",
             format!("not valid YAML: {error}"),
         )])
-    })?;
+    })
+}
+
+/// Parse a YAML config text.
+pub fn parse_yaml(text: &str) -> Result<LoadedConfig, ConfigErrors> {
+    parse_value(yaml_value(text)?)
+}
+
+/// Interpret a config document (from a file, or from the database).
+pub fn parse_value(value: serde_yaml::Value) -> Result<LoadedConfig, ConfigErrors> {
     let as_written = deserialize(value.clone())?;
     let mut resolved_value = value;
     let mut errors = Vec::new();

@@ -6,6 +6,7 @@ pub mod compile;
 pub mod error;
 pub mod load;
 pub mod model;
+pub mod postgres;
 pub mod snapshot;
 pub mod store;
 pub mod units;

@@ -161,6 +161,11 @@ pub struct SourceConfig {
     pub source: SourceKind,
     /// Reload the file when it changes. SIGHUP always reloads.
     pub watch: bool,
+    /// With `source: postgres`: where the config lives. The file then keeps only what the node
+    /// itself owns (`server`, `ops`, `config`, `telemetry`); everything else comes from the
+    /// database.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<PostgresSourceConfig>,
 }
 
 impl Default for SourceConfig {
@@ -168,8 +173,67 @@ impl Default for SourceConfig {
         SourceConfig {
             source: SourceKind::File,
             watch: true,
+            postgres: None,
         }
     }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSourceConfig {
+    /// `postgres://user[:password]@host[:port]/database`; may be a `${env:NAME}` reference. TLS is
+    /// set with `tls`, not with `sslmode` in the URL.
+    pub url: String,
+    /// The schema holding the config tables (default: the server's search path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<String>,
+    #[serde(default)]
+    pub tls: PostgresTlsConfig,
+    /// A full read of the config even without a notification, to catch missed ones.
+    #[serde(default = "default_resync_interval")]
+    pub resync_interval: Duration,
+    /// Notifications arriving within this time are read as one change.
+    #[serde(default = "default_debounce")]
+    pub debounce: Duration,
+    #[serde(default = "default_postgres_connect_timeout")]
+    pub connect_timeout: Duration,
+    /// The last good config is written here after every applied version; a node that starts
+    /// while PostgreSQL is unreachable serves it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_path: Option<String>,
+    /// This node's name in `config_versions.decided_by` (default: the host name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresTlsConfig {
+    /// `disable`, or `require`: TLS is mandatory (never a plaintext fallback) and the server's
+    /// certificate is verified, against `ca_file` when given, else against the system's roots.
+    pub mode: PostgresTlsMode,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PostgresTlsMode {
+    #[default]
+    Disable,
+    Require,
+}
+
+fn default_resync_interval() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_debounce() -> Duration {
+    Duration::from_millis(20)
+}
+
+fn default_postgres_connect_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]

@@ -59,6 +59,11 @@ pub struct Snapshot {
     pub anonymous: Option<gatehouse_filters::Consumer>,
     /// The Redis server of the `redis` section, for its state on `/readyz` and `/metrics`.
     pub redis: Option<std::sync::Arc<gatehouse_filters::shared::Redis>>,
+    /// False for the stand-in of a node that has no config yet (PostgreSQL unreachable at start
+    /// and no snapshot file): it is not ready and answers 503.
+    pub serving: bool,
+    /// The `config_versions` id this snapshot was built from, with `source: postgres`.
+    pub database_version: Option<i64>,
 }
 
 /// Headers that tell the upstream who called.

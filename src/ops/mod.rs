@@ -77,10 +77,12 @@ impl ServeHttp for OpsApp {
             "/healthz" => reply(200, "text/plain", b"ok\n".to_vec()),
             "/readyz" => {
                 let filters_ready = snapshot.filters_ready();
+                let ready = filters_ready && snapshot.serving;
                 json(
-                    if filters_ready { 200 } else { 503 },
+                    if ready { 200 } else { 503 },
                     serde_json::json!({
-                        "ready": filters_ready,
+                        "ready": ready,
+                        "config_loaded": snapshot.serving,
                         "config": { "version": snapshot.version, "hash": snapshot.hash, "source": snapshot.source },
                         "filters_ready": filters_ready,
                         // Redis being down does not make the node unready: each rate-limit
@@ -92,7 +94,10 @@ impl ServeHttp for OpsApp {
             "/metrics" => reply(
                 200,
                 "text/plain; version=0.0.4",
-                crate::telemetry::metrics::render(snapshot.redis.as_deref()),
+                crate::telemetry::metrics::render(
+                    snapshot.redis.as_deref(),
+                    self.store.postgres().map(|source| &*source.state),
+                ),
             ),
             "/config" => {
                 let mut config = serde_json::to_value(&snapshot.config).unwrap_or_default();
@@ -104,6 +109,12 @@ impl ServeHttp for OpsApp {
                         "hash": snapshot.hash,
                         "source": snapshot.source,
                         "applied_at": humantime::format_rfc3339_seconds(snapshot.loaded_at).to_string(),
+                        "database": self.store.postgres().map(|source| {
+                            let mut report = source.state.report();
+                            report["served_version"] = snapshot.database_version.into();
+                            report["database"] = source.database.display.clone().into();
+                            report
+                        }),
                         "config": config,
                     }),
                 )

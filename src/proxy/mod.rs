@@ -279,6 +279,18 @@ impl ProxyHttp for Gateway {
                     }
                 }
             }
+            if !snapshot.serving {
+                return respond_problem(
+                    session,
+                    ctx,
+                    Problem::new(
+                        503,
+                        "config-not-loaded",
+                        "This node has not loaded its routes yet",
+                    ),
+                )
+                .await;
+            }
             return respond_problem(
                 session,
                 ctx,

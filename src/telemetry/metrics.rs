@@ -179,7 +179,10 @@ fn labelled_rows(
 
 /// The Prometheus text exposition of every metric, with the state of the current config's
 /// Redis server when it has one.
-pub fn render(redis: Option<&gatehouse_filters::shared::Redis>) -> Vec<u8> {
+pub fn render(
+    redis: Option<&gatehouse_filters::shared::Redis>,
+    postgres: Option<&crate::config::postgres::SourceState>,
+) -> Vec<u8> {
     use std::fmt::Write;
     use std::sync::atomic::Ordering;
     let mut buffer = Vec::new();
@@ -241,6 +244,24 @@ pub fn render(redis: Option<&gatehouse_filters::shared::Redis>) -> Vec<u8> {
             text,
             "# HELP gatehouse_redis_commands_total Redis commands, by outcome\n# TYPE gatehouse_redis_commands_total counter\ngatehouse_redis_commands_total{{url=\"{url}\",outcome=\"ok\"}} {}\ngatehouse_redis_commands_total{{url=\"{url}\",outcome=\"failed\"}} {}",
             status.commands_ok, status.commands_failed
+        );
+    }
+    if let Some(state) = postgres {
+        let applied = state.applied_version.load(Ordering::Relaxed);
+        let latest = state.latest_version.load(Ordering::Relaxed);
+        let _ = writeln!(
+            text,
+            "# HELP gatehouse_config_source_up Whether the config database is connected (1) or not (0)\n# TYPE gatehouse_config_source_up gauge\ngatehouse_config_source_up{{source=\"postgres\"}} {}",
+            u8::from(state.up.load(Ordering::Relaxed))
+        );
+        let _ = writeln!(
+            text,
+            "# HELP gatehouse_config_database_version The config_versions id this node serves\n# TYPE gatehouse_config_database_version gauge\ngatehouse_config_database_version {applied}"
+        );
+        let _ = writeln!(
+            text,
+            "# HELP gatehouse_config_database_versions_behind Versions committed in the database that this node does not serve yet\n# TYPE gatehouse_config_database_versions_behind gauge\ngatehouse_config_database_versions_behind {}",
+            (latest - applied).max(0)
         );
     }
     buffer.extend_from_slice(text.as_bytes());

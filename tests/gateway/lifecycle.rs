@@ -162,11 +162,8 @@ fn shipped_configs_validate() {
     assert!(files.len() > 1, "conf/examples is empty");
     for file in files {
         // The examples take their secrets from the environment, as deployments should.
-        let output = std::process::Command::new(crate::support::binary())
-            .args(["validate", &file])
+        let output = crate::support::example_command(&["validate", &file])
             .current_dir(root)
-            .env("GATEHOUSE_API_KEY_SECRET", "an-example-server-secret")
-            .env("GATEHOUSE_OAUTH_CLIENT_SECRET", "an-example-client-secret")
             .output()
             .unwrap();
         assert!(

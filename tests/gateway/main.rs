@@ -9,6 +9,7 @@ mod introspection;
 mod lifecycle;
 mod limits;
 mod login;
+mod postgres;
 mod rate_limit;
 mod reload;
 mod routing;

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod idp;
+pub mod pg;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -377,6 +378,20 @@ pub fn try_get(addr: SocketAddr, path: &str) -> std::io::Result<Reply> {
 
 pub fn get(addr: SocketAddr, path: &str) -> Reply {
     request(addr, "GET", path, &[], b"")
+}
+
+/// `gatehouse` with the environment the example configs read their secrets and database from.
+pub fn example_command(args: &[&str]) -> Command {
+    let mut command = Command::new(binary());
+    command
+        .args(args)
+        .env("GATEHOUSE_API_KEY_SECRET", "an-example-server-secret")
+        .env("GATEHOUSE_OAUTH_CLIENT_SECRET", "an-example-client-secret")
+        .env(
+            "GATEHOUSE_DATABASE_URL",
+            "postgres://gatehouse@127.0.0.1/gatehouse",
+        );
+    command
 }
 
 /// Run `gatehouse` with arguments and return (exit code, stdout, stderr).

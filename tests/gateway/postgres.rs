@@ -1,0 +1,471 @@
+//! The PostgreSQL config source through the real binary and a real PostgreSQL: each test has a
+//! database of its own. Changes are committed with SQL, as an operator or the admin service
+//! would, and observed through the proxy.
+
+use std::time::{Duration, Instant};
+
+use crate::support::pg::{server_addr, Relay, TestDatabase};
+use crate::support::{get, run_cli, spawn_echo, Gateway};
+
+/// Two upstreams and one route whose response names the config (`x-config`), so a client can
+/// tell which version served it.
+fn routes_yaml(a: std::net::SocketAddr, b: std::net::SocketAddr) -> String {
+    format!(
+        r#"version: 1
+upstreams:
+  - {{ name: a, targets: [{{ address: "{a}" }}] }}
+  - {{ name: b, targets: [{{ address: "{b}" }}] }}
+routes:
+  - name: main
+    match: {{ paths: [{{ prefix: / }}] }}
+    upstream: a
+    filters: [{{ kind: response_headers, config: {{ set: {{ x-config: a-0 }} }} }}]
+"#
+    )
+}
+
+/// The `config:` section of a postgres-mode node.
+fn source(url: &str, extra: &str) -> String {
+    format!("config: {{ source: postgres, postgres: {{ url: \"{url}\", resync_interval: 1s{extra} }} }}")
+}
+
+fn seeded() -> (TestDatabase, std::net::SocketAddr, std::net::SocketAddr) {
+    let database = TestDatabase::create();
+    let a = spawn_echo("a");
+    let b = spawn_echo("b");
+    database.push(&routes_yaml(a, b));
+    (database, a, b)
+}
+
+/// One transaction: route `main` to `upstream` and mark its responses `marker`.
+fn change(client: &mut postgres::Client, upstream: &str, marker: &str) {
+    let mut transaction = client.transaction().unwrap();
+    transaction
+        .execute(
+            "UPDATE routes SET upstream = $1 WHERE name = 'main'",
+            &[&upstream],
+        )
+        .unwrap();
+    transaction
+        .execute(
+            "UPDATE filters SET config = jsonb_build_object('set', jsonb_build_object('x-config', $1::text)) WHERE route = 'main' AND kind = 'response_headers'",
+            &[&marker],
+        )
+        .unwrap();
+    transaction.commit().unwrap();
+}
+
+fn config_report(gateway: &Gateway) -> serde_json::Value {
+    get(gateway.ops, "/config").json()
+}
+
+#[test]
+fn migrations_are_idempotent_and_recorded() {
+    let database = TestDatabase::create();
+    let (code, stdout, stderr) = run_cli(
+        &["migrate", "--database-url", &database.url],
+        std::path::Path::new("."),
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("up to date"), "{stdout}");
+    let applied: i64 = database
+        .client()
+        .query_one("SELECT count(*) FROM schema_migrations", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(applied, 1);
+    // A migration in a schema of its own: created, and kept apart from the public one.
+    let (code, stdout, stderr) = run_cli(
+        &[
+            "migrate",
+            "--database-url",
+            &database.url,
+            "--schema",
+            "tenant_a",
+        ],
+        std::path::Path::new("."),
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("applied 0001_config_store"), "{stdout}");
+    let tables: i64 = database
+        .client()
+        .query_one(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'tenant_a' AND table_name IN ('routes', 'upstreams', 'config_versions')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 3);
+}
+
+/// `gatehouse validate` of a file, with the secrets the examples read from the environment.
+fn validated_hash(file: &std::path::Path) -> String {
+    let output = crate::support::example_command(&["validate", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{}: {stdout}{}",
+        file.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+        .split("hash ")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches([')', '\n'])
+        .to_string()
+}
+
+#[test]
+fn push_then_pull_gives_the_same_config() {
+    let database = TestDatabase::create();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let dir = tempfile::tempdir().unwrap();
+    let mut files = vec![std::path::PathBuf::from(format!(
+        "{root}/conf/gatehouse.yaml"
+    ))];
+    for entry in std::fs::read_dir(format!("{root}/conf/examples")).unwrap() {
+        files.push(entry.unwrap().path());
+    }
+    for file in files {
+        let output = crate::support::example_command(&[
+            "config",
+            "push",
+            file.to_str().unwrap(),
+            "--database-url",
+            &database.url,
+        ])
+        .output()
+        .unwrap();
+        assert!(
+            output.status.success(),
+            "push {}: {}",
+            file.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let (code, pulled, stderr) = run_cli(
+            &["config", "pull", "--database-url", &database.url],
+            dir.path(),
+        );
+        assert_eq!(code, 0, "{stderr}");
+        // Secret references are stored as written, never resolved.
+        assert!(!pulled.contains("an-example-server-secret"), "{pulled}");
+        let pulled_file = dir.path().join("pulled.yaml");
+        std::fs::write(&pulled_file, &pulled).unwrap();
+        assert_eq!(
+            validated_hash(&file),
+            validated_hash(&pulled_file),
+            "{} changed on the way through the database:\n{pulled}",
+            file.display()
+        );
+    }
+    // A file that does not compile is refused before anything is stored.
+    let before = database.latest_version();
+    let broken = dir.path().join("broken.yaml");
+    std::fs::write(
+        &broken,
+        "version: 1\nroutes: [{ name: r, match: { paths: [{ prefix: / }] }, upstream: nowhere }]\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = run_cli(
+        &[
+            "config",
+            "push",
+            broken.to_str().unwrap(),
+            "--database-url",
+            &database.url,
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("nothing stored") && stderr.contains("nowhere"),
+        "{stderr}"
+    );
+    assert_eq!(database.latest_version(), before);
+}
+
+#[test]
+fn committed_changes_reach_the_gateway_quickly() {
+    let (database, _, _) = seeded();
+    let gateway = Gateway::start(&source(&database.url, ""));
+    assert_eq!(get(gateway.addr, "/x").header("x-config"), Some("a-0"));
+    let mut client = database.client();
+    let mut delays = Vec::new();
+    for round in 1..=50 {
+        let marker = format!("a-{round}");
+        let committed = Instant::now();
+        change(&mut client, "a", &marker);
+        loop {
+            let reply = get(gateway.addr, "/x");
+            if reply.header("x-config") == Some(marker.as_str()) {
+                break;
+            }
+            assert!(
+                committed.elapsed() < Duration::from_secs(10),
+                "change {round} never arrived"
+            );
+        }
+        delays.push(committed.elapsed());
+    }
+    delays.sort();
+    let p50 = delays[delays.len() / 2];
+    let p99 = delays[(delays.len() * 99) / 100 - 1];
+    println!(
+        "COMMIT to first request served under the new config, 50 changes: p50 {p50:?}, p99 {p99:?}, max {:?}",
+        delays.last().unwrap()
+    );
+    let report = config_report(&gateway);
+    assert_eq!(
+        report["source"].as_str().unwrap().split(':').next(),
+        Some("postgres")
+    );
+    let database_report = &report["database"];
+    assert_eq!(database_report["state"], "up");
+    assert_eq!(
+        database_report["applied_version"].as_i64(),
+        Some(database.latest_version())
+    );
+    assert_eq!(database_report["versions_behind"], 0);
+    let (status, _) = database.version_status(database.latest_version());
+    assert_eq!(status, "applied");
+    let metrics = gateway.metrics();
+    assert!(
+        metrics.contains("gatehouse_config_source_up{source=\"postgres\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_hundred_changes_under_load_fail_no_request_and_never_mix_versions() {
+    let (database, _, _) = seeded();
+    let gateway = Gateway::start(&source(&database.url, ""));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let address = gateway.addr;
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut served, mut failed, mut mixed) = (0u64, Vec::new(), Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match crate::support::try_get(address, "/x") {
+                        Ok(reply) if reply.status == 200 => {
+                            served += 1;
+                            // Upstream and marker change in one transaction: they must agree.
+                            let marker = reply.header("x-config").unwrap_or("").to_string();
+                            if !marker.starts_with(&format!("{}-", reply.upstream())) {
+                                mixed.push(format!("{} via {}", marker, reply.upstream()));
+                            }
+                        }
+                        Ok(reply) => failed.push(format!("status {}", reply.status)),
+                        Err(error) => failed.push(error.to_string()),
+                    }
+                }
+                (served, failed, mixed)
+            })
+        })
+        .collect();
+    let mut client = database.client();
+    for round in 1..=100 {
+        let upstream = if round % 2 == 0 { "a" } else { "b" };
+        change(&mut client, upstream, &format!("{upstream}-{round}"));
+        // Also a change of an upstream's targets and of a rate limit now and then.
+        if round % 10 == 0 {
+            client
+                .batch_execute(
+                    "UPDATE targets SET weight = coalesce(weight, 1) % 5 + 1 WHERE upstream = 'b'",
+                )
+                .unwrap();
+            client
+                .batch_execute(&format!(
+                    "INSERT INTO filters (route, kind, config) VALUES ('main', 'rate_limit', '{{\"policies\": [{{\"name\": \"r{round}\", \"key\": [\"route\"], \"capacity\": 1000000, \"refill\": {{\"tokens\": 1000000, \"every\": \"1s\"}}}}]}}')"
+                ))
+                .unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for client in clients {
+        let (served, failed, mixed) = client.join().unwrap();
+        total += served;
+        assert!(failed.is_empty(), "failed requests: {failed:?}");
+        assert!(mixed.is_empty(), "responses mixing two versions: {mixed:?}");
+    }
+    println!("{total} requests served across 110 committed changes, none failed");
+    assert!(total > 100);
+    assert_eq!(get(gateway.addr, "/x").header("x-config"), Some("a-100"));
+}
+
+#[test]
+fn an_invalid_version_is_rejected_recorded_and_the_old_one_keeps_serving() {
+    let (database, _, _) = seeded();
+    let gateway = Gateway::start(&source(&database.url, ""));
+    database.execute(
+        "UPDATE routes SET match = '{\"paths\": [{\"regex\": \"(unclosed\"}]}' WHERE name = 'main'",
+    );
+    let version = database.latest_version();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, error) = database.version_status(version);
+        if status == "rejected" {
+            let error = error.unwrap();
+            assert!(error.contains("routes[0].match"), "{error}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "version {version} stays {status}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(get(gateway.addr, "/x").header("x-config"), Some("a-0"));
+    assert!(gateway
+        .metrics()
+        .contains("gatehouse_config_reloads_total{result=\"rejected\"} 1"));
+    assert_eq!(
+        config_report(&gateway)["database"]["last_rejected_version"].as_i64(),
+        Some(version)
+    );
+}
+
+#[test]
+fn losing_postgres_keeps_serving_and_catches_up_after() {
+    let (database, _, _) = seeded();
+    let relay = Relay::start(server_addr());
+    let gateway = Gateway::start(&source(&relay.url(&database), ""));
+    assert_eq!(get(gateway.addr, "/x").header("x-config"), Some("a-0"));
+    relay.cut();
+    // A change committed while the node cannot see the database.
+    change(&mut database.client(), "b", "b-1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while config_report(&gateway)["database"]["state"] != "down" {
+        assert!(Instant::now() < deadline, "the loss was not noticed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for _ in 0..20 {
+        let reply = get(gateway.addr, "/x");
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("x-config"), Some("a-0"));
+    }
+    assert_eq!(get(gateway.ops, "/readyz").status, 200, "still ready");
+    assert!(gateway
+        .metrics()
+        .contains("gatehouse_config_source_up{source=\"postgres\"} 0"));
+    relay.restore();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while get(gateway.addr, "/x").header("x-config") != Some("b-1") {
+        assert!(Instant::now() < deadline, "the node did not catch up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(get(gateway.addr, "/x").upstream(), "b");
+    assert_eq!(config_report(&gateway)["database"]["state"], "up");
+}
+
+#[test]
+fn a_cold_start_without_postgres_serves_the_snapshot_file_or_is_not_ready() {
+    let (database, _, _) = seeded();
+    let snapshot_dir = tempfile::tempdir().unwrap();
+    let snapshot = snapshot_dir.path().join("last-good.json");
+    let snapshot_setting = format!(", snapshot_path: \"{}\"", snapshot.display());
+    {
+        let first = Gateway::start(&source(&database.url, &snapshot_setting));
+        assert_eq!(get(first.addr, "/x").header("x-config"), Some("a-0"));
+    }
+    assert!(snapshot.exists(), "the node wrote its last good config");
+    let dead = format!(
+        "postgres://postgres@127.0.0.1:{}/{}",
+        crate::support::free_port(),
+        database.name
+    );
+    let second = Gateway::start(&source(&dead, &snapshot_setting));
+    assert_eq!(get(second.addr, "/x").header("x-config"), Some("a-0"));
+    assert!(
+        second
+            .stderr()
+            .contains("booted from the last good config snapshot"),
+        "{}",
+        second.stderr()
+    );
+    assert_eq!(
+        config_report(&second)["database"]["booted_from_snapshot"],
+        true
+    );
+
+    // Neither the database nor a snapshot: up, but not ready, and every request gets 503.
+    let third = Gateway::start_unready(&source(&dead, ""));
+    std::thread::sleep(Duration::from_millis(300));
+    let ready = get(third.ops, "/readyz");
+    assert_eq!(ready.status, 503);
+    assert_eq!(ready.json()["config_loaded"], false);
+    let reply = get(third.addr, "/x");
+    assert_eq!(reply.status, 503);
+    assert!(
+        reply.text().contains("config-not-loaded"),
+        "{}",
+        reply.text()
+    );
+}
+
+#[test]
+fn the_periodic_resync_catches_a_missed_notification() {
+    let (database, _, _) = seeded();
+    let gateway = Gateway::start(&source(&database.url, ", debounce: 1ms"));
+    // Triggers off for this session: the change lands without a version and without NOTIFY.
+    let mut client = database.client();
+    client
+        .batch_execute("SET session_replication_role = replica")
+        .unwrap();
+    change(&mut client, "b", "b-silent");
+    let committed = Instant::now();
+    while get(gateway.addr, "/x").header("x-config") != Some("b-silent") {
+        assert!(
+            committed.elapsed() < Duration::from_secs(10),
+            "the resync never picked the change up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The resync interval is 1 s: the change came by it, not by a notification.
+    assert!(committed.elapsed() >= Duration::from_millis(50));
+}
+
+#[test]
+fn tls_require_never_falls_back_to_plaintext() {
+    let database = TestDatabase::create();
+    // A CA that did not sign the server's certificate: the connection must fail, not go on
+    // without TLS or without verification.
+    let authority = rcgen::generate_simple_self_signed(vec!["elsewhere.test".into()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, authority.cert.pem()).unwrap();
+    let gateway = Gateway::start_unready(&source(
+        &database.url,
+        &format!(", tls: {{ mode: require, ca_file: \"{}\" }}", ca.display()),
+    ));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(get(gateway.ops, "/readyz").status, 503);
+    let stderr = gateway.stderr();
+    assert!(
+        stderr.contains("PostgreSQL is unreachable at start"),
+        "{stderr}"
+    );
+    // sslmode in the URL is refused: TLS is set in one place only.
+    let config = dir.path().join("gatehouse.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 1\n{}\n",
+            source(&format!("{}?sslmode=prefer", database.url), "")
+        ),
+    )
+    .unwrap();
+    let (code, _, stderr) = run_cli(&["validate", config.to_str().unwrap()], dir.path());
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("config.postgres.url") && stderr.contains("sslmode"),
+        "{stderr}"
+    );
+}
