@@ -246,6 +246,17 @@ fn main() -> ExitCode {
                 })?;
             // What is stored is the document as written: secret references, not their values.
             let written = gatehouse::config::load::read_yaml(&file).map_err(|e| e.to_string())?;
+            let local: Vec<&str> = gatehouse::config::postgres::LOCAL_SECTIONS
+                .iter()
+                .copied()
+                .filter(|section| written.get(*section).is_some())
+                .collect();
+            if !local.is_empty() {
+                eprintln!(
+                    "note: {} are stored too, but each node takes them from its own file",
+                    local.join(", ")
+                );
+            }
             let document = serde_json::to_value(written).map_err(|e| e.to_string())?;
             let author = author
                 .or_else(|| std::env::var("USER").ok())

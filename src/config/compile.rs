@@ -290,6 +290,17 @@ pub fn compile(loaded: LoadedConfig, source: &str, version: u64) -> Result<Snaps
             if let Err(message) = super::postgres::check_url(&postgres.url) {
                 errors.push(ConfigError::new("config.postgres.url", message));
             }
+            for (key, value) in [
+                ("resync_interval", postgres.resync_interval),
+                ("connect_timeout", postgres.connect_timeout),
+            ] {
+                if value.get().is_zero() {
+                    errors.push(ConfigError::new(
+                        format!("config.postgres.{key}"),
+                        "must be more than 0s",
+                    ));
+                }
+            }
         }
         (SourceKind::File, _) => {}
     }

@@ -250,6 +250,10 @@ impl Database {
     /// Applies the migrations not yet recorded, each in its own transaction. Returns their names.
     pub async fn migrate(&self) -> Result<Vec<String>, String> {
         let (mut client, _events) = self.connect().await?;
+        // One migrating node at a time, from the very first statement; the others wait, then
+        // find the work done.
+        self.within_timeout(client.batch_execute("SELECT pg_advisory_lock(7315209)"))
+            .await?;
         if let Some(schema) = &self.schema {
             let quoted = quote_identifier(schema);
             self.within_timeout(client.batch_execute(&format!(
@@ -268,11 +272,6 @@ impl Database {
         for (name, sql) in MIGRATIONS {
             let checksum = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(sql.as_bytes()));
             let transaction = client.transaction().await.map_err(|e| describe(&e))?;
-            // One migrating node at a time; the others find the work done.
-            transaction
-                .execute("SELECT pg_advisory_xact_lock(7315209)", &[])
-                .await
-                .map_err(|e| describe(&e))?;
             let recorded = transaction
                 .query_opt(
                     "SELECT checksum FROM schema_migrations WHERE name = $1",
@@ -341,7 +340,21 @@ impl Database {
 
 fn describe(error: &tokio_postgres::Error) -> String {
     match error.as_db_error() {
-        Some(db) => format!("{}: {}", db.severity(), db.message()),
+        Some(db) => {
+            let mut text = format!("{}: {}", db.severity(), db.message());
+            if let Some(detail) = db.detail() {
+                text.push_str(&format!(" ({detail})"));
+            }
+            if let Some(hint) = db.hint() {
+                text.push_str(&format!("; hint: {hint}"));
+            }
+            if db.code() == &tokio_postgres::error::SqlState::UNDEFINED_TABLE
+                || db.code() == &tokio_postgres::error::SqlState::UNDEFINED_FUNCTION
+            {
+                text.push_str(" (has `gatehouse migrate` run on this database, and is `config.postgres.schema` right?)");
+            }
+            text
+        }
         None => {
             let mut text = error.to_string();
             let mut source = std::error::Error::source(error);
@@ -445,22 +458,30 @@ impl SourceState {
     }
 
     fn saw(&self, version: i64, created_ms: Option<u64>) {
-        if self.latest_version.fetch_max(version, Ordering::Relaxed) < version {
-            if let Some(created) = created_ms {
-                self.latest_created_ms.store(created, Ordering::Relaxed);
-            }
+        let previous = self.latest_version.fetch_max(version, Ordering::Relaxed);
+        // A notification carries no time (its load, right after, sets the commit time).
+        if version > previous || (version == previous && created_ms.is_some()) {
+            self.latest_created_ms
+                .store(created_ms.unwrap_or_else(now_ms), Ordering::Relaxed);
         }
+    }
+
+    /// Versions in the database this node has not decided yet (a rejected one is decided: the
+    /// node is in sync, serving the version before it).
+    pub fn versions_behind(&self) -> i64 {
+        let latest = self.latest_version.load(Ordering::Relaxed);
+        let decided = self
+            .applied_version
+            .load(Ordering::Relaxed)
+            .max(self.last_rejected_version.load(Ordering::Relaxed));
+        (latest - decided).max(0)
     }
 
     /// What `/config` shows: versions, the lag behind the database and the connection state.
     pub fn report(&self) -> serde_json::Value {
         let latest = self.latest_version.load(Ordering::Relaxed);
         let applied = self.applied_version.load(Ordering::Relaxed);
-        let behind = if latest > applied {
-            latest - applied
-        } else {
-            0
-        };
+        let behind = self.versions_behind();
         let lag_seconds = if behind > 0 {
             now_ms().saturating_sub(self.latest_created_ms.load(Ordering::Relaxed)) as f64 / 1000.0
         } else {
@@ -503,35 +524,38 @@ pub fn node_name(settings: &PostgresSourceConfig) -> String {
     })
 }
 
-/// Applies a loaded version to the store and records the outcome in the database. Returns
-/// whether a new config is now served.
+/// Applies a loaded version to the store and, with `record`, writes the outcome to the
+/// database. Returns whether the outcome was recorded.
 async fn apply(
     store: &ConfigStore,
     database: &Database,
     client: &Client,
     loaded: &Loaded,
     node: &str,
+    record: bool,
 ) -> bool {
     let Some(version) = loaded.version else {
         return false;
     };
-    match store.apply_database(loaded) {
-        Ok(changed) => {
-            if let Err(error) = database.record(client, version, Ok(()), node).await {
-                tracing::warn!(version, %error, "could not record the applied version");
-            }
-            changed
-        }
-        Err(errors) => {
-            let text = errors
-                .0
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; ");
-            if let Err(error) = database.record(client, version, Err(&text), node).await {
-                tracing::warn!(version, %error, "could not record the rejected version");
-            }
+    let outcome = store.apply_database(loaded);
+    if !record {
+        return false;
+    }
+    let text = outcome.as_ref().err().map(|errors| {
+        errors
+            .0
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    });
+    match database
+        .record(client, version, text.as_deref().map_or(Ok(()), Err), node)
+        .await
+    {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::warn!(version, %error, "could not record the version's outcome in config_versions");
             false
         }
     }
@@ -555,16 +579,23 @@ impl BackgroundService for PostgresSync {
         let mut hangup =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let mut backoff = Duration::from_millis(100);
+        let mut recorded: Option<i64> = None;
+        let mut first_attempt = true;
         loop {
+            if !first_attempt {
+                // Every way back here waits: an error that repeats (a wrong schema, migrations
+                // not run, no permission) must not turn into a tight reconnect loop.
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            first_attempt = false;
             let (mut client, mut events) = match database.connect().await {
                 Ok(connection) => connection,
                 Err(error) => {
                     state.down(&error);
-                    tokio::select! {
-                        _ = shutdown.changed() => return,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
                 }
             };
@@ -575,10 +606,6 @@ impl BackgroundService for PostgresSync {
                 state.down(&error);
                 continue;
             }
-            if !state.up.swap(true, Ordering::Relaxed) {
-                tracing::info!(database = %database.display, "PostgreSQL connected; listening for config changes");
-            }
-            backoff = Duration::from_millis(100);
             let mut resync = tokio::time::interval(settings.resync_interval.get());
             resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             // The first tick is immediate: a (re)connected node catches up at once.
@@ -592,10 +619,13 @@ impl BackgroundService for PostgresSync {
                     event = events.recv() => match event {
                         Some(Event::Notified(payload)) => {
                             if let Ok(version) = payload.trim().parse::<i64>() {
-                                state.saw(version, Some(now_ms()));
+                                state.saw(version, None);
                             }
                             // Changes arriving together are read once.
-                            tokio::time::sleep(settings.debounce.get()).await;
+                            tokio::select! {
+                                _ = shutdown.changed() => return,
+                                _ = tokio::time::sleep(settings.debounce.get()) => {}
+                            }
                             let mut lost = None;
                             while let Ok(event) = events.try_recv() {
                                 if let Event::Lost(error) = event {
@@ -610,13 +640,28 @@ impl BackgroundService for PostgresSync {
                         None => break "the connection ended".to_string(),
                     },
                 }
-                match database.load(&mut client).await {
+                let loaded = tokio::select! {
+                    _ = shutdown.changed() => return,
+                    loaded = database.load(&mut client) => loaded,
+                };
+                match loaded {
                     Ok(loaded) => {
+                        if !state.up.swap(true, Ordering::Relaxed) {
+                            tracing::info!(database = %database.display, "PostgreSQL connected; listening for config changes");
+                        }
+                        if let Ok(mut last) = state.last_error.lock() {
+                            *last = None;
+                        }
+                        backoff = Duration::from_millis(100);
                         state.last_sync_ms.store(now_ms(), Ordering::Relaxed);
                         if let Some(version) = loaded.version {
                             state.saw(version, loaded.created_ms);
                         }
-                        apply(&self.store, &database, &client, &loaded, &node).await;
+                        // Each version's outcome is written once per node, not at every resync.
+                        let fresh = loaded.version.is_some() && loaded.version != recorded;
+                        if apply(&self.store, &database, &client, &loaded, &node, fresh).await {
+                            recorded = loaded.version;
+                        }
                     }
                     Err(error) => break error,
                 }

@@ -123,7 +123,7 @@ impl ConfigStore {
                 tracing::warn!(database = %database.display, "the database holds no config yet (push one with `gatehouse config push`); not ready until it does");
             }
             Err(error) => {
-                tracing::error!(database = %database.display, %error, "PostgreSQL is unreachable at start");
+                tracing::error!(database = %database.display, %error, "cannot read the config from PostgreSQL at start");
                 store.boot_from_snapshot_file();
             }
         }
@@ -142,7 +142,7 @@ impl ConfigStore {
         };
         let Some(path) = &source.settings.snapshot_path else {
             tracing::error!(
-                "no config to serve: no `snapshot_path` is set; not ready until PostgreSQL answers"
+                "no config to serve: no `snapshot_path` is set; not ready until a config can be read from PostgreSQL"
             );
             return;
         };
@@ -152,7 +152,7 @@ impl ConfigStore {
         {
             Ok(saved) => saved,
             Err(error) => {
-                tracing::error!(path, %error, "no config to serve: the snapshot file cannot be read; not ready until PostgreSQL answers");
+                tracing::error!(path, %error, "no config to serve: the snapshot file cannot be read; not ready until a config can be read from PostgreSQL");
                 return;
             }
         };
@@ -190,7 +190,7 @@ impl ConfigStore {
                 self.current.store(Arc::new(snapshot));
             }
             Err(rejected) => {
-                tracing::error!(path, errors = %rejected, "the snapshot file does not compile; not ready until PostgreSQL answers");
+                tracing::error!(path, errors = %rejected, "the snapshot file does not compile; not ready until a config can be read from PostgreSQL");
             }
         }
     }
@@ -219,7 +219,12 @@ impl ConfigStore {
         let document = merge(&source.bootstrap, &loaded.document);
         let current = self.current.load();
         let result = parse_value(document.clone()).and_then(|parsed| {
-            if current.serving && super::compile::config_hash(&parsed.as_written) == current.hash {
+            // The same config again: nothing to swap (unless the one served came from the
+            // snapshot file, which the database's own version replaces).
+            if current.serving
+                && !source.state.booted_from_snapshot.load(Ordering::Relaxed)
+                && super::compile::config_hash(&parsed.as_written) == current.hash
+            {
                 return Ok(None);
             }
             compile(
@@ -237,7 +242,7 @@ impl ConfigStore {
                     .applied_created_ms
                     .store(loaded.created_ms.unwrap_or(0), Ordering::Relaxed);
                 state.booted_from_snapshot.store(false, Ordering::Relaxed);
-                self.write_snapshot_file(source, version, loaded.created_ms, &document);
+                self.write_snapshot_file(source, version, loaded.created_ms, &loaded.document);
                 match built {
                     Some(mut snapshot) => {
                         snapshot.database_version = Some(version);
@@ -282,22 +287,40 @@ impl ConfigStore {
         source: &PostgresSource,
         version: i64,
         created_ms: Option<u64>,
-        document: &serde_yaml::Value,
+        document: &serde_json::Value,
     ) {
         let Some(path) = &source.settings.snapshot_path else {
             return;
         };
+        // The database's document as written (secret references, never their values); the
+        // node's own sections come from its file at boot.
         let body = serde_json::json!({
             "database_version": version,
             "created_ms": created_ms,
             "written_at": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-            "config": serde_json::to_value(document).unwrap_or_default(),
+            "config": document,
         });
         let temporary = format!("{path}.tmp");
-        let written = serde_json::to_vec_pretty(&body)
-            .map_err(|error| error.to_string())
-            .and_then(|bytes| std::fs::write(&temporary, bytes).map_err(|error| error.to_string()))
-            .and_then(|()| std::fs::rename(&temporary, path).map_err(|error| error.to_string()));
+        let written = (|| -> std::io::Result<()> {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let bytes = serde_json::to_vec_pretty(&body)?;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&temporary)?;
+            file.write_all(&bytes)?;
+            file.sync_all()?;
+            std::fs::rename(&temporary, path)?;
+            if let Some(directory) = Path::new(path).parent() {
+                if let Ok(directory) = std::fs::File::open(directory) {
+                    let _ = directory.sync_all();
+                }
+            }
+            Ok(())
+        })();
         if let Err(error) = written {
             tracing::warn!(path, %error, "cannot write the config snapshot file");
         }

@@ -111,7 +111,7 @@ impl ServeHttp for OpsApp {
                         "applied_at": humantime::format_rfc3339_seconds(snapshot.loaded_at).to_string(),
                         "database": self.store.postgres().map(|source| {
                             let mut report = source.state.report();
-                            report["served_version"] = snapshot.database_version.into();
+                            report["snapshot_built_from_version"] = snapshot.database_version.into();
                             report["database"] = source.database.display.clone().into();
                             report
                         }),

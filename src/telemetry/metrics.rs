@@ -248,7 +248,6 @@ pub fn render(
     }
     if let Some(state) = postgres {
         let applied = state.applied_version.load(Ordering::Relaxed);
-        let latest = state.latest_version.load(Ordering::Relaxed);
         let _ = writeln!(
             text,
             "# HELP gatehouse_config_source_up Whether the config database is connected (1) or not (0)\n# TYPE gatehouse_config_source_up gauge\ngatehouse_config_source_up{{source=\"postgres\"}} {}",
@@ -261,7 +260,7 @@ pub fn render(
         let _ = writeln!(
             text,
             "# HELP gatehouse_config_database_versions_behind Versions committed in the database that this node does not serve yet\n# TYPE gatehouse_config_database_versions_behind gauge\ngatehouse_config_database_versions_behind {}",
-            (latest - applied).max(0)
+            state.versions_behind()
         );
     }
     buffer.extend_from_slice(text.as_bytes());

@@ -25,8 +25,14 @@ routes:
 }
 
 /// The `config:` section of a postgres-mode node.
+/// The resync is 1 s unless `extra` sets it.
 fn source(url: &str, extra: &str) -> String {
-    format!("config: {{ source: postgres, postgres: {{ url: \"{url}\", resync_interval: 1s{extra} }} }}")
+    let resync = if extra.contains("resync_interval") {
+        ""
+    } else {
+        ", resync_interval: 1s"
+    };
+    format!("config: {{ source: postgres, postgres: {{ url: \"{url}\"{resync}{extra} }} }}")
 }
 
 fn seeded() -> (TestDatabase, std::net::SocketAddr, std::net::SocketAddr) {
@@ -190,7 +196,8 @@ fn push_then_pull_gives_the_same_config() {
 #[test]
 fn committed_changes_reach_the_gateway_quickly() {
     let (database, _, _) = seeded();
-    let gateway = Gateway::start(&source(&database.url, ""));
+    // No periodic resync during the test: every change must come by its notification.
+    let gateway = Gateway::start(&source(&database.url, ", resync_interval: 1h"));
     assert_eq!(get(gateway.addr, "/x").header("x-config"), Some("a-0"));
     let mut client = database.client();
     let mut delays = Vec::new();
@@ -212,7 +219,7 @@ fn committed_changes_reach_the_gateway_quickly() {
     }
     delays.sort();
     let p50 = delays[delays.len() / 2];
-    let p99 = delays[(delays.len() * 99) / 100 - 1];
+    let p99 = delays[(delays.len() * 99).div_ceil(100) - 1];
     println!(
         "COMMIT to first request served under the new config, 50 changes: p50 {p50:?}, p99 {p99:?}, max {:?}",
         delays.last().unwrap()
@@ -229,8 +236,16 @@ fn committed_changes_reach_the_gateway_quickly() {
         Some(database.latest_version())
     );
     assert_eq!(database_report["versions_behind"], 0);
-    let (status, _) = database.version_status(database.latest_version());
-    assert_eq!(status, "applied");
+    // The node records the outcome just after it swaps the config in.
+    let latest = database.latest_version();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while database.version_status(latest).0 != "applied" {
+        assert!(
+            Instant::now() < deadline,
+            "version {latest} was never marked applied"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let metrics = gateway.metrics();
     assert!(
         metrics.contains("gatehouse_config_source_up{source=\"postgres\"} 1"),
@@ -376,12 +391,10 @@ fn a_cold_start_without_postgres_serves_the_snapshot_file_or_is_not_ready() {
         assert_eq!(get(first.addr, "/x").header("x-config"), Some("a-0"));
     }
     assert!(snapshot.exists(), "the node wrote its last good config");
-    let dead = format!(
-        "postgres://postgres@127.0.0.1:{}/{}",
-        crate::support::free_port(),
-        database.name
-    );
-    let second = Gateway::start(&source(&dead, &snapshot_setting));
+    // The database is out of reach when the next node starts: it serves the file.
+    let relay = Relay::start(server_addr());
+    relay.cut();
+    let second = Gateway::start(&source(&relay.url(&database), &snapshot_setting));
     assert_eq!(get(second.addr, "/x").header("x-config"), Some("a-0"));
     assert!(
         second
@@ -393,6 +406,36 @@ fn a_cold_start_without_postgres_serves_the_snapshot_file_or_is_not_ready() {
     assert_eq!(
         config_report(&second)["database"]["booted_from_snapshot"],
         true
+    );
+    // The file holds the database's document as written, readable by this user only.
+    let saved = std::fs::read_to_string(&snapshot).unwrap();
+    assert!(
+        saved.contains("\"database_version\"") && !saved.contains("\"server\""),
+        "{saved}"
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&snapshot).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "snapshot file mode {mode:o}");
+    }
+    // Once the database answers, its version replaces the file's.
+    relay.restore();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while config_report(&second)["database"]["booted_from_snapshot"] != false {
+        assert!(
+            Instant::now() < deadline,
+            "the node stayed on its snapshot file"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!config_report(&second)["source"]
+        .as_str()
+        .unwrap()
+        .contains("snapshot file"));
+    let dead = format!(
+        "postgres://postgres@127.0.0.1:{}/{}",
+        crate::support::free_port(),
+        database.name
     );
 
     // Neither the database nor a snapshot: up, but not ready, and every request gets 503.
@@ -413,7 +456,8 @@ fn a_cold_start_without_postgres_serves_the_snapshot_file_or_is_not_ready() {
 #[test]
 fn the_periodic_resync_catches_a_missed_notification() {
     let (database, _, _) = seeded();
-    let gateway = Gateway::start(&source(&database.url, ", debounce: 1ms"));
+    let gateway = Gateway::start(&source(&database.url, ""));
+    let version_before = config_report(&gateway)["database"]["applied_version"].clone();
     // Triggers off for this session: the change lands without a version and without NOTIFY.
     let mut client = database.client();
     client
@@ -428,8 +472,11 @@ fn the_periodic_resync_catches_a_missed_notification() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    // The resync interval is 1 s: the change came by it, not by a notification.
-    assert!(committed.elapsed() >= Duration::from_millis(50));
+    // No version was written, so no notification was sent: the resync found the new document.
+    assert_eq!(
+        config_report(&gateway)["database"]["applied_version"],
+        version_before
+    );
 }
 
 #[test]
@@ -449,7 +496,13 @@ fn tls_require_never_falls_back_to_plaintext() {
     assert_eq!(get(gateway.ops, "/readyz").status, 503);
     let stderr = gateway.stderr();
     assert!(
-        stderr.contains("PostgreSQL is unreachable at start"),
+        stderr.contains("cannot read the config from PostgreSQL at start"),
+        "{stderr}"
+    );
+    // The reason is TLS itself (an unknown issuer, or a server without TLS), never a fallback.
+    let reason = stderr.to_ascii_lowercase();
+    assert!(
+        reason.contains("certificate") || reason.contains("tls") || reason.contains("ssl"),
         "{stderr}"
     );
     // sslmode in the URL is refused: TLS is set in one place only.
