@@ -822,6 +822,12 @@ run_oha() {
   local name=$1 mode=$2 rate=$3 output
   output="$work/oha-$name-${mode//:/-}.json"
   ((rate > 0)) || return 0
+  # A discarded warm-up at the same rate first, as for wrk: the first seconds after a start
+  # (connections to the upstream, allocator pages, caches) are not the steady state measured.
+  if ((warmup > 0)); then
+    taskset -c "$load_cpu" timeout $((warmup + 30)) "$oha_bin" -z "${warmup}s" -c "$connections" \
+      -q "$rate" --no-tui "${oha_format_args[@]}" "${header_argv[@]}" "$proxy_url" >/dev/null 2>&1 || true
+  fi
   if taskset -c "$load_cpu" timeout $((latency_seconds + 60)) "$oha_bin" -z "${latency_seconds}s" \
     -c "$connections" -q "$rate" --latency-correction --no-tui "${oha_format_args[@]}" \
     "${header_argv[@]}" "$proxy_url" >"$output" 2>"$output.err"; then
@@ -1117,8 +1123,9 @@ else:
     out.append("Ratios: n/a (Gatehouse was not measured in this run).")
 if latency:
     out.append("")
-    out.append(f"Open-loop latency (oha -c{connections} -z{latency_seconds}s --latency-correction), at "
-               f"{latency_rps} rps and at half of each contender's own median rps:")
+    out.append(f"Open-loop latency (oha -c{connections} -z{latency_seconds}s --latency-correction, after a "
+               f"{warmup}s warm-up at the same rate), at {latency_rps} rps and at half of each "
+               f"contender's own median rps:")
     out.append("")
     out.append("| contender | rate rps | p50 ms | p99 ms | p99.9 ms | success | non-2xx + errors | added p99 vs direct ms |")
     out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
