@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 /// The server the tests use; its `postgres` database is where test databases are created.
 pub fn server_url() -> String {
-    std::env::var("GATEHOUSE_TEST_POSTGRES_URL")
+    std::env::var("GATEHOUSE_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
