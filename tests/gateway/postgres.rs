@@ -381,6 +381,36 @@ fn losing_postgres_keeps_serving_and_catches_up_after() {
 }
 
 #[test]
+fn a_black_holed_postgres_is_noticed_within_the_timeout_and_serving_goes_on() {
+    let (database, _, _) = seeded();
+    let relay = Relay::start(server_addr());
+    let gateway = Gateway::start(&source(&relay.url(&database), ", connect_timeout: 1s"));
+    assert_eq!(get(gateway.addr, "/x").header("x-config"), Some("a-0"));
+    // Packets vanish but no connection is closed: only the query deadline can tell.
+    relay.pause();
+    change(&mut database.client(), "b", "b-1");
+    let paused = Instant::now();
+    while config_report(&gateway)["database"]["state"] != "down" {
+        assert!(
+            paused.elapsed() < Duration::from_secs(10),
+            "a silent database was never noticed"
+        );
+        let reply = get(gateway.addr, "/x");
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("x-config"), Some("a-0"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!("black-holed database noticed after {:?}", paused.elapsed());
+    assert_eq!(get(gateway.ops, "/readyz").status, 200);
+    relay.restore();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while get(gateway.addr, "/x").header("x-config") != Some("b-1") {
+        assert!(Instant::now() < deadline, "the node did not catch up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
 fn a_cold_start_without_postgres_serves_the_snapshot_file_or_is_not_ready() {
     let (database, _, _) = seeded();
     let snapshot_dir = tempfile::tempdir().unwrap();

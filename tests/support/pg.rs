@@ -104,10 +104,12 @@ impl Drop for TestDatabase {
 }
 
 /// A TCP relay to the PostgreSQL server. `cut` closes every relayed connection and refuses new
-/// ones (as a network partition or a stopped server would); `restore` lets them through again.
+/// ones (as a stopped server would); `pause` keeps connections open but holds every byte (as a
+/// black-holed network would); `restore` lets traffic through again.
 pub struct Relay {
     pub addr: SocketAddr,
     open: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
     connections: Arc<Mutex<Vec<TcpStream>>>,
 }
 
@@ -116,10 +118,12 @@ impl Relay {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let open = Arc::new(AtomicBool::new(true));
+        let paused = Arc::new(AtomicBool::new(false));
         let connections: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         let relay = Relay {
             addr,
             open: open.clone(),
+            paused: paused.clone(),
             connections: connections.clone(),
         };
         std::thread::spawn(move || {
@@ -137,8 +141,12 @@ impl Relay {
                     open_connections.push(client.try_clone().unwrap());
                     open_connections.push(server.try_clone().unwrap());
                 }
-                pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
-                pipe(server, client);
+                pipe(
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    paused.clone(),
+                );
+                pipe(server, client, paused.clone());
             }
         });
         relay
@@ -156,18 +164,26 @@ impl Relay {
         }
     }
 
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+    }
+
     pub fn restore(&self) {
+        self.paused.store(false, Ordering::SeqCst);
         self.open.store(true, Ordering::SeqCst);
     }
 }
 
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
+fn pipe(mut from: TcpStream, mut to: TcpStream, paused: Arc<AtomicBool>) {
     std::thread::spawn(move || {
         let mut buffer = [0u8; 16 * 1024];
         loop {
             match from.read(&mut buffer) {
                 Ok(0) | Err(_) => break,
                 Ok(read) => {
+                    while paused.load(Ordering::SeqCst) {
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
                     if to.write_all(&buffer[..read]).is_err() {
                         break;
                     }
