@@ -221,7 +221,6 @@ struct LeaseSlot {
 }
 
 struct Leasing {
-    tokens: f64,
     /// Below this many held tokens a node fetches its next lease in the background, so requests
     /// keep spending local tokens meanwhile.
     low_water: f64,
@@ -281,13 +280,15 @@ struct RedisBucket {
 /// Everything one call of the bucket script needs, shareable with a background refill.
 struct RedisCall {
     redis: Arc<crate::shared::Redis>,
-    script_sha: Arc<str>,
+    script_sha: fred::bytes_utils::Str,
     name: Arc<str>,
     cost: f64,
     rate: f64,
-    /// The script's first four arguments: capacity, rate, cost, and the seconds an idle bucket
-    /// is kept (the time to refill completely, at least a second).
-    args: [String; 4],
+    /// The script's arguments, built once per config: capacity, rate, cost, the seconds an idle
+    /// bucket is kept (the time to refill completely, at least a second), and the tokens wanted:
+    /// the cost, or with leasing a lease. Cloning them per call only bumps reference counts.
+    args: Vec<fred::types::Value>,
+    lease_args: Option<Vec<fred::types::Value>>,
 }
 
 /// Counters by (policy, label).
@@ -436,12 +437,11 @@ impl FilterKind for RateLimit {
                         name: policy.name.as_str().into(),
                         cost: policy.cost as f64,
                         rate,
-                        args: [
-                            (policy.capacity as f64).to_string(),
-                            rate.to_string(),
-                            (policy.cost as f64).to_string(),
-                            (window.as_secs().max(1) + 1).to_string(),
-                        ],
+                        args: script_args(policy, rate, window, policy.cost),
+                        lease_args: policy
+                            .lease
+                            .as_ref()
+                            .map(|lease| script_args(policy, rate, window, lease.tokens)),
                     }),
                     on_error: policy.on_redis_error,
                     fallbacks: counter(
@@ -455,7 +455,6 @@ impl FilterKind for RateLimit {
                     ),
                     leasing: policy.lease.as_ref().map(|lease| {
                         Arc::new(Leasing {
-                            tokens: lease.tokens as f64,
                             low_water: (lease.tokens as f64 / 2.0).max(policy.cost as f64),
                             max_age: duration(
                                 &format!("{path}.lease.max_age"),
@@ -579,7 +578,7 @@ impl CompiledPolicy {
         now: Instant,
     ) -> Result<(bool, f64, f64), ()> {
         let Some(leasing) = &bucket.leasing else {
-            let (granted, tokens) = bucket.call.take(key, self.cost).await?;
+            let (granted, tokens) = bucket.call.take(key, false).await?;
             return Ok(self.verdict(granted, tokens));
         };
         let slot = &leasing.shards[(key as usize) % SHARDS];
@@ -609,7 +608,7 @@ impl CompiledPolicy {
                         let call = bucket.call.clone();
                         let leasing = leasing.clone();
                         crate::shared::IO.spawn(async move {
-                            let answer = call.take(key, leasing.tokens).await;
+                            let answer = call.take(key, true).await;
                             let _ = leasing.finish_refill(key, answer, call.cost, call.rate, false);
                         });
                     }
@@ -644,7 +643,7 @@ impl CompiledPolicy {
             key,
             done: false,
         };
-        let answer = bucket.call.take(key, leasing.tokens).await;
+        let answer = bucket.call.take(key, true).await;
         refill.done = true;
         leasing.finish_refill(key, answer, self.cost, self.rate, true)
     }
@@ -663,6 +662,20 @@ impl CompiledPolicy {
     }
 }
 
+/// The bucket script's arguments for a policy, asking for `want` tokens.
+fn script_args(policy: &Policy, rate: f64, window: Duration, want: u64) -> Vec<fred::types::Value> {
+    [
+        (policy.capacity as f64).to_string(),
+        rate.to_string(),
+        (policy.cost as f64).to_string(),
+        (window.as_secs().max(1) + 1).to_string(),
+        (want as f64).to_string(),
+    ]
+    .into_iter()
+    .map(fred::types::Value::from)
+    .collect()
+}
+
 /// (admitted, tokens left, seconds until the cost is available) from Redis's answer.
 fn verdict(cost: f64, rate: f64, granted: f64, tokens: f64) -> (bool, f64, f64) {
     if granted >= cost {
@@ -673,10 +686,10 @@ fn verdict(cost: f64, rate: f64, granted: f64, tokens: f64) -> (bool, f64, f64) 
 }
 
 impl RedisCall {
-    /// Asks Redis for `cost` tokens, or up to `want` of them (a lease). Returns (tokens granted,
-    /// tokens left). `Err` when Redis did not answer within its command deadline, or failed so
-    /// recently that it is in its back-off (then no time is spent waiting on it).
-    async fn take(&self, key: u64, want: f64) -> Result<(f64, f64), ()> {
+    /// Asks Redis for `cost` tokens, or with `lease` up to a lease of them. Returns (tokens
+    /// granted, tokens left). `Err` when Redis did not answer within its command deadline, or
+    /// failed so recently that it is in its back-off (then no time is spent waiting on it).
+    async fn take(&self, key: u64, lease: bool) -> Result<(f64, f64), ()> {
         use fred::prelude::LuaInterface;
         let redis = &self.redis;
         if !redis.available() {
@@ -684,14 +697,15 @@ impl RedisCall {
         }
         // The hash tag keeps each bucket on one Redis Cluster slot.
         let redis_key = format!("gatehouse:ratelimit:{{{}:{key:016x}}}", self.name);
-        let mut args: Vec<String> = Vec::with_capacity(5);
-        args.extend(self.args.iter().cloned());
-        args.push(want.to_string());
+        let args = match (&self.lease_args, lease) {
+            (Some(lease_args), true) => lease_args.clone(),
+            _ => self.args.clone(),
+        };
         let client = redis.clone();
         let sha = self.script_sha.clone();
         let call = crate::shared::IO.spawn(async move {
             let result = match client
-                .evalsha::<(i64, String), _, _, _>(&*sha, vec![redis_key.clone()], args.clone())
+                .evalsha::<(i64, String), _, _, _>(sha, vec![redis_key.clone()], args.clone())
                 .await
             {
                 Err(error) if error.details().starts_with("NOSCRIPT") => {
@@ -951,21 +965,16 @@ mod tests {
                 { "name": "tiny", "key": ["consumer"], "capacity": 2, "refill": { "tokens": 2, "every": "1h" } },
             ]
         }));
+        let refused_by_tiny = |problem: Problem| {
+            problem.headers.iter().any(|(name, value)| {
+                name == "ratelimit" && value.to_str().unwrap().starts_with("\"tiny\"")
+            })
+        };
         assert!(run(&filter, "a").await.is_none());
         assert!(run(&filter, "a").await.is_none());
-        let problem = run(&filter, "a").await.unwrap();
-        assert!(problem
-            .headers
-            .iter()
-            .any(|(name, value)| name == "ratelimit"
-                && value.to_str().unwrap().starts_with("\"tiny\"")));
+        assert!(refused_by_tiny(run(&filter, "a").await.unwrap()));
         // "burst" was refunded: it still has one token, so it is not the one refusing.
-        let problem = run(&filter, "a").await.unwrap();
-        assert!(problem
-            .headers
-            .iter()
-            .any(|(name, value)| name == "ratelimit"
-                && value.to_str().unwrap().starts_with("\"tiny\"")));
+        assert!(refused_by_tiny(run(&filter, "a").await.unwrap()));
     }
 
     #[tokio::test]

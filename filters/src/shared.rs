@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use fred::prelude::*;
 use once_cell::sync::Lazy;
@@ -150,13 +150,6 @@ impl Redis {
     }
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl Health {
     fn millis(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
@@ -186,7 +179,8 @@ impl Health {
             *last = Some(error.to_string());
         }
         if failures == 1 {
-            self.down_since.store(unix_ms(), Ordering::Relaxed);
+            self.down_since
+                .store(crate::util::now_millis(), Ordering::Relaxed);
             tracing::warn!(redis = %self.display_url, error, "Redis did not answer; rate-limit policies use their failure mode");
         }
         failures == 1

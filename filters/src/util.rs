@@ -18,6 +18,14 @@ pub(crate) fn duration(path: &str, text: &str, errors: &mut Vec<BuildError>) -> 
 }
 
 /// Unix time in seconds.
+/// Wall-clock milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or_default()
+}
+
 pub(crate) fn now_seconds() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
