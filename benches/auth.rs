@@ -9,7 +9,7 @@ use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use gatehouse_filters::consumers::{
     hmac_sha256, sha256, ApiKeyCredential, ConsumerRegistry, KeyHashKind,
 };
-use gatehouse_filters::{build_filter, BuildCtx, Consumer, Decision, Filter, RequestContext};
+use gatehouse_filters::{BuildCtx, Consumer, Decision, Filter, Registry, RequestContext};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use pingora_http::RequestHeader;
 use serde_json::json;
@@ -68,7 +68,8 @@ fn jwt_filter(algorithm: &str, cache_size: usize) -> Arc<dyn Filter> {
         "keys": [key],
         "cache_size": cache_size,
     });
-    build_filter("jwt", &config, &BuildCtx::default())
+    Registry::builtin()
+        .build("jwt", &config, &BuildCtx::default())
         .unwrap_or_else(|errors| panic!("the jwt bench config is refused: {errors:?}"))
 }
 
@@ -212,7 +213,8 @@ fn api_key(criterion: &mut Criterion) {
         consumers: Arc::new(sha256_registry),
         ..BuildCtx::default()
     };
-    let filter = build_filter("api_key", &json!({ "hide_credential": false }), &ctx)
+    let filter = Registry::builtin()
+        .build("api_key", &json!({ "hide_credential": false }), &ctx)
         .unwrap_or_else(|errors| panic!("the api_key bench config is refused: {errors:?}"));
     let mut request = request_with("x-api-key", &known);
     expect_accepted(&runtime, filter.as_ref(), &mut request, "api_key filter");

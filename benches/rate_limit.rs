@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use gatehouse_filters::{build_filter, BuildCtx, Consumer, Decision, RequestContext};
+use gatehouse_filters::{BuildCtx, Consumer, Decision, Registry, RequestContext};
 use pingora_http::RequestHeader;
 use serde_json::json;
 
@@ -15,13 +15,13 @@ fn bench(criterion: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let one_policy = build_filter(
+    let one_policy = Registry::builtin().build(
         "rate_limit",
         &json!({ "policies": [{ "name": "p", "key": ["consumer"], "capacity": 1_000_000_000u64, "refill": { "tokens": 1_000_000_000u64, "every": "1s" } }] }),
         &BuildCtx::default(),
     )
     .unwrap();
-    let two_policies = build_filter(
+    let two_policies = Registry::builtin().build(
         "rate_limit",
         &json!({ "policies": [
             { "name": "a", "key": ["consumer"], "capacity": 1_000_000_000u64, "refill": { "tokens": 1_000_000_000u64, "every": "1s" } },
@@ -64,7 +64,7 @@ fn bench(criterion: &mut Criterion) {
             black_box(matches!(decision, Decision::Continue))
         })
     });
-    let four_part_key = build_filter(
+    let four_part_key = Registry::builtin().build(
         "rate_limit",
         &json!({ "policies": [
             { "name": "k", "key": ["consumer", "client_ip", "route", { "header": "x-tenant" }], "capacity": 1_000_000_000u64, "refill": { "tokens": 1_000_000_000u64, "every": "1s" } },
@@ -88,21 +88,23 @@ fn bench(criterion: &mut Criterion) {
         eprintln!("Redis is not running on 127.0.0.1:6379: skipping the redis benches");
         return;
     }
-    let redis =
-        gatehouse_filters::shared::redis_client(&gatehouse_filters::shared::RedisSettings {
+    let redis = gatehouse_filters::shared::redis_client(
+        &gatehouse_filters::shared::RedisSettings {
             url: "redis://127.0.0.1:6379".into(),
             command_timeout: std::time::Duration::from_millis(50),
             connect_timeout: std::time::Duration::from_secs(1),
             max_queue: 10_000,
-        })
-        .unwrap();
+        },
+        &gatehouse_filters::Metrics::new(),
+    )
+    .unwrap();
     let redis_ctx = BuildCtx {
         redis: Some(redis),
         ..BuildCtx::default()
     };
     let run = std::process::id();
     let redis_filter = |lease: serde_json::Value| {
-        build_filter(
+        Registry::builtin().build(
             "rate_limit",
             &json!({ "policies": [{ "name": format!("bench-{run}"), "key": ["consumer"], "capacity": 1_000_000_000u64, "refill": { "tokens": 1_000_000_000u64, "every": "1s" }, "backend": "redis", "on_redis_error": "fail_closed", "lease": lease }] }),
             &redis_ctx,

@@ -20,7 +20,7 @@ fn thousand_routes() -> gatehouse::config::Snapshot {
         };
         yaml.push_str(&route);
     }
-    gatehouse::config::compile(parse_yaml(&yaml).unwrap(), "bench", 1).unwrap()
+    gatehouse::config::compile(parse_yaml(&yaml).unwrap(), "bench", 1, &Default::default()).unwrap()
 }
 
 fn router(criterion: &mut Criterion) {

@@ -9,10 +9,14 @@ pub mod server;
 pub mod telemetry;
 pub mod upstream;
 
-/// The JSON Schema of the configuration file.
-pub fn config_schema() -> serde_json::Value {
-    let schema = schemars::gen::SchemaSettings::draft07()
-        .into_generator()
-        .into_root_schema_for::<config::Config>();
+/// The JSON Schema of the configuration file, with the filter kinds of `registry`.
+pub fn config_schema(registry: &gatehouse_filters::Registry) -> serde_json::Value {
+    let mut generator = schemars::gen::SchemaSettings::draft07().into_generator();
+    // Defined first, so the model's own `Filter` schema (the built-in kinds) is not used.
+    let filter = config::model::filter_schema(registry, &mut generator);
+    generator
+        .definitions_mut()
+        .insert("Filter".to_string(), filter);
+    let schema = generator.into_root_schema_for::<config::Config>();
     serde_json::to_value(schema).expect("schema serialises")
 }

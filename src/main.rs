@@ -89,19 +89,19 @@ struct DatabaseArgs {
 }
 
 impl DatabaseArgs {
-    fn database(&self) -> Result<gatehouse::config::postgres::Database, String> {
+    fn database(&self) -> anyhow::Result<gatehouse::config::source::postgres::Database> {
         let mode = match self.tls.as_str() {
             "disable" => gatehouse::config::model::PostgresTlsMode::Disable,
             "require" => gatehouse::config::model::PostgresTlsMode::Require,
-            other => return Err(format!("--tls {other}: use disable or require")),
+            other => anyhow::bail!("--tls {other}: use disable or require"),
         };
-        gatehouse::config::postgres::Database::new(
+        Ok(gatehouse::config::source::postgres::Database::new(
             &self.database_url,
             self.schema.as_deref(),
             mode,
             self.ca_file.as_deref(),
             std::time::Duration::from_secs(10),
-        )
+        )?)
     }
 }
 
@@ -133,7 +133,7 @@ fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
         .block_on(future)
 }
 
-fn database_command(label: &str, action: impl FnOnce() -> Result<String, String>) -> ExitCode {
+fn database_command(label: &str, action: impl FnOnce() -> anyhow::Result<String>) -> ExitCode {
     match action() {
         Ok(output) => {
             print!("{output}");
@@ -163,24 +163,31 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Validate { file } => match gatehouse::config::load::load_file(&file)
-            .and_then(|loaded| gatehouse::config::compile(loaded, &file.display().to_string(), 0))
-        {
-            Ok(snapshot) => {
-                println!(
-                    "{}: ok ({} routes, {} upstreams, hash {})",
-                    file.display(),
-                    snapshot.routes.len(),
-                    snapshot.upstreams.len(),
-                    &snapshot.hash[..12]
-                );
-                ExitCode::SUCCESS
+        Command::Validate { file } => {
+            match gatehouse::config::load::load_file(&file).and_then(|loaded| {
+                gatehouse::config::compile(
+                    loaded,
+                    &file.display().to_string(),
+                    0,
+                    &Default::default(),
+                )
+            }) {
+                Ok(snapshot) => {
+                    println!(
+                        "{}: ok ({} routes, {} upstreams, hash {})",
+                        file.display(),
+                        snapshot.routes.len(),
+                        snapshot.upstreams.len(),
+                        &snapshot.hash[..12]
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(errors) => {
+                    eprint!("{}: {errors}", file.display());
+                    ExitCode::FAILURE
+                }
             }
-            Err(errors) => {
-                eprint!("{}: {errors}", file.display());
-                ExitCode::FAILURE
-            }
-        },
+        }
         Command::Keygen { hmac_secret_env } => {
             let mut random = [0u8; 32];
             if let Err(error) = getrandom::fill(&mut random) {
@@ -239,14 +246,19 @@ fn main() -> ExitCode {
             // The file must compile as it is, exactly as a node would build it.
             gatehouse::config::load::load_file(&file)
                 .and_then(|loaded| {
-                    gatehouse::config::compile(loaded, &file.display().to_string(), 0)
+                    gatehouse::config::compile(
+                        loaded,
+                        &file.display().to_string(),
+                        0,
+                        &Default::default(),
+                    )
                 })
                 .map_err(|errors| {
-                    format!("{} is not valid, nothing stored:\n{errors}", file.display())
+                    anyhow::anyhow!("{} is not valid, nothing stored:\n{errors}", file.display())
                 })?;
             // What is stored is the document as written: secret references, not their values.
-            let written = gatehouse::config::load::read_yaml(&file).map_err(|e| e.to_string())?;
-            let local: Vec<&str> = gatehouse::config::postgres::LOCAL_SECTIONS
+            let written = gatehouse::config::load::read_yaml(&file)?;
+            let local: Vec<&str> = gatehouse::config::source::postgres::LOCAL_SECTIONS
                 .iter()
                 .copied()
                 .filter(|section| written.get(*section).is_some())
@@ -257,7 +269,7 @@ fn main() -> ExitCode {
                     local.join(", ")
                 );
             }
-            let document = serde_json::to_value(written).map_err(|e| e.to_string())?;
+            let document = serde_json::to_value(written)?;
             let author = author
                 .or_else(|| std::env::var("USER").ok())
                 .unwrap_or_else(|| "gatehouse".into());
@@ -274,15 +286,17 @@ fn main() -> ExitCode {
             let database = database.database()?;
             let loaded = block_on(database.pull())?;
             if loaded.version.is_none() {
-                return Err(format!("{} holds no config yet", database.display));
+                anyhow::bail!("{} holds no config yet", database.display);
             }
-            serde_yaml::to_string(&loaded.document).map_err(|e| e.to_string())
+            Ok(serde_yaml::to_string(&loaded.document)?)
         }),
         Command::Schema => {
             println!(
                 "{}",
-                serde_json::to_string_pretty(&gatehouse::config_schema())
-                    .expect("schema serialises")
+                serde_json::to_string_pretty(&gatehouse::config_schema(
+                    &gatehouse_filters::Registry::builtin()
+                ))
+                .expect("schema serialises")
             );
             ExitCode::SUCCESS
         }
@@ -294,7 +308,12 @@ fn main() -> ExitCode {
             path,
         } => {
             let snapshot = match gatehouse::config::load::load_file(&config).and_then(|loaded| {
-                gatehouse::config::compile(loaded, &config.display().to_string(), 0)
+                gatehouse::config::compile(
+                    loaded,
+                    &config.display().to_string(),
+                    0,
+                    &Default::default(),
+                )
             }) {
                 Ok(snapshot) => snapshot,
                 Err(errors) => {

@@ -11,8 +11,8 @@ use pingora_core::server::Server;
 use pingora_core::services::background::background_service;
 use pingora_core::services::listening::Service;
 
-use crate::config::watch::ConfigReloader;
-use crate::config::{ConfigErrors, ConfigStore};
+use crate::config::source;
+use crate::config::{CompileEnv, ConfigErrors};
 use crate::ops::OpsApp;
 use crate::proxy::deadline::HeadDeadline;
 use crate::proxy::Gateway;
@@ -40,12 +40,20 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
     // config is opened (a database that does not answer, a snapshot file served) is logged.
     let local = crate::config::load::load_file(config_path)?;
     crate::telemetry::logging::init(&local.resolved.telemetry.log);
-    let store = Arc::new(ConfigStore::open(config_path)?);
+    // One registry of filter kinds and one of metrics for the whole process: every config
+    // version is built with them, whatever its source.
+    let env = CompileEnv {
+        registry: Arc::new(gatehouse_filters::Registry::builtin()),
+        metrics: gatehouse_filters::Metrics::new(),
+    };
+    let metrics = env.metrics.clone();
+    let (store, config_source) = source::open(config_path, env)?;
     let snapshot = store.load();
     let config = &snapshot.config;
     crate::telemetry::access_log::init(
         &config.telemetry.access_log.path,
         config.telemetry.access_log.sample,
+        &metrics,
     )
     .map_err(|error| {
         StartError::Server(format!(
@@ -86,6 +94,7 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
     // The proxy, wrapped so slow request heads are cut off.
     let gateway = Gateway {
         store: store.clone(),
+        metrics: crate::telemetry::metrics::RequestMetrics::new(&metrics),
     };
     let mut proxy = pingora_proxy::HttpProxy::new(gateway, server.configuration.clone());
     proxy.handle_init_modules();
@@ -118,6 +127,8 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
             "gatehouse ops".to_string(),
             pingora_core::apps::http_app::HttpServer::new_app(OpsApp {
                 store: store.clone(),
+                source: config_source.clone(),
+                metrics: metrics.clone(),
             }),
         );
         ops.threads = Some(1);
@@ -125,22 +136,10 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
         server.add_service(ops);
     }
 
-    if store.postgres().is_some() {
-        server.add_service(background_service(
-            "postgres config sync",
-            crate::config::postgres::PostgresSync {
-                store: store.clone(),
-            },
-        ));
-    } else {
-        server.add_service(background_service(
-            "config reloader",
-            ConfigReloader {
-                store: store.clone(),
-                watch: config.config.watch,
-            },
-        ));
-    }
+    server.add_service(background_service(
+        "config source",
+        source::Service(config_source),
+    ));
 
     tracing::info!(
         version = snapshot.version,

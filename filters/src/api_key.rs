@@ -11,9 +11,8 @@ use pingora_http::RequestHeader;
 use serde::Deserialize;
 
 use crate::consumers::{ConsumerRegistry, KeyRefusal};
-use crate::registry::FilterKind;
 use crate::util::decode_query_component;
-use crate::{BuildCtx, BuildError, Decision, Filter, Problem, RequestContext};
+use crate::{BuildCtx, BuildError, Decision, Filter, FilterKind, Phases, Problem, RequestContext};
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -94,6 +93,10 @@ fn take_query_param(query: &str, name: &str) -> Option<(String, String)> {
 impl Filter for ApiKey {
     fn kind(&self) -> &'static str {
         Self::KIND
+    }
+
+    fn phases(&self) -> Phases {
+        Phases::REQUEST
     }
 
     fn is_auth(&self) -> bool {
@@ -182,7 +185,7 @@ mod tests {
             config,
             &BuildCtx {
                 consumers: Arc::new(registry),
-                redis: None,
+                ..BuildCtx::default()
             },
         )
         .unwrap()

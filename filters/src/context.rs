@@ -50,6 +50,9 @@ pub struct RequestContext {
     pub auth_failure: Option<(&'static str, &'static str)>,
     /// The response status, once known.
     pub status: Option<u16>,
+    /// The header the request id travels in, when a `request_id` filter named one; the
+    /// gateway's own answers carry the id there.
+    pub request_id_header: Option<http::HeaderName>,
     /// Typed per-filter state.
     pub state: http::Extensions,
 }
@@ -68,6 +71,7 @@ impl RequestContext {
             claims: None,
             auth_failure: None,
             status: None,
+            request_id_header: None,
             state: http::Extensions::new(),
         }
     }

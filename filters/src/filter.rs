@@ -1,10 +1,15 @@
-//! The `Filter` trait: one method per proxy phase, each a no-op by default.
+//! The `Filter` trait (one method per proxy phase, each a no-op by default), the `FilterKind`
+//! that builds a filter from its typed config, the phases a filter takes part in, and what a
+//! build gets besides its config.
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora_http::{RequestHeader, ResponseHeader};
+use serde::de::DeserializeOwned;
 
-use crate::{Problem, RequestContext, Response};
+use crate::{Metrics, Problem, RequestContext, Response};
 
 /// What the request phase of a filter decided.
 #[derive(Debug)]
@@ -17,6 +22,40 @@ pub enum Decision {
     Reject(Problem),
 }
 
+/// The phases a filter takes part in. A chain calls a filter only in the phases it declares, so
+/// a phase no filter of a route wants costs that route nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Phases(u8);
+
+impl Phases {
+    pub const NONE: Phases = Phases(0);
+    pub const REQUEST: Phases = Phases(1);
+    pub const REQUEST_BODY: Phases = Phases(1 << 1);
+    pub const UPSTREAM_REQUEST: Phases = Phases(1 << 2);
+    pub const RESPONSE: Phases = Phases(1 << 3);
+    pub const RESPONSE_BODY: Phases = Phases(1 << 4);
+    pub const LOG: Phases = Phases(1 << 5);
+    pub const ALL: Phases = Phases((1 << 6) - 1);
+
+    /// The phases of both.
+    pub const fn and(self, other: Phases) -> Phases {
+        Phases(self.0 | other.0)
+    }
+
+    /// Whether every phase of `other` is in `self`.
+    pub const fn contains(self, other: Phases) -> bool {
+        self.0 & other.0 == other.0
+    }
+}
+
+impl std::ops::BitOr for Phases {
+    type Output = Phases;
+
+    fn bitor(self, other: Phases) -> Phases {
+        self.and(other)
+    }
+}
+
 /// A filter, built once per configuration snapshot and shared by all requests.
 ///
 /// Request phases run in chain order; response phases run in reverse (onion order). Per-request
@@ -25,6 +64,12 @@ pub enum Decision {
 pub trait Filter: Send + Sync + 'static {
     /// The registry kind this filter was built from.
     fn kind(&self) -> &'static str;
+
+    /// The phases this filter overrides. The default, every phase, is always correct; a filter
+    /// that names only its own phases is skipped in the others.
+    fn phases(&self) -> Phases {
+        Phases::ALL
+    }
 
     /// Whether this filter identifies callers. A route's `auth: required` is enforced after the
     /// last of these has run.
@@ -71,13 +116,44 @@ pub trait Filter: Send + Sync + 'static {
     fn log(&self, _ctx: &RequestContext) {}
 }
 
+/// A filter kind: its name, its config schema, and how to build it. Registered in a
+/// [`Registry`](crate::Registry) with one line.
+pub trait FilterKind: Filter + Sized {
+    const KIND: &'static str;
+    type Config: DeserializeOwned + schemars::JsonSchema + Default;
+    fn build(config: Self::Config, ctx: &BuildCtx) -> Result<Self, Vec<BuildError>>;
+}
+
 /// What `build` gets besides its own config: shared clients and settings of the snapshot.
 #[derive(Clone, Debug, Default)]
 pub struct BuildCtx {
     /// The consumers of the snapshot and their credentials.
-    pub consumers: std::sync::Arc<crate::consumers::ConsumerRegistry>,
+    pub consumers: Arc<crate::consumers::ConsumerRegistry>,
     /// The shared Redis client, when the config has a `redis` section.
-    pub redis: Option<std::sync::Arc<crate::shared::Redis>>,
+    pub redis: Option<Arc<crate::shared::Redis>>,
+    /// Where the filter registers its metric families and takes its rows.
+    pub metrics: Metrics,
+    /// The route the filter belongs to; `None` for the global chain, which serves every route.
+    pub route: Option<Arc<str>>,
+}
+
+impl BuildCtx {
+    /// The `route` label of the filter's metric rows: its route, or `(global)`.
+    pub fn route_label(&self) -> &str {
+        self.route.as_deref().unwrap_or(GLOBAL_ROUTE_LABEL)
+    }
+}
+
+/// The `route` label of metric rows of filters in the global chain.
+pub const GLOBAL_ROUTE_LABEL: &str = "(global)";
+
+/// What a [`BuildError`] is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BuildErrorKind {
+    /// No kind of this name is registered (the error is about `kind`, not `config`).
+    UnknownKind,
+    /// The config is not valid at `path`.
+    InvalidConfig,
 }
 
 /// Why a filter could not be built from its config. Each error names the config path below the
@@ -85,6 +161,7 @@ pub struct BuildCtx {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{}{message}", if path.is_empty() { String::new() } else { format!("{path}: ") })]
 pub struct BuildError {
+    pub kind: BuildErrorKind,
     pub path: String,
     pub message: String,
 }
@@ -92,7 +169,16 @@ pub struct BuildError {
 impl BuildError {
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
         BuildError {
+            kind: BuildErrorKind::InvalidConfig,
             path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn unknown_kind(message: impl Into<String>) -> Self {
+        BuildError {
+            kind: BuildErrorKind::UnknownKind,
+            path: String::new(),
             message: message.into(),
         }
     }

@@ -1,12 +1,15 @@
 //! The filter interface of Gatehouse: the `Filter` trait, the per-request context filters share,
-//! the responses a filter may answer with, and the registry that builds filters from config.
+//! the responses and problems a filter may answer with, the chain that runs filters in each
+//! phase, the registry that builds filters from config, and the metrics registry they report in.
 //!
 //! This crate does not depend on the proxy. A filter sees request and response headers and body
 //! bytes, so every filter is unit-testable without starting a server.
 
+mod chain;
 pub mod consumers;
 mod context;
 mod filter;
+pub mod metrics;
 mod problem;
 mod registry;
 pub mod template;
@@ -21,7 +24,11 @@ pub mod request_id;
 pub mod response_headers;
 pub mod shared;
 
+pub use chain::{AuthGate, Chain};
 pub use context::{Consumer, RequestContext};
-pub use filter::{BuildCtx, BuildError, Decision, Filter};
-pub use problem::{Problem, Response};
-pub use registry::{build_filter, filter_kinds, schema_for_kind, FilterKind};
+pub use filter::{
+    BuildCtx, BuildError, BuildErrorKind, Decision, Filter, FilterKind, Phases, GLOBAL_ROUTE_LABEL,
+};
+pub use metrics::Metrics;
+pub use problem::{Problem, ProblemType, Response};
+pub use registry::Registry;

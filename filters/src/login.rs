@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use crate::shared::IO;
 use crate::util::{cookie, decode_query_component, now_seconds};
-use crate::{Consumer, Decision, Problem, RequestContext, Response};
+use crate::{Consumer, Decision, Problem, ProblemType, RequestContext, Response};
 
 /// Settings of login mode, checked by the `oauth2` filter's build.
 pub struct Login {
@@ -104,11 +104,9 @@ fn pending_key(state: &str) -> String {
 }
 
 fn unavailable() -> Decision {
-    Decision::Reject(Problem::new(
-        503,
-        "auth-unavailable",
-        "The login service could not be reached",
-    ))
+    Decision::Reject(
+        Problem::new(ProblemType::AuthUnavailable).detail("The login service could not be reached"),
+    )
 }
 
 impl Login {
@@ -266,11 +264,7 @@ impl Login {
     async fn callback(&self, request: &RequestHeader, ctx: &mut RequestContext) -> Decision {
         let refuse = |ctx: &mut RequestContext, reason: &'static str| {
             ctx.auth_failure = Some(("oauth2", reason));
-            Decision::Reject(Problem::new(
-                401,
-                "login-failed",
-                "The login could not be completed",
-            ))
+            Decision::Reject(Problem::new(ProblemType::LoginFailed))
         };
         let (Some(code), Some(state)) =
             (query_param(request, "code"), query_param(request, "state"))

@@ -15,10 +15,12 @@ use pingora_http::RequestHeader;
 use serde::{Deserialize, Serialize};
 
 use crate::consumers::sha256;
-use crate::registry::FilterKind;
 use crate::shared::IO;
 use crate::util::{duration, now_seconds};
-use crate::{BuildCtx, BuildError, Consumer, Decision, Filter, Problem, RequestContext};
+use crate::{
+    BuildCtx, BuildError, Consumer, Decision, Filter, FilterKind, Phases, Problem, ProblemType,
+    RequestContext,
+};
 
 #[derive(Debug, Default, Deserialize, schemars::JsonSchema, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -386,6 +388,10 @@ impl Filter for OAuth2 {
         Self::KIND
     }
 
+    fn phases(&self) -> Phases {
+        Phases::REQUEST
+    }
+
     fn is_auth(&self) -> bool {
         true
     }
@@ -425,11 +431,10 @@ impl Filter for OAuth2 {
                         }
                         Err(()) => {
                             ctx.auth_failure = Some((Self::KIND, "introspection_unavailable"));
-                            return Decision::Reject(Problem::new(
-                                503,
-                                "auth-unavailable",
-                                "The authorization server could not be reached",
-                            ));
+                            return Decision::Reject(
+                                Problem::new(ProblemType::AuthUnavailable)
+                                    .detail("The authorization server could not be reached"),
+                            );
                         }
                     },
                 }

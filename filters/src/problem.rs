@@ -1,4 +1,5 @@
-//! Responses a filter (or the proxy) answers with itself, and RFC 9457 problem documents.
+//! Responses a filter (or the proxy) answers with itself, and the catalogue of RFC 9457 problem
+//! types Gatehouse answers with: each type's slug, status and title are declared here, once.
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
@@ -31,27 +32,152 @@ impl Response {
     }
 }
 
+/// Every kind of problem Gatehouse answers with. The slug is the stable part of the `type`
+/// (`urn:gatehouse:problem:<slug>`) that clients branch on; the title never changes between
+/// occurrences of a type (RFC 9457 section 3.1.3), so what varies goes into `detail`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ProblemType {
+    InvalidPath,
+    BadRequest,
+    Unauthorized,
+    LoginFailed,
+    Forbidden,
+    RouteNotFound,
+    ContentTooLarge,
+    UriTooLong,
+    RateLimited,
+    HeaderFieldsTooLarge,
+    /// A failure Pingora reported with its own status; the problem carries that status.
+    Error,
+    InternalError,
+    UpstreamUnavailable,
+    AuthUnavailable,
+    RateLimitUnavailable,
+    ConfigNotLoaded,
+    UpstreamTimeout,
+}
+
+impl ProblemType {
+    /// The whole catalogue, in status order.
+    pub const ALL: &'static [ProblemType] = &[
+        ProblemType::InvalidPath,
+        ProblemType::BadRequest,
+        ProblemType::Unauthorized,
+        ProblemType::LoginFailed,
+        ProblemType::Forbidden,
+        ProblemType::RouteNotFound,
+        ProblemType::ContentTooLarge,
+        ProblemType::UriTooLong,
+        ProblemType::RateLimited,
+        ProblemType::HeaderFieldsTooLarge,
+        ProblemType::Error,
+        ProblemType::InternalError,
+        ProblemType::UpstreamUnavailable,
+        ProblemType::AuthUnavailable,
+        ProblemType::RateLimitUnavailable,
+        ProblemType::ConfigNotLoaded,
+        ProblemType::UpstreamTimeout,
+    ];
+
+    /// (slug, status, title).
+    const fn describe(self) -> (&'static str, u16, &'static str) {
+        match self {
+            ProblemType::InvalidPath => ("invalid-path", 400, "The request path is not acceptable"),
+            ProblemType::BadRequest => ("bad-request", 400, "The request could not be read"),
+            ProblemType::Unauthorized => ("unauthorized", 401, "Authentication failed"),
+            ProblemType::LoginFailed => ("login-failed", 401, "The login could not be completed"),
+            ProblemType::Forbidden => ("forbidden", 403, "Not allowed"),
+            ProblemType::RouteNotFound => ("route-not-found", 404, "No route matches this request"),
+            ProblemType::ContentTooLarge => {
+                ("content-too-large", 413, "The request body is too large")
+            }
+            ProblemType::UriTooLong => ("uri-too-long", 414, "The request target is too long"),
+            ProblemType::RateLimited => ("rate-limited", 429, "Too many requests"),
+            ProblemType::HeaderFieldsTooLarge => (
+                "header-fields-too-large",
+                431,
+                "The request header fields are too large",
+            ),
+            ProblemType::Error => ("error", 500, "The request failed"),
+            ProblemType::InternalError => (
+                "internal-error",
+                500,
+                "The gateway failed to handle the request",
+            ),
+            ProblemType::UpstreamUnavailable => (
+                "upstream-unavailable",
+                502,
+                "The upstream could not be reached or failed",
+            ),
+            ProblemType::AuthUnavailable => (
+                "auth-unavailable",
+                503,
+                "The authentication service did not answer in time",
+            ),
+            ProblemType::RateLimitUnavailable => (
+                "rate-limit-unavailable",
+                503,
+                "The rate limit could not be checked",
+            ),
+            ProblemType::ConfigNotLoaded => (
+                "config-not-loaded",
+                503,
+                "This node has not loaded its routes yet",
+            ),
+            ProblemType::UpstreamTimeout => (
+                "upstream-timeout",
+                504,
+                "The upstream did not answer in time",
+            ),
+        }
+    }
+
+    pub const fn slug(self) -> &'static str {
+        self.describe().0
+    }
+
+    /// The status answered with; for [`ProblemType::Error`], the default when the failure
+    /// carries none.
+    pub const fn status(self) -> u16 {
+        self.describe().1
+    }
+
+    pub const fn title(self) -> &'static str {
+        self.describe().2
+    }
+
+    /// The `type` URI of the problem document.
+    pub fn uri(self) -> String {
+        format!("urn:gatehouse:problem:{}", self.slug())
+    }
+}
+
 /// An RFC 9457 `application/problem+json` error. Its `type` is stable, so clients can branch on
 /// it; its text never carries internals or secrets.
 #[derive(Clone, Debug)]
 pub struct Problem {
+    pub kind: ProblemType,
     pub status: u16,
-    /// The stable slug; rendered as `urn:gatehouse:problem:<slug>`.
-    pub slug: &'static str,
-    pub title: &'static str,
     pub detail: Option<String>,
     /// Extra response headers, e.g. `WWW-Authenticate`.
     pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl Problem {
-    pub fn new(status: u16, slug: &'static str, title: &'static str) -> Self {
+    pub fn new(kind: ProblemType) -> Self {
         Problem {
-            status,
-            slug,
-            title,
+            kind,
+            status: kind.status(),
             detail: None,
             headers: Vec::new(),
+        }
+    }
+
+    /// A failure reported with a status of its own (a [`ProblemType::Error`]).
+    pub fn failure(status: u16) -> Self {
+        Problem {
+            status,
+            ..Problem::new(ProblemType::Error)
         }
     }
 
@@ -63,7 +189,7 @@ impl Problem {
     /// 401 for a credential that was given but is not valid (RFC 6750 `invalid_token`). The
     /// answer never says which check failed.
     pub fn invalid_token() -> Self {
-        Problem::new(401, "unauthorized", "Authentication failed").header(
+        Problem::new(ProblemType::Unauthorized).header(
             http::header::WWW_AUTHENTICATE,
             HeaderValue::from_static("Bearer realm=\"gatehouse\", error=\"invalid_token\""),
         )
@@ -71,15 +197,17 @@ impl Problem {
 
     /// 401 for a request that carried no credential where one is required.
     pub fn credentials_required() -> Self {
-        Problem::new(401, "unauthorized", "Authentication required").header(
-            http::header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer realm=\"gatehouse\""),
-        )
+        Problem::new(ProblemType::Unauthorized)
+            .detail("This route requires credentials")
+            .header(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"gatehouse\""),
+            )
     }
 
     /// 403: the caller is known but not allowed (RFC 6750 `insufficient_scope`).
     pub fn forbidden() -> Self {
-        Problem::new(403, "forbidden", "Not allowed").header(
+        Problem::new(ProblemType::Forbidden).header(
             http::header::WWW_AUTHENTICATE,
             HeaderValue::from_static("Bearer realm=\"gatehouse\", error=\"insufficient_scope\""),
         )
@@ -93,8 +221,8 @@ impl Problem {
     /// The JSON body of this problem for the given request.
     pub fn to_json(&self, request_id: &str) -> String {
         let mut body = serde_json::json!({
-            "type": format!("urn:gatehouse:problem:{}", self.slug),
-            "title": self.title,
+            "type": self.kind.uri(),
+            "title": self.kind.title(),
             "status": self.status,
             "request_id": request_id,
         });
@@ -104,8 +232,9 @@ impl Problem {
         body.to_string()
     }
 
-    /// The whole response, with its content type and the request id header.
-    pub fn into_response(self, request_id: &str) -> Response {
+    /// The whole response, with its content type and the request id in `id_header` (the header
+    /// the request id travels in on this gateway).
+    pub fn into_response(self, request_id: &str, id_header: &HeaderName) -> Response {
         let body = self.to_json(request_id);
         let mut response = Response::new(self.status);
         response.headers = self.headers;
@@ -114,7 +243,7 @@ impl Problem {
             HeaderValue::from_static("application/problem+json"),
         );
         if let Ok(value) = HeaderValue::from_str(request_id) {
-            response = response.header(HeaderName::from_static("x-request-id"), value);
+            response = response.header(id_header.clone(), value);
         }
         response.body(body)
     }
@@ -126,18 +255,38 @@ mod tests {
 
     #[test]
     fn problem_renders_rfc9457_fields_and_request_id() {
-        let response = Problem::new(404, "route-not-found", "No route matches this request")
+        let response = Problem::new(ProblemType::RouteNotFound)
             .detail("GET /nowhere")
-            .into_response("abc");
+            .into_response("abc", &HeaderName::from_static("x-trace-id"));
         assert_eq!(response.status, 404);
         let body: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
         assert_eq!(body["type"], "urn:gatehouse:problem:route-not-found");
+        assert_eq!(body["title"], "No route matches this request");
         assert_eq!(body["status"], 404);
         assert_eq!(body["request_id"], "abc");
         assert_eq!(body["detail"], "GET /nowhere");
-        assert!(response
-            .headers
-            .iter()
-            .any(|(name, value)| name == "content-type" && value == "application/problem+json"));
+        let header = |name: &str| {
+            response
+                .headers
+                .iter()
+                .find(|(key, _)| key == name)
+                .map(|(_, value)| value.to_str().unwrap().to_string())
+        };
+        assert_eq!(
+            header("content-type").as_deref(),
+            Some("application/problem+json")
+        );
+        assert_eq!(header("x-trace-id").as_deref(), Some("abc"));
+        assert_eq!(header("x-request-id"), None);
+    }
+
+    #[test]
+    fn slugs_are_unique_and_failures_keep_their_status() {
+        let mut slugs: Vec<_> = ProblemType::ALL.iter().map(|kind| kind.slug()).collect();
+        slugs.sort_unstable();
+        slugs.dedup();
+        assert_eq!(slugs.len(), ProblemType::ALL.len());
+        assert_eq!(Problem::failure(418).status, 418);
+        assert_eq!(Problem::failure(418).kind.slug(), "error");
     }
 }

@@ -6,8 +6,7 @@ use http::{HeaderName, HeaderValue};
 use pingora_http::{RequestHeader, ResponseHeader};
 use serde::Deserialize;
 
-use crate::registry::FilterKind;
-use crate::{BuildCtx, BuildError, Decision, Filter, RequestContext};
+use crate::{BuildCtx, BuildError, Decision, Filter, FilterKind, Phases, RequestContext};
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -75,6 +74,14 @@ impl Filter for RequestId {
         Self::KIND
     }
 
+    fn phases(&self) -> Phases {
+        if self.echo_in_response {
+            Phases::REQUEST | Phases::RESPONSE
+        } else {
+            Phases::REQUEST
+        }
+    }
+
     async fn request(&self, request: &mut RequestHeader, ctx: &mut RequestContext) -> Decision {
         let incoming = if self.trust_incoming {
             request
@@ -93,6 +100,7 @@ impl Filter for RequestId {
             request.insert_header(self.header.clone(), value).ok();
         }
         ctx.set_request_id(id);
+        ctx.request_id_header = Some(self.header.clone());
         Decision::Continue
     }
 

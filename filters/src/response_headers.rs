@@ -10,9 +10,8 @@ use http::{HeaderName, HeaderValue};
 use pingora_http::{RequestHeader, ResponseHeader};
 use serde::Deserialize;
 
-use crate::registry::FilterKind;
 use crate::template::Template;
-use crate::{BuildCtx, BuildError, Decision, Filter, RequestContext};
+use crate::{BuildCtx, BuildError, Decision, Filter, FilterKind, Phases, RequestContext};
 
 #[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -132,6 +131,14 @@ impl FilterKind for ResponseHeaders {
 impl Filter for ResponseHeaders {
     fn kind(&self) -> &'static str {
         Self::KIND
+    }
+
+    fn phases(&self) -> Phases {
+        if self.captured.is_empty() {
+            Phases::RESPONSE
+        } else {
+            Phases::REQUEST | Phases::RESPONSE
+        }
     }
 
     async fn request(&self, request: &mut RequestHeader, ctx: &mut RequestContext) -> Decision {

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use fred::prelude::*;
@@ -42,6 +42,12 @@ pub struct Redis {
     pub display_url: String,
     pub command_timeout: Duration,
     health: Arc<Health>,
+    /// Keeps `gatehouse_redis_up{url}` exported while this client is in use.
+    _up: crate::metrics::SampledRow,
+    /// Lua scripts callers run with EVALSHA: loaded into Redis when registered and again after
+    /// every (re)connection, since a restarted Redis has forgotten them.
+    scripts: Arc<Mutex<Vec<&'static str>>>,
+    reload_scripts: tokio::task::JoinHandle<Result<(), fred::error::Error>>,
 }
 
 struct Health {
@@ -52,8 +58,9 @@ struct Health {
     /// Wall-clock milliseconds of the first failure of the current outage (0 when up).
     down_since: AtomicU64,
     last_error: Mutex<Option<String>>,
-    commands_ok: AtomicU64,
-    commands_failed: AtomicU64,
+    /// `gatehouse_redis_commands_total{url, outcome}`.
+    commands_ok: crate::metrics::Row<prometheus::IntCounter>,
+    commands_failed: crate::metrics::Row<prometheus::IntCounter>,
     epoch: Instant,
 }
 
@@ -92,6 +99,23 @@ pub struct RedisStatus {
 }
 
 impl Redis {
+    /// Loads `script` into Redis now and after every reconnection, so EVALSHA finds it instead
+    /// of every caller paying a NOSCRIPT round trip after a Redis restart.
+    pub fn preload(&self, script: &'static str) {
+        {
+            let mut scripts = self.scripts.lock().expect("Redis script list lock");
+            if scripts.contains(&script) {
+                return;
+            }
+            scripts.push(script);
+        }
+        let client = self.client.clone();
+        IO.spawn(async move {
+            use fred::prelude::LuaInterface;
+            let _ = client.script_load::<String, _>(script).await;
+        });
+    }
+
     /// False while a recent failure's back-off runs: the caller should not wait on Redis now.
     pub fn available(&self) -> bool {
         self.health.available()
@@ -131,11 +155,7 @@ impl Redis {
         let down_since = health.down_since.load(Ordering::Relaxed);
         RedisStatus {
             url: self.display_url.clone(),
-            state: match (failures, self.client.is_connected()) {
-                (0, true) => "up",
-                (0, false) => "connecting",
-                _ => "down",
-            },
+            state: state(failures, self.client.is_connected()),
             connected: self.client.is_connected(),
             consecutive_failures: failures,
             down_since_unix_ms: (down_since != 0).then_some(down_since),
@@ -144,9 +164,29 @@ impl Redis {
             } else {
                 health.last_error.lock().ok().and_then(|last| last.clone())
             },
-            commands_ok: health.commands_ok.load(Ordering::Relaxed),
-            commands_failed: health.commands_failed.load(Ordering::Relaxed),
+            commands_ok: health.commands_ok.get(),
+            commands_failed: health.commands_failed.get(),
         }
+    }
+}
+
+/// `up`, `connecting` (no connection yet, and no command failed) or `down`.
+fn state(consecutive_failures: u64, connected: bool) -> &'static str {
+    match (consecutive_failures, connected) {
+        (0, true) => "up",
+        (0, false) => "connecting",
+        _ => "down",
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        // No config uses this server any more: close its connection.
+        self.reload_scripts.abort();
+        let client = self.client.clone();
+        IO.spawn(async move {
+            let _ = client.quit().await;
+        });
     }
 }
 
@@ -160,7 +200,7 @@ impl Health {
     }
 
     fn record_success(&self) {
-        self.commands_ok.fetch_add(1, Ordering::Relaxed);
+        self.commands_ok.inc();
         if self.consecutive_failures.swap(0, Ordering::Relaxed) != 0 {
             self.down_since.store(0, Ordering::Relaxed);
             self.skip_until.store(0, Ordering::Relaxed);
@@ -170,7 +210,7 @@ impl Health {
 
     /// Returns true when this failure starts an outage.
     fn record_failure(&self, error: &str) -> bool {
-        self.commands_failed.fetch_add(1, Ordering::Relaxed);
+        self.commands_failed.inc();
         let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         let backoff = 50u64 << (failures - 1).min(5);
         self.skip_until
@@ -199,18 +239,23 @@ fn display_url(url: &str) -> String {
     }
 }
 
-static CLIENTS: Lazy<Mutex<HashMap<RedisSettings, Arc<Redis>>>> = Lazy::new(Default::default);
+static CLIENTS: Lazy<Mutex<HashMap<RedisSettings, Weak<Redis>>>> = Lazy::new(Default::default);
 
 /// The client for these settings, created and connected (in the background) on first use, and
-/// shared by every config version that uses the same settings.
+/// shared by every config version that uses the same settings; it is closed when no config
+/// holds it any more.
 ///
 /// Explicit client settings: every command has `command_timeout` and one attempt; reconnects
 /// back off exponentially (up to 2 s); at most `max_queue` commands wait for a connection;
 /// commands from concurrent requests are pipelined on the one connection.
-pub fn redis_client(settings: &RedisSettings) -> Result<Arc<Redis>, String> {
+pub fn redis_client(
+    settings: &RedisSettings,
+    metrics: &crate::Metrics,
+) -> Result<Arc<Redis>, String> {
     let mut clients = CLIENTS.lock().expect("Redis client registry lock");
-    if let Some(client) = clients.get(settings) {
-        return Ok(client.clone());
+    clients.retain(|_, client| client.strong_count() > 0);
+    if let Some(client) = clients.get(settings).and_then(Weak::upgrade) {
+        return Ok(client);
     }
     let config =
         Config::from_url(&settings.url).map_err(|error| format!("invalid Redis URL: {error}"))?;
@@ -238,26 +283,70 @@ pub fn redis_client(settings: &RedisSettings) -> Result<Arc<Redis>, String> {
         .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2))
         .build()
         .map_err(|error| format!("cannot create the Redis client: {error}"))?;
-    {
+    let scripts: Arc<Mutex<Vec<&'static str>>> = Arc::default();
+    let reload_scripts = {
         let _runtime = IO.enter();
+        let loader = client.clone();
+        let registered = Arc::downgrade(&scripts);
+        let listener = client.on_reconnect(move |_server| {
+            let loader = loader.clone();
+            let scripts: Vec<&'static str> = registered
+                .upgrade()
+                .and_then(|scripts| scripts.lock().ok().map(|scripts| scripts.clone()))
+                .unwrap_or_default();
+            async move {
+                use fred::prelude::LuaInterface;
+                for script in scripts {
+                    let _ = loader.script_load::<String, _>(script).await;
+                }
+                Ok(())
+            }
+        });
         let _connection = client.connect();
-    }
+        listener
+    };
+    let shown = display_url(&settings.url);
+    let commands = metrics.counters(
+        "gatehouse_redis_commands_total",
+        "Redis commands, by outcome",
+        &["url", "outcome"],
+    );
+    let health = Arc::new(Health {
+        display_url: shown.clone(),
+        consecutive_failures: AtomicU64::new(0),
+        skip_until: AtomicU64::new(0),
+        down_since: AtomicU64::new(0),
+        last_error: Mutex::new(None),
+        commands_ok: commands.row(&[&shown, "ok"]),
+        commands_failed: commands.row(&[&shown, "failed"]),
+        epoch: Instant::now(),
+    });
+    let up = {
+        let health = Arc::downgrade(&health);
+        let client = client.clone();
+        metrics
+            .sampled(
+                "gatehouse_redis_up",
+                "Whether Redis answers commands (1) or not (0)",
+                &["url"],
+            )
+            .row(&[&shown], move || {
+                let failures = health.upgrade().map_or(1, |health| {
+                    health.consecutive_failures.load(Ordering::Relaxed)
+                });
+                i64::from(state(failures, client.is_connected()) == "up")
+            })
+    };
     let redis = Arc::new(Redis {
         client,
-        display_url: display_url(&settings.url),
+        display_url: shown,
         command_timeout,
-        health: Arc::new(Health {
-            display_url: display_url(&settings.url),
-            consecutive_failures: AtomicU64::new(0),
-            skip_until: AtomicU64::new(0),
-            down_since: AtomicU64::new(0),
-            last_error: Mutex::new(None),
-            commands_ok: AtomicU64::new(0),
-            commands_failed: AtomicU64::new(0),
-            epoch: Instant::now(),
-        }),
+        health,
+        _up: up,
+        scripts,
+        reload_scripts,
     });
-    clients.insert(settings.clone(), redis.clone());
+    clients.insert(settings.clone(), Arc::downgrade(&redis));
     Ok(redis)
 }
 
@@ -267,12 +356,15 @@ mod tests {
 
     #[test]
     fn failures_back_off_and_one_success_clears_them() {
-        let redis = redis_client(&RedisSettings {
-            url: "redis://user:secret@127.0.0.1:1".into(),
-            command_timeout: Duration::from_millis(5),
-            connect_timeout: Duration::from_millis(50),
-            max_queue: 10,
-        })
+        let redis = redis_client(
+            &RedisSettings {
+                url: "redis://user:secret@127.0.0.1:1".into(),
+                command_timeout: Duration::from_millis(5),
+                connect_timeout: Duration::from_millis(50),
+                max_queue: 10,
+            },
+            &crate::Metrics::new(),
+        )
         .unwrap();
         assert_eq!(redis.display_url, "redis://user:****@127.0.0.1:1");
         assert!(redis.available());

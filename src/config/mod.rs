@@ -1,18 +1,17 @@
-//! Configuration: the typed model, loading from a source, the compile step that validates
-//! everything (collecting all errors) into an immutable Snapshot, and the store that swaps
-//! Snapshots atomically.
+//! Configuration: the typed model, loading a document, the compile step that validates
+//! everything (collecting all errors) into an immutable Snapshot, the store that swaps Snapshots
+//! atomically, and the sources that feed it (a YAML file, or PostgreSQL).
 
 pub mod compile;
 pub mod error;
 pub mod load;
 pub mod model;
-pub mod postgres;
 pub mod snapshot;
+pub mod source;
 pub mod store;
 pub mod units;
-pub mod watch;
 
-pub use compile::compile;
+pub use compile::{compile, CompileEnv};
 pub use error::{ConfigError, ConfigErrors};
 pub use model::Config;
 pub use snapshot::Snapshot;

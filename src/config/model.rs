@@ -400,43 +400,55 @@ impl JsonSchema for FilterConfig {
         "Filter".into()
     }
 
+    /// Any registered kind with its config; the schema of each kind's config comes from the
+    /// registry, in [`filter_schema`].
     fn json_schema(generator: &mut schemars::gen::SchemaGenerator) -> schemars::schema::Schema {
-        use schemars::schema::{ObjectValidation, Schema, SchemaObject, SubschemaValidation};
-        let variants = gatehouse_filters::filter_kinds()
-            .map(|kind| {
-                let config = gatehouse_filters::schema_for_kind(kind, generator)
-                    .unwrap_or(Schema::Bool(true));
-                let kind_schema = SchemaObject {
-                    const_value: Some(serde_json::Value::String(kind.into())),
-                    ..Default::default()
-                };
-                let mut object = SchemaObject {
-                    instance_type: Some(schemars::schema::InstanceType::Object.into()),
-                    object: Some(Box::new(ObjectValidation {
-                        properties: [
-                            ("kind".to_string(), Schema::Object(kind_schema)),
-                            ("config".to_string(), config),
-                        ]
-                        .into_iter()
-                        .collect(),
-                        required: ["kind".to_string()].into_iter().collect(),
-                        additional_properties: Some(Box::new(Schema::Bool(false))),
-                        ..Default::default()
-                    })),
-                    ..Default::default()
-                };
-                object.metadata().title = Some(kind.to_string());
-                Schema::Object(object)
-            })
-            .collect();
-        Schema::Object(SchemaObject {
-            subschemas: Some(Box::new(SubschemaValidation {
-                one_of: Some(variants),
-                ..Default::default()
-            })),
-            ..Default::default()
-        })
+        filter_schema(&gatehouse_filters::Registry::builtin(), generator)
     }
+}
+
+/// One `{kind, config}` variant per kind of `registry`, each with its own config schema.
+pub fn filter_schema(
+    registry: &gatehouse_filters::Registry,
+    generator: &mut schemars::gen::SchemaGenerator,
+) -> schemars::schema::Schema {
+    use schemars::schema::{ObjectValidation, Schema, SchemaObject, SubschemaValidation};
+    let variants = registry
+        .kinds()
+        .map(|kind| {
+            let config = registry
+                .schema(kind, generator)
+                .unwrap_or(Schema::Bool(true));
+            let kind_schema = SchemaObject {
+                const_value: Some(serde_json::Value::String(kind.into())),
+                ..Default::default()
+            };
+            let mut object = SchemaObject {
+                instance_type: Some(schemars::schema::InstanceType::Object.into()),
+                object: Some(Box::new(ObjectValidation {
+                    properties: [
+                        ("kind".to_string(), Schema::Object(kind_schema)),
+                        ("config".to_string(), config),
+                    ]
+                    .into_iter()
+                    .collect(),
+                    required: ["kind".to_string()].into_iter().collect(),
+                    additional_properties: Some(Box::new(Schema::Bool(false))),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            };
+            object.metadata().title = Some(kind.to_string());
+            Schema::Object(object)
+        })
+        .collect();
+    Schema::Object(SchemaObject {
+        subschemas: Some(Box::new(SubschemaValidation {
+            one_of: Some(variants),
+            ..Default::default()
+        })),
+        ..Default::default()
+    })
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use gatehouse_filters::Filter;
+use gatehouse_filters::Chain;
 use ipnet::IpNet;
 
 use super::model::Config;
@@ -15,14 +15,12 @@ use crate::upstream::UpstreamPool;
 /// A route ready to serve.
 pub struct Route {
     pub name: Arc<str>,
-    pub auth: Option<super::model::AuthMode>,
-    /// Chain index before which `auth` is enforced (after the last auth filter).
-    pub auth_gate: usize,
     pub upstream: usize,
     pub rewrite: Option<PathRewrite>,
     pub read_timeout: Option<Duration>,
-    /// The global filters followed by the route's own, in request order.
-    pub chain: Vec<Arc<dyn Filter>>,
+    /// The global filters followed by the route's own, in request order, with the route's
+    /// `auth` gate after the last filter that identifies callers.
+    pub chain: Chain,
     pub metrics: RouteMetrics,
 }
 
@@ -50,13 +48,13 @@ pub struct Snapshot {
     pub routes: Vec<Route>,
     pub upstreams: Vec<UpstreamPool>,
     /// The global chain, run for requests that match no route (so e.g. request ids still apply).
-    pub global_chain: Vec<Arc<dyn Filter>>,
+    pub global_chain: Chain,
     pub limits: Limits,
     pub trusted_proxies: Vec<IpNet>,
     pub unmatched_metrics: RouteMetrics,
     pub identity_headers: IdentityHeaders,
-    /// The consumer of unidentified requests on `auth: optional` routes.
-    pub anonymous: Option<gatehouse_filters::Consumer>,
+    /// The header the request id travels in, for answers given before any filter ran.
+    pub request_id_header: http::HeaderName,
     /// The Redis server of the `redis` section, for its state on `/readyz` and `/metrics`.
     pub redis: Option<std::sync::Arc<gatehouse_filters::shared::Redis>>,
     /// False for the stand-in of a node that has no config yet (PostgreSQL unreachable at start
@@ -85,11 +83,15 @@ impl IdentityHeaders {
 impl Snapshot {
     /// Whether every filter can serve (e.g. JWKS keys are fetched).
     pub fn filters_ready(&self) -> bool {
-        self.global_chain.iter().all(|filter| filter.ready())
-            && self
-                .routes
-                .iter()
-                .all(|route| route.chain.iter().all(|filter| filter.ready()))
+        self.global_chain.ready() && self.routes.iter().all(|route| route.chain.ready())
+    }
+
+    /// The chain a request runs: its route's, or the global one when it matched none.
+    pub fn chain(&self, route: Option<usize>) -> &Chain {
+        match route {
+            Some(route) => &self.routes[route].chain,
+            None => &self.global_chain,
+        }
     }
 
     pub fn is_trusted_proxy(&self, address: std::net::IpAddr) -> bool {

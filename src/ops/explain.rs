@@ -1,11 +1,12 @@
-//! `explain`: which route a request would match, the candidates it beat and why, and the filter
-//! chain that would run. Shared by `/explain` and `gatehouse explain`.
+//! `explain`: which route a request would match, the candidates it beat and why, the target
+//! forwarded and the filter chain that would run. Shared by `/explain` and `gatehouse explain`.
+//! The request is built as the proxy would receive it and goes through the proxy's own resolve
+//! step, so the answer is the route live traffic takes.
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
 use crate::config::Snapshot;
-use crate::router::normalize::normalize_path;
-use crate::router::RequestView;
+use crate::proxy::resolve::resolve;
 
 pub struct Query {
     pub method: Method,
@@ -15,6 +16,29 @@ pub struct Query {
 }
 
 impl Query {
+    /// The request as the proxy would receive it.
+    fn request(&self) -> Result<pingora_http::RequestHeader, String> {
+        let mut request = pingora_http::RequestHeader::build(
+            self.method.clone(),
+            self.path.as_bytes(),
+            Some(self.headers.len() + 1),
+        )
+        .map_err(|_| format!("\"{}\" is not a valid request target", self.path))?;
+        if let Some(host) = &self.host {
+            let value = HeaderValue::from_str(host)
+                .map_err(|_| format!("\"{host}\" is not a valid host"))?;
+            request
+                .insert_header(http::header::HOST, value)
+                .map_err(|error| error.to_string())?;
+        }
+        for (name, value) in &self.headers {
+            request
+                .append_header(name.clone(), value.clone())
+                .map_err(|error| error.to_string())?;
+        }
+        Ok(request)
+    }
+
     /// From `method=&host=&path=&header=name:value` (header may repeat).
     pub fn parse(query: &str) -> Result<Query, String> {
         let mut method = Method::GET;
@@ -60,71 +84,53 @@ impl Query {
 }
 
 pub fn explain(snapshot: &Snapshot, query: &Query) -> serde_json::Value {
-    let (path, raw_query) = match query.path.split_once('?') {
-        Some((path, raw_query)) => (path.to_string(), Some(raw_query.to_string())),
-        None => (query.path.clone(), None),
-    };
-    let normalized = match normalize_path(&path) {
-        Ok(Some(normalized)) => normalized,
-        Ok(None) => path.clone(),
-        Err(error) => {
-            return serde_json::json!({ "path": path, "result": "rejected with 400", "reason": error.to_string() })
+    let path = query
+        .path
+        .split_once('?')
+        .map_or(query.path.as_str(), |(path, _)| path);
+    let request = match query.request() {
+        Ok(request) => request,
+        Err(reason) => {
+            return serde_json::json!({ "path": path, "result": "rejected with 400", "reason": reason })
         }
     };
-    let host = query
-        .host
-        .as_ref()
-        .map(|host| host.split(':').next().unwrap_or(host).to_ascii_lowercase());
-    let view = RequestView {
-        method: &query.method,
-        host: host.as_deref(),
-        path: &normalized,
-        query: raw_query.as_deref(),
-        headers: &query.headers,
+    let resolution = match resolve(snapshot, &request) {
+        Ok(resolution) => resolution,
+        Err(problem) => {
+            return serde_json::json!({
+                "path": path,
+                "result": format!("rejected with {}", problem.status),
+                "reason": problem.detail.unwrap_or_else(|| problem.kind.title().to_string()),
+            })
+        }
     };
-    let (winner, candidates) = snapshot.router.explain(&view);
-    let global: Vec<&str> = snapshot
-        .global_chain
-        .iter()
-        .map(|filter| filter.kind())
-        .collect();
-    match winner {
-        Some(route_index) => {
-            let route = &snapshot.routes[route_index];
-            let forwarded = route
-                .rewrite
-                .as_ref()
-                .map(|rewrite| {
-                    rewrite.apply(
-                        &normalized,
-                        &snapshot
-                            .router
-                            .find(&view)
-                            .map(|found| found.captures)
-                            .unwrap_or_default(),
-                    )
-                })
-                .unwrap_or_else(|| normalized.clone());
+    let (_, candidates) = snapshot.router.explain(&resolution.view(&request));
+    let kinds = |chain: &gatehouse_filters::Chain| -> Vec<&'static str> {
+        chain.filters().iter().map(|filter| filter.kind()).collect()
+    };
+    match &resolution.matched {
+        Some(matched) => {
+            let route = &snapshot.routes[matched.route];
             serde_json::json!({
                 "method": query.method.as_str(),
-                "host": host,
+                "host": resolution.host,
                 "path": path,
-                "normalized_path": normalized,
+                "normalized_path": resolution.path(),
                 "route": route.name.as_ref(),
                 "upstream": snapshot.upstreams[route.upstream].name.as_ref(),
-                "forwarded_path": forwarded,
-                "filters": route.chain.iter().map(|filter| filter.kind()).collect::<Vec<_>>(),
+                "forwarded_path": resolution.forwarded_target(),
+                "filters": kinds(&route.chain),
                 "candidates": candidates,
             })
         }
         None => serde_json::json!({
             "method": query.method.as_str(),
-            "host": host,
+            "host": resolution.host,
             "path": path,
-            "normalized_path": normalized,
+            "normalized_path": resolution.path(),
             "route": null,
-            "result": "404 no route matches",
-            "filters": global,
+            "result": if snapshot.serving { "404 no route matches" } else { "503 no config loaded yet" },
+            "filters": kinds(&snapshot.global_chain),
             "candidates": candidates,
         }),
     }

@@ -10,10 +10,14 @@ use http::Response;
 use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 
+use crate::config::source::Source;
 use crate::config::ConfigStore;
 
 pub struct OpsApp {
     pub store: Arc<ConfigStore>,
+    pub source: Arc<dyn Source>,
+    /// The process's metrics registry, rendered at `/metrics`.
+    pub metrics: gatehouse_filters::Metrics,
 }
 
 fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -91,33 +95,21 @@ impl ServeHttp for OpsApp {
                     }),
                 )
             }
-            "/metrics" => reply(
-                200,
-                "text/plain; version=0.0.4",
-                crate::telemetry::metrics::render(
-                    snapshot.redis.as_deref(),
-                    self.store.postgres().map(|source| &*source.state),
-                ),
-            ),
+            "/metrics" => reply(200, "text/plain; version=0.0.4", self.metrics.render()),
             "/config" => {
                 let mut config = serde_json::to_value(&snapshot.config).unwrap_or_default();
                 mask_secrets(&mut config);
-                json(
-                    200,
-                    serde_json::json!({
-                        "version": snapshot.version,
-                        "hash": snapshot.hash,
-                        "source": snapshot.source,
-                        "applied_at": humantime::format_rfc3339_seconds(snapshot.loaded_at).to_string(),
-                        "database": self.store.postgres().map(|source| {
-                            let mut report = source.state.report();
-                            report["snapshot_built_from_version"] = snapshot.database_version.into();
-                            report["database"] = source.database.display.clone().into();
-                            report
-                        }),
-                        "config": config,
-                    }),
-                )
+                let mut report = serde_json::json!({
+                    "version": snapshot.version,
+                    "hash": snapshot.hash,
+                    "source": snapshot.source,
+                    "applied_at": humantime::format_rfc3339_seconds(snapshot.loaded_at).to_string(),
+                });
+                if let serde_json::Value::Object(fields) = &mut report {
+                    fields.extend(self.source.report(&snapshot));
+                    fields.insert("config".into(), config);
+                }
+                json(200, report)
             }
             "/explain" => match explain::Query::parse(&query) {
                 Ok(query) => json(200, explain::explain(&snapshot, &query)),

@@ -1,13 +1,76 @@
-//! Who the client is, and the forwarding headers the upstream gets. A forwarded address is
-//! believed only from a peer inside `server.trusted_proxies`; otherwise the TCP peer is the
-//! client and any forwarding headers it sent are replaced.
+//! Who the client is, and what the upstream is told about the caller: the forwarding headers
+//! and the identity headers. A forwarded address is believed only from a peer inside
+//! `server.trusted_proxies`; otherwise the TCP peer is the client and any forwarding headers it
+//! sent are replaced. Identity headers are ours alone: a client-sent copy never reaches a filter
+//! or the upstream.
 
 use std::net::IpAddr;
 
 use http::HeaderValue;
 use pingora_http::RequestHeader;
 
+use super::ctx::RequestCtx;
 use crate::config::Snapshot;
+
+/// Works out the client: its address (the TCP peer, or what a trusted proxy says) and whether
+/// it came over TLS.
+pub fn identify(session: &pingora_proxy::Session, ctx: &mut RequestCtx) {
+    if let Some(peer) = session
+        .client_addr()
+        .and_then(|address| address.as_inet())
+        .map(|address| address.ip())
+    {
+        ctx.peer = Some(peer);
+        ctx.trusted_peer = ctx.snapshot.is_trusted_proxy(peer);
+        ctx.shared.client_addr = Some(if ctx.trusted_peer {
+            client_address(&ctx.snapshot, peer, session.req_header())
+        } else {
+            peer
+        });
+    }
+    ctx.shared.client_tls = session
+        .digest()
+        .is_some_and(|digest| digest.ssl_digest.is_some());
+}
+
+/// Removes client-sent identity headers before any filter sees the request.
+pub fn strip_identity(request: &mut RequestHeader, snapshot: &Snapshot) {
+    for name in snapshot.identity_headers.names() {
+        if request.headers.contains_key(name) {
+            request.remove_header(name);
+        }
+    }
+}
+
+/// Tells the upstream who called: the forwarding headers, and the identity headers of the
+/// consumer an auth filter identified.
+pub fn tell_upstream(upstream_request: &mut RequestHeader, ctx: &RequestCtx) {
+    if let (Some(peer), Some(client)) = (ctx.peer, ctx.shared.client_addr) {
+        apply(
+            upstream_request,
+            peer,
+            ctx.trusted_peer,
+            client,
+            ctx.shared.client_tls,
+        );
+    }
+    let Some(consumer) = &ctx.shared.consumer else {
+        return;
+    };
+    let headers = &ctx.snapshot.identity_headers;
+    let values = [
+        (&headers.consumer_id, Some(&*consumer.id)),
+        (&headers.consumer_username, consumer.username.as_deref()),
+        (&headers.subject, ctx.shared.subject.as_deref()),
+    ];
+    for (name, value) in values {
+        if let (Some(name), Some(value)) = (name, value) {
+            if let Ok(value) = HeaderValue::from_str(value) {
+                upstream_request.insert_header(name.clone(), value).ok();
+            }
+        }
+    }
+}
 
 fn header_text<'a>(request: &'a RequestHeader, name: &str) -> impl Iterator<Item = &'a str> {
     request
@@ -198,7 +261,13 @@ mod tests {
         let yaml = format!(
             "version: 1\nserver: {{ listeners: [{{ name: p, address: \"127.0.0.1:0\" }}], trusted_proxies: {trusted} }}\n"
         );
-        crate::config::compile(parse_yaml(&yaml).unwrap(), "test", 1).unwrap()
+        crate::config::compile(
+            parse_yaml(&yaml).unwrap(),
+            "test",
+            1,
+            &crate::config::CompileEnv::default(),
+        )
+        .unwrap()
     }
 
     fn request(headers: &[(&str, &str)]) -> RequestHeader {

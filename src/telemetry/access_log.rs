@@ -8,21 +8,24 @@ use std::time::Duration;
 
 use once_cell::sync::OnceCell;
 
-use super::metrics::METRICS;
-
 static WRITER: OnceCell<Option<AccessLog>> = OnceCell::new();
 
 pub struct AccessLog {
     sender: SyncSender<String>,
     sample: f64,
+    dropped: prometheus::IntCounter,
 }
 
 /// Start the writer for `path` (`stdout`, `off`, or a file). Only the first call has effect:
 /// where the log goes is fixed at start.
-pub fn init(path: &str, sample: f64) -> std::io::Result<()> {
+pub fn init(path: &str, sample: f64, metrics: &gatehouse_filters::Metrics) -> std::io::Result<()> {
     if WRITER.get().is_some() {
         return Ok(());
     }
+    let dropped = metrics.counter(
+        "gatehouse_access_log_dropped_total",
+        "Access log lines dropped because the writer fell behind",
+    );
     let output: Option<Box<dyn Write + Send>> = match path {
         "off" | "" => None,
         "stdout" => Some(Box::new(std::io::stdout())),
@@ -57,7 +60,11 @@ pub fn init(path: &str, sample: f64) -> std::io::Result<()> {
                 }
             })
             .expect("spawn access log writer");
-        AccessLog { sender, sample }
+        AccessLog {
+            sender,
+            sample,
+            dropped,
+        }
     });
     let _ = WRITER.set(log);
     Ok(())
@@ -74,7 +81,7 @@ pub fn wanted() -> bool {
 pub fn write(line: String) {
     if let Some(Some(log)) = WRITER.get() {
         if let Err(TrySendError::Full(_)) = log.sender.try_send(line) {
-            METRICS.access_log_dropped.inc();
+            log.dropped.inc();
         }
     }
 }

@@ -62,13 +62,13 @@ fn concurrent_requests_admit_exactly_the_capacity() {
     let metrics = gateway.metrics();
     assert!(
         metrics.contains(
-            "gatehouse_ratelimit_decisions_total{policy=\"per-ip\",result=\"allowed\"} 50"
+            "gatehouse_ratelimit_decisions_total{policy=\"per-ip\",result=\"allowed\",route=\"limited\"} 50"
         ),
         "{metrics}"
     );
     assert!(
         metrics.contains(
-            "gatehouse_ratelimit_decisions_total{policy=\"per-ip\",result=\"limited\"} 150"
+            "gatehouse_ratelimit_decisions_total{policy=\"per-ip\",result=\"limited\",route=\"limited\"} 150"
         ),
         "{metrics}"
     );
@@ -154,16 +154,21 @@ fn redis_url() -> String {
     std::env::var("GATEHOUSE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
-fn redis_gateway(redis: &str, policy: &str) -> Gateway {
+fn redis_gateway(redis: &str, deadline: &str, policy: &str) -> Gateway {
     limited_gateway(
-        &format!("redis: {{ url: \"{redis}\", command_timeout: 50ms }}"),
+        &format!("redis: {{ url: \"{redis}\", command_timeout: {deadline} }}"),
         policy,
     )
 }
 
+/// The command deadline of tests that measure exactness. It is long, because a deadline a
+/// loaded machine's scheduler can overrun (the I/O thread not run for tens of milliseconds)
+/// turns into the policy's failure mode, which the fault tests cover on their own.
+const EXACT: &str = "1s";
+
 /// A gateway whose Redis connection is up, so the first requests do not race the connection.
 fn connected_redis_gateway(redis: &str, policy: &str) -> Gateway {
-    let gateway = redis_gateway(redis, policy);
+    let gateway = redis_gateway(redis, EXACT, policy);
     wait_for_redis_state(&gateway, "up");
     gateway
 }
@@ -216,6 +221,7 @@ fn a_dead_redis_gets_each_policys_documented_answer_within_the_deadline() {
     for (mode, expected) in cases {
         let gateway = redis_gateway(
             &dead,
+            "50ms",
             &format!(
                 "{{ name: {}, key: [client_ip], capacity: 4, refill: {{ tokens: 1, every: 1h }}, backend: redis, on_redis_error: {mode}, expected_nodes: 2 }}",
                 unique_name(mode)
@@ -343,7 +349,10 @@ fn wait_for_redis_state(gateway: &Gateway, wanted: &str) {
 
 #[test]
 fn redis_paused_stopped_and_restarted_mid_run() {
-    const DEADLINE_MS: u64 = 50;
+    const DEADLINE_MS: u64 = 100;
+    // What a loaded machine may add to an answer: its threads wait to be scheduled. A paused
+    // Redis without a deadline would hold every request until it resumed.
+    const SLACK_MS: u64 = 400;
     let port = crate::support::free_port();
     let mut redis = PrivateRedis::start(port);
     let echo = spawn_echo("echo");
@@ -370,7 +379,7 @@ routes:
     ));
     wait_for_redis_state(&gateway, "up");
     // Sends `rounds` requests to each route and returns each route's statuses; every request must
-    // be answered within the command deadline plus 50 ms.
+    // be answered within the command deadline and the slack.
     let mut client = crate::support::KeepAlive::new(gateway.addr);
     let mut slowest = std::time::Duration::ZERO;
     let mut phase = |label: &str, rounds: usize| -> [Vec<u16>; 3] {
@@ -382,7 +391,7 @@ routes:
                 let elapsed = started.elapsed();
                 slowest = slowest.max(elapsed);
                 assert!(
-                    elapsed <= std::time::Duration::from_millis(DEADLINE_MS + 50),
+                    elapsed <= std::time::Duration::from_millis(DEADLINE_MS + SLACK_MS),
                     "{label} {path}: answered after {elapsed:?}"
                 );
                 statuses[index].push(status);
@@ -475,7 +484,7 @@ fn three_gateways_share_one_global_rate() {
     let echo = spawn_echo("echo");
     let config = format!(
         r#"
-redis: {{ url: "{redis}", command_timeout: 50ms }}
+redis: {{ url: "{redis}", command_timeout: {EXACT} }}
 upstreams: [{{ name: echo, targets: [{{ address: "{echo}" }}] }}]
 routes:
   - name: plain

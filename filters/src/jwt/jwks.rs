@@ -13,11 +13,6 @@ use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use once_cell::sync::Lazy;
 
-/// Key-set refreshes that failed (the stale keys were kept).
-pub static REFRESH_FAILURES: AtomicU64 = AtomicU64::new(0);
-/// Key-set fetches that succeeded.
-pub static REFRESHES: AtomicU64 = AtomicU64::new(0);
-
 /// A verification key and the algorithm family it belongs to.
 pub struct KeyEntry {
     pub algorithm: Option<Algorithm>,
@@ -37,6 +32,9 @@ pub struct Jwks {
     last_on_demand: Mutex<Option<Instant>>,
     refresh_lock: tokio::sync::Mutex<()>,
     min_interval: Duration,
+    /// Fetches that succeeded, and those that failed (the stale keys were kept).
+    refreshes: prometheus::IntCounter,
+    refresh_failures: prometheus::IntCounter,
 }
 
 use crate::shared::IO as RUNTIME;
@@ -53,7 +51,7 @@ pub struct JwksSettings {
 
 impl Jwks {
     /// The key set at `url`, shared with any live filter that already uses it.
-    pub fn shared(url: &str, settings: JwksSettings) -> Arc<Jwks> {
+    pub fn shared(url: &str, settings: JwksSettings, metrics: &crate::Metrics) -> Arc<Jwks> {
         let mut shared = SHARED.lock().expect("JWKS registry lock");
         shared.retain(|_, weak| weak.strong_count() > 0);
         if let Some(existing) = shared.get(url).and_then(Weak::upgrade) {
@@ -73,6 +71,14 @@ impl Jwks {
             last_on_demand: Mutex::new(None),
             refresh_lock: tokio::sync::Mutex::new(()),
             min_interval: settings.min_interval,
+            refreshes: metrics.counter(
+                "gatehouse_jwks_refreshes_total",
+                "JWKS key-set fetches that succeeded",
+            ),
+            refresh_failures: metrics.counter(
+                "gatehouse_jwks_refresh_failures_total",
+                "JWKS key-set fetches that failed (the stale keys were kept)",
+            ),
         });
         shared.insert(url.to_string(), Arc::downgrade(&jwks));
         let weak = Arc::downgrade(&jwks);
@@ -119,10 +125,10 @@ impl Jwks {
             Ok(keys) => {
                 self.keys.store(Arc::new(keys));
                 self.ready.store(true, Ordering::Release);
-                REFRESHES.fetch_add(1, Ordering::Relaxed);
+                self.refreshes.inc();
             }
             Err(error) => {
-                REFRESH_FAILURES.fetch_add(1, Ordering::Relaxed);
+                self.refresh_failures.inc();
                 tracing::warn!(url = %self.url, %error, "JWKS refresh failed; keeping the keys already known");
             }
         }

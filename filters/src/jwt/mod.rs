@@ -18,9 +18,10 @@ use pingora_http::RequestHeader;
 use serde::Deserialize;
 
 use crate::consumers::{sha256, ConsumerRegistry};
-use crate::registry::FilterKind;
 use crate::util::{cookie, duration, now_seconds};
-use crate::{BuildCtx, BuildError, Consumer, Decision, Filter, Problem, RequestContext};
+use crate::{
+    BuildCtx, BuildError, Consumer, Decision, Filter, FilterKind, Phases, Problem, RequestContext,
+};
 use jwks::{Jwks, JwksSettings, KeyEntry};
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -377,7 +378,7 @@ impl FilterKind for Jwt {
             jwks: config
                 .jwks_url
                 .as_deref()
-                .map(|url| Jwks::shared(url, settings)),
+                .map(|url| Jwks::shared(url, settings, &ctx.metrics)),
             sources,
             require: config.require,
             consumer_claim: config.consumer_claim,
@@ -563,6 +564,10 @@ impl Jwt {
 impl Filter for Jwt {
     fn kind(&self) -> &'static str {
         Self::KIND
+    }
+
+    fn phases(&self) -> Phases {
+        Phases::REQUEST
     }
 
     fn is_auth(&self) -> bool {

@@ -1,0 +1,66 @@
+//! The rate-limit response headers: the IETF `RateLimit-Policy` and `RateLimit`, and optionally
+//! the legacy `X-RateLimit-Limit/-Remaining/-Reset`. What never changes is built once per
+//! config.
+
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+
+pub(super) struct PolicyHeaders {
+    name: String,
+    /// `RateLimit-Policy` and `X-RateLimit-Limit`, the same on every response.
+    policy: HeaderValue,
+    limit: HeaderValue,
+    legacy: bool,
+}
+
+fn header_value(text: String) -> HeaderValue {
+    HeaderValue::from_str(&text).expect("rate-limit header values are ASCII")
+}
+
+impl PolicyHeaders {
+    /// `window` is the time an empty bucket takes to fill.
+    pub(super) fn new(name: &str, capacity: u64, window: Duration, legacy: bool) -> PolicyHeaders {
+        PolicyHeaders {
+            name: name.to_string(),
+            policy: header_value(format!(
+                "\"{name}\";q={capacity};w={}",
+                window.as_secs().max(1)
+            )),
+            limit: HeaderValue::from(capacity),
+            legacy,
+        }
+    }
+
+    /// The headers for `remaining` tokens and `reset_seconds` until the bucket is full (or, for
+    /// a refusal, until the cost is there), given to `emit` one by one.
+    pub(super) fn emit(
+        &self,
+        remaining: u64,
+        reset_seconds: u64,
+        mut emit: impl FnMut(HeaderName, HeaderValue),
+    ) {
+        emit(
+            HeaderName::from_static("ratelimit-policy"),
+            self.policy.clone(),
+        );
+        emit(
+            HeaderName::from_static("ratelimit"),
+            header_value(format!("\"{}\";r={remaining};t={reset_seconds}", self.name)),
+        );
+        if self.legacy {
+            emit(
+                HeaderName::from_static("x-ratelimit-limit"),
+                self.limit.clone(),
+            );
+            emit(
+                HeaderName::from_static("x-ratelimit-remaining"),
+                HeaderValue::from(remaining),
+            );
+            emit(
+                HeaderName::from_static("x-ratelimit-reset"),
+                HeaderValue::from(reset_seconds),
+            );
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! The compile step shared by every config source: validate everything, collect all errors with
+//! their paths, and build a Snapshot (router, upstream pools, filter chains). Each part of the
+//! config has its named check in this folder; `compile` runs them in order.
+//!
+//! Compiling reads files (certificates, CA bundles, secret files) and resolves upstream host
+//! names, so callers run it off the async threads.
+
+mod consumers;
+mod routes;
+mod server;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use gatehouse_filters::{BuildCtx, Metrics, Registry};
+use sha2::{Digest, Sha256};
+
+use super::error::{ConfigError, ConfigErrors};
+use super::load::LoadedConfig;
+use super::model::Config;
+use super::snapshot::Snapshot;
+use crate::telemetry::metrics::RouteMetrics;
+use crate::upstream::{CaCache, UpstreamPool};
+
+/// What compiling needs besides the config: the filter kinds it may name, and the metrics
+/// registry the built filters and routes report in.
+#[derive(Clone, Default)]
+pub struct CompileEnv {
+    pub registry: Arc<Registry>,
+    pub metrics: Metrics,
+}
+
+/// Hash of the config as written.
+pub fn config_hash(config: &Config) -> String {
+    let canonical = serde_json::to_vec(config).unwrap_or_default();
+    hex::encode(Sha256::digest(&canonical))
+}
+
+/// Validate and build a Snapshot. Every error is reported, not only the first.
+pub fn compile(
+    loaded: LoadedConfig,
+    source: &str,
+    version: u64,
+    env: &CompileEnv,
+) -> Result<Snapshot, ConfigErrors> {
+    let LoadedConfig {
+        as_written,
+        resolved: config,
+    } = loaded;
+    let mut errors = Vec::new();
+    if config.version != 1 {
+        errors.push(ConfigError::new(
+            "version",
+            format!(
+                "unsupported version {}; this Gatehouse reads version 1",
+                config.version
+            ),
+        ));
+    }
+    server::check_listeners(&config, &mut errors);
+    let limits = server::limits(&config, &mut errors);
+    server::check_node(&config, &mut errors);
+    let (upstreams, upstream_index) = build_upstreams(&config, &mut errors);
+    let consumers = consumers::build(&config, &mut errors);
+    let identity_headers = consumers::identity_headers(&config, &mut errors);
+    let build_ctx = BuildCtx {
+        consumers: Arc::new(consumers),
+        redis: redis_client(&config, env, &mut errors),
+        metrics: env.metrics.clone(),
+        route: None,
+    };
+    let global_filters = routes::build_filters(
+        "filters",
+        &config.filters,
+        &env.registry,
+        &build_ctx,
+        &mut errors,
+    );
+    let router = routes::build_router(&config, &mut errors);
+    let routes = routes::build_routes(
+        &config,
+        &upstream_index,
+        &global_filters,
+        &env.registry,
+        &build_ctx,
+        &mut errors,
+    );
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    Ok(Snapshot {
+        version,
+        hash: config_hash(&as_written),
+        loaded_at: SystemTime::now(),
+        source: source.to_string(),
+        router: router.expect("no errors means the router built"),
+        routes,
+        upstreams,
+        global_chain: gatehouse_filters::Chain::new(global_filters, None),
+        limits,
+        trusted_proxies: config.server.trusted_proxies.clone(),
+        identity_headers,
+        request_id_header: server::request_id_header(&config),
+        redis: build_ctx.redis.clone(),
+        serving: true,
+        database_version: None,
+        unmatched_metrics: RouteMetrics::unmatched(&env.metrics),
+        config: as_written,
+    })
+}
+
+/// The upstream pools, and each name's index (`usize::MAX` for a pool that did not build, so
+/// routes naming it do not add a misleading error).
+fn build_upstreams(
+    config: &Config,
+    errors: &mut Vec<ConfigError>,
+) -> (Vec<UpstreamPool>, HashMap<String, usize>) {
+    let mut index = HashMap::new();
+    let mut positions = HashMap::new();
+    let mut upstreams = Vec::new();
+    let mut ca_cache = CaCache::default();
+    for (position, upstream) in config.upstreams.iter().enumerate() {
+        let path = format!("upstreams[{position}]");
+        if let Some(previous) = positions.insert(upstream.name.as_str(), position) {
+            positions.insert(upstream.name.as_str(), previous);
+            errors.push(ConfigError::new(
+                format!("{path}.name"),
+                format!(
+                    "duplicate upstream name \"{}\" (also upstreams[{previous}])",
+                    upstream.name
+                ),
+            ));
+            continue;
+        }
+        match UpstreamPool::build(&path, upstream, &mut ca_cache) {
+            Ok(pool) => {
+                index.insert(upstream.name.clone(), upstreams.len());
+                upstreams.push(pool);
+            }
+            Err(pool_errors) => {
+                index.insert(upstream.name.clone(), usize::MAX);
+                errors.extend(pool_errors);
+            }
+        }
+    }
+    (upstreams, index)
+}
+
+/// The shared Redis client of the `redis` section.
+fn redis_client(
+    config: &Config,
+    env: &CompileEnv,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Arc<gatehouse_filters::shared::Redis>> {
+    let redis = config.redis.as_ref()?;
+    let settings = gatehouse_filters::shared::RedisSettings {
+        url: redis.url.clone(),
+        command_timeout: redis.command_timeout.get(),
+        connect_timeout: redis.connect_timeout.get(),
+        max_queue: redis.max_queue,
+    };
+    match gatehouse_filters::shared::redis_client(&settings, &env.metrics) {
+        Ok(client) => Some(client),
+        Err(message) => {
+            errors.push(ConfigError::new("redis.url", message));
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::load::parse_yaml;
+
+    fn errors_of(yaml: &str) -> Vec<String> {
+        let loaded = parse_yaml(yaml).unwrap();
+        match compile(loaded, "test", 1, &CompileEnv::default()) {
+            Ok(_) => Vec::new(),
+            Err(errors) => errors.0.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_path() {
+        let errors = errors_of(
+            r#"
+version: 1
+server:
+  listeners: [{ name: public, address: "nope" }]
+  limits: { max_headers: 1000 }
+upstreams:
+  - name: users
+    targets: []
+filters:
+  - kind: no_such_filter
+  - kind: request_id
+    config: { header: "bad header" }
+routes:
+  - name: a
+    upstream: billing
+    match: { paths: [{ regex: "(" }] }
+  - name: a
+    upstream: users
+    rewrite: "/x/${id}"
+"#,
+        );
+        let expected = [
+            "server.listeners[0].address: \"nope\" is not an IP:PORT address",
+            "server.limits.max_headers: must be between 1 and 256",
+            "upstreams[0].targets: an upstream needs at least one target",
+            "filters[0].kind: unknown filter kind \"no_such_filter\"",
+            "filters[1].config.header: \"bad header\" is not a valid header name",
+            "routes[0].match.paths[0].regex: invalid regular expression",
+            "routes[0].upstream: no upstream named \"billing\"",
+            "routes[1].name: duplicate route name \"a\" (also routes[0])",
+            "routes[1].rewrite: \"${id}\" is not a named capture",
+        ];
+        for expected in expected {
+            assert!(
+                errors.iter().any(|error| error.starts_with(expected)),
+                "missing {expected:?} in {errors:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_valid_config_compiles_with_a_stable_hash() {
+        let yaml = r#"
+version: 1
+server: { listeners: [{ name: public, address: "127.0.0.1:0" }] }
+upstreams: [{ name: users, targets: [{ address: "127.0.0.1:9001" }] }]
+routes: [{ name: users, upstream: users, match: { paths: [{ prefix: /users }] } }]
+"#;
+        let env = CompileEnv::default();
+        let first = compile(parse_yaml(yaml).unwrap(), "test", 1, &env).unwrap();
+        let second = compile(parse_yaml(yaml).unwrap(), "test", 2, &env).unwrap();
+        assert_eq!(first.hash, second.hash);
+        assert_eq!(first.hash.len(), 64);
+        assert_eq!(first.routes.len(), 1);
+    }
+
+    #[test]
+    fn problems_carry_the_request_id_in_the_header_the_request_id_filter_names() {
+        let yaml = |filters: &str| {
+            format!(
+                "version: 1\nserver: {{ listeners: [{{ name: public, address: \"127.0.0.1:0\" }}] }}\n{filters}\n"
+            )
+        };
+        let env = CompileEnv::default();
+        let plain = compile(parse_yaml(&yaml("")).unwrap(), "test", 1, &env).unwrap();
+        assert_eq!(plain.request_id_header, "x-request-id");
+        let named = compile(
+            parse_yaml(&yaml(
+                "filters: [{ kind: request_id, config: { header: x-trace-id } }]",
+            ))
+            .unwrap(),
+            "test",
+            2,
+            &env,
+        )
+        .unwrap();
+        assert_eq!(named.request_id_header, "x-trace-id");
+    }
+}

@@ -1,0 +1,159 @@
+//! Checks of the node's own sections: listeners, request limits, the ops listener, the config
+//! source's settings and telemetry.
+
+use std::collections::HashMap;
+
+use super::super::error::ConfigError;
+use super::super::model::{Config, SourceKind};
+use super::super::snapshot::Limits;
+
+/// Pingora's own parser refuses more header fields than this (with 400), so a larger limit
+/// could never apply.
+const PINGORA_MAX_HEADERS: usize = 256;
+const PINGORA_MAX_HEADER_BYTES: u64 = 1_048_575;
+
+/// Listener names and addresses are unique and well formed, and TLS files are readable.
+pub(super) fn check_listeners(config: &Config, errors: &mut Vec<ConfigError>) {
+    let server = &config.server;
+    if server.listeners.is_empty() {
+        errors.push(ConfigError::new(
+            "server.listeners",
+            "at least one listener is needed",
+        ));
+    }
+    let mut listener_names = HashMap::new();
+    let mut listener_addresses = HashMap::new();
+    for (index, listener) in server.listeners.iter().enumerate() {
+        let path = format!("server.listeners[{index}]");
+        if let Some(previous) = listener_names.insert(listener.name.as_str(), index) {
+            errors.push(ConfigError::new(
+                format!("{path}.name"),
+                format!(
+                    "duplicate listener name \"{}\" (also server.listeners[{previous}])",
+                    listener.name
+                ),
+            ));
+        }
+        if listener.address.parse::<std::net::SocketAddr>().is_err() {
+            errors.push(ConfigError::new(
+                format!("{path}.address"),
+                format!("\"{}\" is not an IP:PORT address", listener.address),
+            ));
+        } else if let Some(previous) = listener_addresses.insert(listener.address.as_str(), index) {
+            errors.push(ConfigError::new(
+                format!("{path}.address"),
+                format!("address already used by server.listeners[{previous}]"),
+            ));
+        }
+        if let Some(tls) = &listener.tls {
+            for (key, file) in [("cert", &tls.cert), ("key", &tls.key)] {
+                if std::fs::metadata(file).is_err() {
+                    errors.push(ConfigError::new(
+                        format!("{path}.tls.{key}"),
+                        format!("cannot read \"{file}\""),
+                    ));
+                }
+            }
+        }
+    }
+    if server.threads == Some(0) {
+        errors.push(ConfigError::new("server.threads", "must be at least 1"));
+    }
+}
+
+/// The request limits, checked against what Pingora can enforce.
+pub(super) fn limits(config: &Config, errors: &mut Vec<ConfigError>) -> Limits {
+    let limits = &config.server.limits;
+    if limits.max_headers == 0 || limits.max_headers > PINGORA_MAX_HEADERS {
+        errors.push(ConfigError::new(
+            "server.limits.max_headers",
+            format!("must be between 1 and {PINGORA_MAX_HEADERS}"),
+        ));
+    }
+    if limits.max_header_bytes.0 == 0 || limits.max_header_bytes.0 > PINGORA_MAX_HEADER_BYTES {
+        errors.push(ConfigError::new(
+            "server.limits.max_header_bytes",
+            format!("must be between 1 and {PINGORA_MAX_HEADER_BYTES} bytes"),
+        ));
+    }
+    if limits.max_uri_bytes.0 == 0 {
+        errors.push(ConfigError::new(
+            "server.limits.max_uri_bytes",
+            "must be at least 1",
+        ));
+    }
+    if limits.header_read_timeout.get().is_zero() {
+        errors.push(ConfigError::new(
+            "server.limits.header_read_timeout",
+            "must be longer than zero",
+        ));
+    }
+    Limits {
+        max_header_bytes: limits.max_header_bytes.0 as usize,
+        max_headers: limits.max_headers,
+        max_uri_bytes: limits.max_uri_bytes.0 as usize,
+        max_body_bytes: limits.max_body_bytes.0,
+        header_read_timeout: limits.header_read_timeout.get(),
+    }
+}
+
+/// The ops listener, the config source's settings and telemetry.
+pub(super) fn check_node(config: &Config, errors: &mut Vec<ConfigError>) {
+    if config.ops.address != "off" && config.ops.address.parse::<std::net::SocketAddr>().is_err() {
+        errors.push(ConfigError::new(
+            "ops.address",
+            format!(
+                "\"{}\" is not an IP:PORT address (or \"off\")",
+                config.ops.address
+            ),
+        ));
+    }
+    match (&config.config.source, &config.config.postgres) {
+        (SourceKind::Postgres, None) => errors.push(ConfigError::new(
+            "config.postgres",
+            "`source: postgres` needs a `postgres` section with the database `url`",
+        )),
+        (SourceKind::Postgres, Some(postgres)) => {
+            if let Err(message) = crate::config::source::postgres::check_url(&postgres.url) {
+                errors.push(ConfigError::new("config.postgres.url", message.to_string()));
+            }
+            for (key, value) in [
+                ("resync_interval", postgres.resync_interval),
+                ("connect_timeout", postgres.connect_timeout),
+            ] {
+                if value.get().is_zero() {
+                    errors.push(ConfigError::new(
+                        format!("config.postgres.{key}"),
+                        "must be more than 0s",
+                    ));
+                }
+            }
+        }
+        (SourceKind::File, _) => {}
+    }
+    let sample = config.telemetry.access_log.sample;
+    if !(0.0..=1.0).contains(&sample) {
+        errors.push(ConfigError::new(
+            "telemetry.access_log.sample",
+            "must be between 0.0 and 1.0",
+        ));
+    }
+}
+
+/// The header the request id travels in: the one the global chain's `request_id` filter names,
+/// or `x-request-id`. The gateway's own answers before any filter ran carry the id there.
+pub(super) fn request_id_header(config: &Config) -> http::HeaderName {
+    config
+        .filters
+        .iter()
+        .filter(|filter| filter.kind == "request_id")
+        .find_map(|filter| {
+            let settings: gatehouse_filters::request_id::Config = if filter.config.is_null() {
+                Default::default()
+            } else {
+                serde_json::from_value(filter.config.clone()).ok()?
+            };
+            http::HeaderName::from_bytes(settings.header.as_bytes()).ok()
+        })
+        .unwrap_or(http::HeaderName::from_static("x-request-id"))
+}

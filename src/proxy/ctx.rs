@@ -1,0 +1,72 @@
+//! The per-request state of the proxy: the Snapshot the request pinned, the context it shares
+//! with filters, and what the proxy itself keeps between phases.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use gatehouse_filters::{Chain, Problem, RequestContext};
+
+use crate::config::snapshot::Route;
+use crate::config::Snapshot;
+
+pub struct RequestCtx {
+    /// One config from start to end, even while a new one is swapped in.
+    pub snapshot: Arc<Snapshot>,
+    /// What filters read and write: request id, client, route, consumer, per-filter state.
+    pub shared: RequestContext,
+    /// The matched route's index.
+    pub(super) route: Option<usize>,
+    /// (pool, target) of the current upstream attempt.
+    pub(super) target: Option<(usize, usize)>,
+    /// How many filters of the chain the request reached: an answer of our own runs their
+    /// response phases (and only theirs).
+    pub(super) reached: usize,
+    pub(super) body_bytes: u64,
+    /// A problem to answer with when the proxy fails on our own decision (a body phase).
+    pub(super) problem: Option<Problem>,
+    /// The TCP peer, and whether it is a trusted proxy.
+    pub(super) peer: Option<IpAddr>,
+    pub(super) trusted_peer: bool,
+}
+
+impl RequestCtx {
+    pub fn new(snapshot: Arc<Snapshot>) -> RequestCtx {
+        RequestCtx {
+            snapshot,
+            shared: RequestContext::new(Instant::now()),
+            route: None,
+            target: None,
+            reached: 0,
+            body_bytes: 0,
+            problem: None,
+            peer: None,
+            trusted_peer: false,
+        }
+    }
+
+    /// The chain the request runs: its route's, or the global one.
+    pub fn chain(&self) -> &Chain {
+        self.snapshot.chain(self.route)
+    }
+
+    pub fn route(&self) -> Option<&Route> {
+        self.route.map(|route| &self.snapshot.routes[route])
+    }
+
+    /// Enters the matched route: filters and logs see its name and upstream.
+    pub(super) fn enter(&mut self, route: usize) {
+        let matched = &self.snapshot.routes[route];
+        self.route = Some(route);
+        self.shared.route = Some(matched.name.clone());
+        self.shared.upstream = Some(self.snapshot.upstreams[matched.upstream].name.clone());
+    }
+
+    /// The header the request id goes back in on our own answers.
+    pub fn request_id_header(&self) -> &http::HeaderName {
+        self.shared
+            .request_id_header
+            .as_ref()
+            .unwrap_or(&self.snapshot.request_id_header)
+    }
+}

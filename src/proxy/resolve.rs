@@ -1,0 +1,100 @@
+//! From request to route, once: the path normalised (every later decision is made on the path
+//! that is forwarded), the host as routing reads it, the route matched on the pinned Snapshot,
+//! and the target forwarded upstream (the normalised or rewritten path, the query kept).
+//! `/explain` runs these same steps, so it names the route live traffic takes.
+
+use std::borrow::Cow;
+
+use gatehouse_filters::{Problem, ProblemType};
+use http::uri::PathAndQuery;
+use pingora_http::RequestHeader;
+
+use crate::config::Snapshot;
+use crate::router::normalize::normalize_path;
+use crate::router::{request_host, RequestView, RouteMatch};
+
+/// What resolving found.
+pub struct Resolution<'a> {
+    /// Lower-case host without port or trailing dot, as routing saw it.
+    pub host: Option<Cow<'a, str>>,
+    /// The path as the request sent it, and its normalised form when that differs.
+    raw_path: &'a str,
+    normalized: Option<String>,
+    pub query: Option<&'a str>,
+    pub matched: Option<RouteMatch>,
+    /// The request target sent upstream, when it differs from the request's.
+    pub forward: Option<http::Uri>,
+}
+
+impl Resolution<'_> {
+    /// The normalised path every decision is made on.
+    pub fn path(&self) -> &str {
+        self.normalized.as_deref().unwrap_or(self.raw_path)
+    }
+
+    /// The request as the router sees it.
+    pub fn view<'v>(&'v self, request: &'v RequestHeader) -> RequestView<'v> {
+        RequestView {
+            method: &request.method,
+            host: self.host.as_deref(),
+            path: self.path(),
+            query: self.query,
+            headers: &request.headers,
+        }
+    }
+
+    /// The path and query the upstream receives.
+    pub fn forwarded_target(&self) -> String {
+        match &self.forward {
+            Some(uri) => uri.to_string(),
+            None => match self.query {
+                Some(query) => format!("{}?{query}", self.path()),
+                None => self.path().to_string(),
+            },
+        }
+    }
+}
+
+fn invalid_path() -> Problem {
+    Problem::new(ProblemType::InvalidPath)
+}
+
+/// Normalises, routes and works out the forwarded target. A path that cannot be normalised (an
+/// encoded `/`, a NUL) is a 400.
+pub fn resolve<'a>(
+    snapshot: &Snapshot,
+    request: &'a RequestHeader,
+) -> Result<Resolution<'a>, Problem> {
+    let raw_path = request.uri.path();
+    let normalized =
+        normalize_path(raw_path).map_err(|error| invalid_path().detail(error.to_string()))?;
+    let mut resolution = Resolution {
+        host: request_host(&request.uri, &request.headers),
+        raw_path,
+        normalized,
+        query: request.uri.query(),
+        matched: None,
+        forward: None,
+    };
+    resolution.matched = snapshot.router.find(&resolution.view(request));
+    let Some(matched) = &resolution.matched else {
+        return Ok(resolution);
+    };
+    let path = match &snapshot.routes[matched.route].rewrite {
+        Some(rewrite) => Some(rewrite.apply(resolution.path(), &matched.captures)),
+        None => resolution.normalized.clone(),
+    };
+    if let Some(path) = path {
+        let target = match resolution.query {
+            Some(query) if path.contains('?') => format!("{path}&{query}"),
+            Some(query) => format!("{path}?{query}"),
+            None => path,
+        };
+        let path_and_query = PathAndQuery::from_maybe_shared(bytes::Bytes::from(target))
+            .map_err(|_| invalid_path())?;
+        let mut parts = http::uri::Parts::default();
+        parts.path_and_query = Some(path_and_query);
+        resolution.forward = Some(http::Uri::from_parts(parts).map_err(|_| invalid_path())?);
+    }
+    Ok(resolution)
+}

@@ -1,0 +1,110 @@
+//! Answers of our own: a filter's response or a problem document, written with the response
+//! phase of the filters the request reached; and Pingora's errors mapped to problems.
+
+use gatehouse_filters::{Decision, Problem, ProblemType, Response};
+use pingora_core::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::ResponseHeader;
+use pingora_proxy::{FailToProxy, Session};
+
+use super::ctx::RequestCtx;
+
+/// Writes a complete response of our own. Returns `Ok(true)`: the request is answered.
+pub async fn respond(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    response: Response,
+) -> Result<bool> {
+    let mut header = ResponseHeader::build(response.status, Some(response.headers.len() + 2))?;
+    for (name, value) in response.headers {
+        header.append_header(name, value)?;
+    }
+    header.insert_header(http::header::CONTENT_LENGTH, response.body.len())?;
+    ctx.shared.status = Some(response.status);
+    let RequestCtx {
+        snapshot,
+        shared,
+        route,
+        reached,
+        ..
+    } = ctx;
+    snapshot
+        .chain(*route)
+        .response(&mut header, shared, *reached);
+    let end = response.body.is_empty();
+    session.write_response_header(Box::new(header), end).await?;
+    if !end {
+        session
+            .write_response_body(Some(response.body), true)
+            .await?;
+    }
+    Ok(true)
+}
+
+/// Answers with a problem document, the request id in the body and in its header.
+pub async fn problem(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    problem: Problem,
+) -> Result<bool> {
+    let header = ctx.request_id_header().clone();
+    let response = problem.into_response(ctx.shared.request_id(), &header);
+    respond(session, ctx, response).await
+}
+
+/// Answers with what a filter decided; `Ok(false)` when it let the request go on.
+pub async fn decision(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    decision: Decision,
+) -> Result<bool> {
+    match decision {
+        Decision::Continue => Ok(false),
+        Decision::Respond(response) => respond(session, ctx, response).await,
+        Decision::Reject(refusal) => problem(session, ctx, refusal).await,
+    }
+}
+
+/// Hands a problem decided in a phase that cannot answer itself (a body phase) to Pingora's
+/// error path; `fail` answers with it.
+pub fn defer(ctx: &mut RequestCtx, problem: Problem) -> Box<Error> {
+    let status = problem.status;
+    ctx.problem = Some(problem);
+    Error::explain(ErrorType::HTTPStatus(status), "answered by gateway")
+}
+
+/// The problem a client sees for a Pingora error.
+fn problem_for(error: &Error) -> Problem {
+    match error.etype() {
+        ErrorType::HTTPStatus(status) => Problem::failure(*status),
+        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+            if error.esource() == &ErrorSource::Upstream =>
+        {
+            Problem::new(ProblemType::UpstreamTimeout)
+        }
+        _ => match error.esource() {
+            ErrorSource::Upstream => Problem::new(ProblemType::UpstreamUnavailable),
+            ErrorSource::Downstream => Problem::new(ProblemType::BadRequest),
+            ErrorSource::Internal | ErrorSource::Unset => Problem::new(ProblemType::InternalError),
+        },
+    }
+}
+
+/// Answers a request the proxy failed: with the problem a phase deferred, or the one the error
+/// maps to. Nothing is written to a client that is gone or already has a response head.
+pub async fn fail(session: &mut Session, error: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+    let problem = ctx.problem.take().unwrap_or_else(|| problem_for(error));
+    let client_gone = matches!(
+        error.etype(),
+        ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed
+    ) && error.esource() == &ErrorSource::Downstream;
+    let status = problem.status;
+    if !client_gone && session.response_written().is_none() {
+        if let Err(write_error) = self::problem(session, ctx, problem).await {
+            tracing::debug!(error = %write_error, "could not write the error response");
+        }
+    }
+    FailToProxy {
+        error_code: if client_gone { 0 } else { status },
+        can_reuse_downstream: false,
+    }
+}
