@@ -47,28 +47,28 @@ struct Fixture {
 
 const RSA1: Fixture = Fixture {
     kid: "rsa1",
-    private_pem: include_str!("keys/rsa1.key"),
-    public_pem: include_str!("keys/rsa1.pub"),
+    private_pem: include_str!("../keys/rsa1.key"),
+    public_pem: include_str!("../keys/rsa1.pub"),
 };
 const RSA2: Fixture = Fixture {
     kid: "rsa2",
-    private_pem: include_str!("keys/rsa2.key"),
-    public_pem: include_str!("keys/rsa2.pub"),
+    private_pem: include_str!("../keys/rsa2.key"),
+    public_pem: include_str!("../keys/rsa2.pub"),
 };
 const EC256: Fixture = Fixture {
     kid: "ec256",
-    private_pem: include_str!("keys/ec256.key"),
-    public_pem: include_str!("keys/ec256.pub"),
+    private_pem: include_str!("../keys/ec256.key"),
+    public_pem: include_str!("../keys/ec256.pub"),
 };
 const EC384: Fixture = Fixture {
     kid: "ec384",
-    private_pem: include_str!("keys/ec384.key"),
-    public_pem: include_str!("keys/ec384.pub"),
+    private_pem: include_str!("../keys/ec384.key"),
+    public_pem: include_str!("../keys/ec384.pub"),
 };
 const ED25519: Fixture = Fixture {
     kid: "ed25519",
-    private_pem: include_str!("keys/ed25519.key"),
-    public_pem: include_str!("keys/ed25519.pub"),
+    private_pem: include_str!("../keys/ed25519.key"),
+    public_pem: include_str!("../keys/ed25519.pub"),
 };
 
 /// Lifetime of JWTs from [`IdentityProvider::claims`] and of ID tokens.
