@@ -6,10 +6,14 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use pkcs1::der::Decode;
+use pkcs1::RsaPublicKeyRef;
 use serde_json::{json, Value};
+use spki::der::DecodePem;
+use spki::{AsAlgorithmIdentifierRef, ObjectIdentifier, SubjectPublicKeyInfoOwned};
 
 use super::lock;
 
@@ -67,13 +71,9 @@ impl Keys {
         Keys {
             rsa_jwks: [&RSA1, &RSA2]
                 .into_iter()
-                .map(|fixture| (fixture.kid, rsa_jwk(fixture)))
+                .map(|fixture| (fixture.kid, public_jwk(fixture)))
                 .collect(),
-            other_jwks: vec![
-                ec_jwk(&EC256, "P-256", "ES256", 32),
-                ec_jwk(&EC384, "P-384", "ES384", 48),
-                okp_jwk(&ED25519),
-            ],
+            other_jwks: [&EC256, &EC384, &ED25519].map(public_jwk).to_vec(),
             rotation: Mutex::new(Rotation {
                 signing: &RSA1,
                 published: vec![&RSA1],
@@ -172,108 +172,69 @@ fn encode(algorithm: Algorithm, kid: &str, key: &EncodingKey, claims: &Value) ->
     jsonwebtoken::encode(&header, claims, key).expect("sign JWT")
 }
 
-// JWKs from the public key fixtures.
+/// `id-ecPublicKey` (RFC 5480); its parameter names the curve.
+const EC_PUBLIC_KEY: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.2.1");
+const P256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.3.1.7");
+const P384: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.132.0.34");
+/// `id-Ed25519` (RFC 8410).
+const ED25519_KEY: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.101.112");
 
-fn rsa_jwk(fixture: &Fixture) -> Value {
-    // RSAPublicKey ::= SEQUENCE { modulus INTEGER, publicExponent INTEGER }
-    let key = spki_public_key(fixture.public_pem);
-    let (tag, fields, _) = der_element(&key);
-    assert_eq!(tag, 0x30, "{}: RSAPublicKey is not a SEQUENCE", fixture.kid);
-    let (tag, modulus, rest) = der_element(fields);
-    assert_eq!(tag, 0x02, "{}: modulus is not an INTEGER", fixture.kid);
-    let (tag, exponent, _) = der_element(rest);
-    assert_eq!(tag, 0x02, "{}: exponent is not an INTEGER", fixture.kid);
-    json!({
-        "kty": "RSA",
-        "kid": fixture.kid,
-        "use": "sig",
-        "alg": "RS256",
-        "n": URL_SAFE_NO_PAD.encode(unsigned(modulus)),
-        "e": URL_SAFE_NO_PAD.encode(unsigned(exponent)),
-    })
-}
-
-fn ec_jwk(fixture: &Fixture, curve: &str, alg: &str, coordinate_len: usize) -> Value {
-    // An uncompressed point: 0x04 || x || y.
-    let point = spki_public_key(fixture.public_pem);
-    assert!(
-        point.len() == 1 + 2 * coordinate_len && point[0] == 0x04,
-        "{}: not an uncompressed {curve} point",
-        fixture.kid
-    );
-    let (x, y) = point[1..].split_at(coordinate_len);
-    json!({
-        "kty": "EC",
-        "kid": fixture.kid,
-        "use": "sig",
-        "alg": alg,
-        "crv": curve,
-        "x": URL_SAFE_NO_PAD.encode(x),
-        "y": URL_SAFE_NO_PAD.encode(y),
-    })
-}
-
-fn okp_jwk(fixture: &Fixture) -> Value {
-    let x = spki_public_key(fixture.public_pem);
-    assert_eq!(x.len(), 32, "{}: not an Ed25519 public key", fixture.kid);
-    json!({
-        "kty": "OKP",
-        "kid": fixture.kid,
-        "use": "sig",
-        "alg": "EdDSA",
-        "crv": "Ed25519",
-        "x": URL_SAFE_NO_PAD.encode(x),
-    })
-}
-
-/// The key bytes of a PEM `PUBLIC KEY`: `SubjectPublicKeyInfo ::= SEQUENCE { algorithm
-/// AlgorithmIdentifier, subjectPublicKey BIT STRING }`.
-fn spki_public_key(pem: &str) -> Vec<u8> {
-    let base64: String = pem
-        .lines()
-        .filter(|line| !line.starts_with("-----"))
-        .map(str::trim)
-        .collect();
-    let der = STANDARD.decode(base64).expect("PEM body is base64");
-    let (tag, info, _) = der_element(&der);
-    assert_eq!(tag, 0x30, "SubjectPublicKeyInfo is not a SEQUENCE");
-    let (_, _, rest) = der_element(info);
-    let (tag, bits, _) = der_element(rest);
-    assert_eq!(tag, 0x03, "subjectPublicKey is not a BIT STRING");
-    assert_eq!(bits.first(), Some(&0), "subjectPublicKey has unused bits");
-    bits[1..].to_vec()
-}
-
-/// Splits one DER element off `input`: (tag, contents, what follows).
-fn der_element(input: &[u8]) -> (u8, &[u8], &[u8]) {
-    assert!(input.len() >= 2, "truncated DER");
-    let tag = input[0];
-    let (length, header_len) = match input[1] {
-        short if short < 0x80 => (usize::from(short), 2),
-        long => {
-            let count = usize::from(long & 0x7f);
-            assert!(
-                (1..=4).contains(&count) && input.len() >= 2 + count,
-                "bad DER length"
-            );
-            let length = input[2..2 + count]
-                .iter()
-                .fold(0usize, |length, byte| (length << 8) | usize::from(*byte));
-            (length, 2 + count)
+/// The JWK of a fixture's public key, its type and curve read from the key file itself.
+fn public_jwk(fixture: &Fixture) -> Value {
+    let kid = fixture.kid;
+    let info = SubjectPublicKeyInfoOwned::from_pem(fixture.public_pem)
+        .unwrap_or_else(|error| panic!("{kid}: not a PEM public key: {error}"));
+    let key = info
+        .subject_public_key
+        .as_bytes()
+        .unwrap_or_else(|| panic!("{kid}: the public key is not whole bytes"));
+    let algorithm = info
+        .algorithm
+        .as_algo_ref()
+        .oids()
+        .unwrap_or_else(|error| panic!("{kid}: key algorithm: {error}"));
+    let mut jwk = match algorithm {
+        (pkcs1::ALGORITHM_OID, None) => {
+            let rsa = RsaPublicKeyRef::from_der(key)
+                .unwrap_or_else(|error| panic!("{kid}: RSA public key: {error}"));
+            json!({
+                "kty": "RSA",
+                "alg": "RS256",
+                "n": URL_SAFE_NO_PAD.encode(rsa.modulus.as_bytes()),
+                "e": URL_SAFE_NO_PAD.encode(rsa.public_exponent.as_bytes()),
+            })
         }
+        (EC_PUBLIC_KEY, Some(curve_oid)) => {
+            let (curve, alg, coordinate_len) = match curve_oid {
+                P256 => ("P-256", "ES256", 32),
+                P384 => ("P-384", "ES384", 48),
+                other => panic!("{kid}: unknown curve {other}"),
+            };
+            // An uncompressed point: 0x04 || x || y.
+            let coordinates = key
+                .strip_prefix(&[0x04])
+                .filter(|coordinates| coordinates.len() == 2 * coordinate_len)
+                .unwrap_or_else(|| panic!("{kid}: not an uncompressed {curve} point"));
+            let (x, y) = coordinates.split_at(coordinate_len);
+            json!({
+                "kty": "EC",
+                "alg": alg,
+                "crv": curve,
+                "x": URL_SAFE_NO_PAD.encode(x),
+                "y": URL_SAFE_NO_PAD.encode(y),
+            })
+        }
+        (ED25519_KEY, None) => json!({
+            "kty": "OKP",
+            "alg": "EdDSA",
+            "crv": "Ed25519",
+            "x": URL_SAFE_NO_PAD.encode(key),
+        }),
+        (oid, _) => panic!("{kid}: unknown key algorithm {oid}"),
     };
-    assert!(input.len() >= header_len + length, "truncated DER");
-    let (contents, rest) = input[header_len..].split_at(length);
-    (tag, contents, rest)
-}
-
-/// A DER INTEGER's magnitude without its sign-padding zero bytes.
-fn unsigned(integer: &[u8]) -> &[u8] {
-    let start = integer
-        .iter()
-        .position(|byte| *byte != 0)
-        .unwrap_or(integer.len().saturating_sub(1));
-    &integer[start..]
+    jwk["kid"] = json!(kid);
+    jwk["use"] = json!("sig");
+    jwk
 }
 
 #[cfg(test)]
