@@ -190,6 +190,45 @@ fn committed_schema_is_current() {
     assert!(kinds.contains("request_id") && kinds.contains("response_headers"));
 }
 
+/// The README's table of problem types is the catalogue: every type with its status, and
+/// nothing else.
+#[test]
+fn the_readme_lists_every_problem_type_with_its_status() {
+    use gatehouse_filters::ProblemType;
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let table = readme
+        .split("| type (`urn:gatehouse:problem:…`) | status |")
+        .nth(1)
+        .expect("the README has the problem table");
+    let rows: Vec<(String, String)> = table
+        .lines()
+        .skip(2)
+        .take_while(|line| line.starts_with("| `"))
+        .map(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            (cells[1].trim_matches('`').to_string(), cells[2].to_string())
+        })
+        .collect();
+    let documented: Vec<&str> = rows.iter().map(|(slug, _)| slug.as_str()).collect();
+    let catalogue: Vec<&str> = ProblemType::ALL.iter().map(|kind| kind.slug()).collect();
+    assert_eq!(documented, catalogue, "the table and the catalogue differ");
+    for (kind, (slug, status)) in ProblemType::ALL.iter().zip(&rows) {
+        if *kind == ProblemType::Error {
+            assert!(
+                status.starts_with("the status of the failure"),
+                "{slug}: {status}"
+            );
+        } else {
+            assert!(
+                status.starts_with(&kind.status().to_string()),
+                "{slug}: the README says {status}, the catalogue {}",
+                kind.status()
+            );
+        }
+    }
+}
+
 #[test]
 fn ops_endpoints_and_explain() {
     let echo = spawn_echo("echo");

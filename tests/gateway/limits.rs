@@ -106,3 +106,29 @@ fn slow_request_head_is_cut_off_without_hurting_others() {
         "cut off only after {elapsed:?}"
     );
 }
+
+/// Gatehouse's own answers carry the request id in the header the `request_id` filter names,
+/// whether the chain ran (a 404) or not (a limit refused the request first).
+#[test]
+fn problems_carry_the_request_id_in_the_configured_header() {
+    let echo = spawn_echo("echo");
+    let gateway = Gateway::start_with(
+        "  limits: { max_uri_bytes: 1KiB }",
+        &format!(
+            "upstreams: [{{ name: echo, targets: [{{ address: \"{echo}\" }}] }}]\nfilters: [{{ kind: request_id, config: {{ header: x-trace-id }} }}]\nroutes: [{{ name: api, upstream: echo, match: {{ paths: [{{ prefix: /api }}] }} }}]\n"
+        ),
+    );
+    let not_found = gateway.get("/nowhere");
+    assert_eq!(not_found.status, 404);
+    let too_long = gateway.get(&format!("/api/{}", "a".repeat(1100)));
+    assert_eq!(too_long.status, 414);
+    for reply in [not_found, too_long] {
+        let id = reply.json()["request_id"].as_str().unwrap().to_string();
+        assert_eq!(reply.header("x-trace-id"), Some(id.as_str()), "{reply:?}");
+        assert_eq!(reply.header("x-request-id"), None, "{reply:?}");
+    }
+    // A proxied answer carries it there too, and the upstream got the same id.
+    let reply = gateway.request("GET", "/api/x", &[("x-trace-id", "trace-7")], b"");
+    assert_eq!(reply.header("x-trace-id"), Some("trace-7"));
+    assert_eq!(reply.json()["headers"]["x-trace-id"], "trace-7");
+}

@@ -664,3 +664,143 @@ routes:
         "{stderr}"
     );
 }
+
+/// Decision rows are per route (two routes may name a policy alike) and leave `/metrics` when
+/// a reload removes their policy, while the remaining rows keep their counts.
+#[test]
+fn decision_rows_carry_their_route_and_leave_with_their_policy() {
+    let echo = spawn_echo("echo");
+    let config = |with_b: bool| {
+        let limit = "filters: [{ kind: rate_limit, config: { policies: [{ name: shared, key: [client_ip], capacity: 1, refill: { tokens: 1, every: 1h } }] } }]";
+        format!(
+            "upstreams: [{{ name: echo, targets: [{{ address: \"{echo}\" }}] }}]\nroutes:\n  - {{ name: a, upstream: echo, match: {{ paths: [{{ prefix: /a }}] }}, {limit} }}\n  - {{ name: b, upstream: echo, match: {{ paths: [{{ prefix: /b }}] }}{} }}\n",
+            if with_b { format!(", {limit}") } else { String::new() }
+        )
+    };
+    let gateway = Gateway::start(&config(true));
+    assert_eq!(gateway.get("/a").status, 200);
+    assert_eq!(gateway.get("/a").status, 429);
+    // The same policy name on another route is another bucket and another row.
+    assert_eq!(gateway.get("/b").status, 200);
+    let row = |result: &str, route: &str| {
+        format!("gatehouse_ratelimit_decisions_total{{policy=\"shared\",result=\"{result}\",route=\"{route}\"}}")
+    };
+    let metrics = gateway.metrics();
+    for (result, route, count) in [
+        ("allowed", "a", 1),
+        ("limited", "a", 1),
+        ("allowed", "b", 1),
+    ] {
+        assert!(
+            metrics.contains(&format!("{} {count}\n", row(result, route))),
+            "{result} on {route}:\n{metrics}"
+        );
+    }
+
+    let version = gateway.config_version();
+    gateway.write_config(&config(false));
+    gateway.wait_for_version_above(version);
+    assert_eq!(
+        gateway.get("/b").status,
+        200,
+        "route b has no limit any more"
+    );
+    let metrics = gateway.metrics();
+    assert!(!metrics.contains(&row("allowed", "b")), "{metrics}");
+    assert!(
+        metrics.contains(&format!("{} 1\n", row("allowed", "a"))),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!("{} 1\n", row("limited", "a"))),
+        "{metrics}"
+    );
+}
+
+/// A request refused by a later policy costs nothing in Redis either: the token an earlier
+/// `redis` policy took is given back.
+#[test]
+fn a_refusal_gives_back_the_tokens_taken_in_redis() {
+    let name = unique_name("refund");
+    let echo = spawn_echo("echo");
+    let gateway = Gateway::start(&format!(
+        r#"
+redis: {{ url: "{redis}", command_timeout: {EXACT} }}
+upstreams: [{{ name: echo, targets: [{{ address: "{echo}" }}] }}]
+routes:
+  - name: limited
+    match: {{ paths: [{{ prefix: / }}] }}
+    upstream: echo
+    filters:
+      - kind: rate_limit
+        config:
+          policies:
+            - {{ name: {name}-shared, key: [route], capacity: 2, refill: {{ tokens: 1, every: 1h }}, backend: redis }}
+            - {{ name: {name}-per-user, key: [{{ header: x-user }}], capacity: 1, refill: {{ tokens: 1, every: 1h }} }}
+"#,
+        redis = redis_url(),
+    ));
+    wait_for_redis_state(&gateway, "up");
+    let get = |user: &str| {
+        gateway
+            .request("GET", "/x", &[("x-user", user)], b"")
+            .status
+    };
+    assert_eq!(get("ann"), 200, "shared 2 -> 1");
+    // Refused by the per-user policy: the shared token goes back to Redis.
+    for _ in 0..5 {
+        assert_eq!(get("ann"), 429);
+    }
+    assert_eq!(get("bob"), 200, "the shared bucket still had its token");
+    assert_eq!(get("cid"), 429, "and now it is empty");
+}
+
+/// While Redis is away, `local_fallback` limits each node to its share. A token taken from
+/// Redis and refunded when a later policy refused the request goes back to Redis, never into
+/// the fallback bucket, so the fallback share cannot grow beyond `capacity / expected_nodes`.
+#[test]
+fn refunds_never_grow_the_fallback_share() {
+    let port = crate::support::free_port();
+    let redis = PrivateRedis::start(port);
+    let name = unique_name("fallback-refund");
+    let echo = spawn_echo("echo");
+    let gateway = Gateway::start(&format!(
+        r#"
+redis: {{ url: "redis://127.0.0.1:{port}", command_timeout: 100ms }}
+upstreams: [{{ name: echo, targets: [{{ address: "{echo}" }}] }}]
+routes:
+  - name: limited
+    match: {{ paths: [{{ prefix: / }}] }}
+    upstream: echo
+    filters:
+      - kind: rate_limit
+        config:
+          policies:
+            - {{ name: {name}, key: [route], capacity: 10, refill: {{ tokens: 1, every: 1h }}, backend: redis, on_redis_error: local_fallback, expected_nodes: 2 }}
+            - {{ name: {name}-per-user, key: [{{ header: x-user }}], capacity: 1, refill: {{ tokens: 1, every: 1h }} }}
+"#
+    ));
+    wait_for_redis_state(&gateway, "up");
+    let get = |user: &str| {
+        gateway
+            .request("GET", "/x", &[("x-user", user)], b"")
+            .status
+    };
+    // Redis away: the fallback bucket (10 / 2 nodes = 5) gives one token.
+    redis.signal("STOP");
+    assert_eq!(get("user-0"), 200);
+    redis.signal("CONT");
+    wait_for_redis_state(&gateway, "up");
+    // Redis back: each of these takes a Redis token that the per-user policy's refusal gives
+    // back; the fallback bucket is not touched.
+    for _ in 0..20 {
+        assert_eq!(get("user-0"), 429);
+    }
+    // Redis away again: the fallback bucket still holds the 4 tokens of its share.
+    redis.signal("STOP");
+    let admitted = (1..=10)
+        .filter(|user| get(&format!("user-{user}")) == 200)
+        .count();
+    redis.signal("CONT");
+    assert_eq!(admitted, 4);
+}

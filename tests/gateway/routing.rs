@@ -43,6 +43,9 @@ routes:
   - name: wildcard-host
     match: {{ hosts: ["*.example.com"], paths: [{{ prefix: /h }}] }}
     upstream: other
+  - name: loopback-v6
+    match: {{ hosts: ["[::1]"], paths: [{{ prefix: /h }}] }}
+    upstream: admin
   - name: writes
     match: {{ paths: [{{ prefix: /w }}], methods: [POST, PUT] }}
     upstream: users
@@ -288,4 +291,94 @@ routes:
     );
     // The same route without the delay answers normally.
     assert_eq!(gateway.get("/slow").status, 200);
+}
+
+/// `/explain` runs the proxy's own resolve step: for every request of one table, the route,
+/// upstream and forwarded target it names are what live traffic gets.
+#[test]
+fn explain_names_the_route_live_traffic_takes() {
+    let gateway = routing_gateway();
+    let table: &[(&str, &str, &str, &[(&str, &str)])] = &[
+        ("GET", "test.local", "/users/7", &[]),
+        ("GET", "test.local", "/users/me", &[]),
+        ("GET", "test.local", "/users/./a/../7?x=1", &[]),
+        ("GET", "test.local", "/v2/users/42?debug=1", &[]),
+        ("GET", "api.example.com", "/h/1", &[]),
+        ("GET", "API.Example.COM:8080", "/h/1", &[]),
+        ("GET", "api.example.com.", "/h/1", &[]),
+        ("GET", "deep.api.example.com", "/h/1", &[]),
+        ("GET", "[::1]:8080", "/h/1", &[]),
+        ("GET", "[::1]", "/h/1", &[]),
+        ("GET", "example.com", "/h/1", &[]),
+        ("POST", "test.local", "/w/1", &[]),
+        ("GET", "test.local", "/w/1", &[]),
+        (
+            "GET",
+            "test.local",
+            "/admin/x",
+            &[("x-admin-token", "letmein")],
+        ),
+        (
+            "GET",
+            "test.local",
+            "/admin/x",
+            &[("x-admin-token", "nope")],
+        ),
+        ("GET", "test.local", "/q?preview=yes", &[]),
+        ("GET", "test.local", "/q?preview=no", &[]),
+        ("GET", "test.local", "/public/override", &[]),
+        ("GET", "test.local", "/users%2f7", &[]),
+    ];
+    for (method, host, path, headers) in table {
+        let label = format!("{method} {host} {path} {headers:?}");
+        let mut request_headers = vec![("Host", *host)];
+        request_headers.extend_from_slice(headers);
+        let live = gateway.request(method, path, &request_headers, b"");
+
+        let mut query = format!(
+            "/explain?method={method}&host={}&path={}",
+            encode(host),
+            encode(path)
+        );
+        for (name, value) in *headers {
+            query.push_str(&format!("&header={}", encode(&format!("{name}:{value}"))));
+        }
+        let explained = crate::support::get(gateway.ops, &query).json();
+        match live.status {
+            200 => {
+                let route = explained["route"].as_str();
+                assert!(
+                    route.is_some(),
+                    "{label}: explain found no route: {explained}"
+                );
+                assert_eq!(
+                    Some(live.upstream().as_str()),
+                    explained["upstream"].as_str(),
+                    "{label}: {explained}"
+                );
+                assert_eq!(
+                    live.json()["path"].as_str(),
+                    explained["forwarded_path"].as_str(),
+                    "{label}: {explained}"
+                );
+            }
+            404 => assert!(explained["route"].is_null(), "{label}: {explained}"),
+            status => assert_eq!(
+                explained["result"].as_str(),
+                Some(format!("rejected with {status}").as_str()),
+                "{label}: {explained}"
+            ),
+        }
+    }
+}
+
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                char::from(byte).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
 }
