@@ -298,7 +298,9 @@ routes:
 #[test]
 fn explain_names_the_route_live_traffic_takes() {
     let gateway = routing_gateway();
-    let table: &[(&str, &str, &str, &[(&str, &str)])] = &[
+    // (method, Host, path, other headers)
+    type Case<'a> = (&'a str, &'a str, &'a str, &'a [(&'a str, &'a str)]);
+    let table: &[Case] = &[
         ("GET", "test.local", "/users/7", &[]),
         ("GET", "test.local", "/users/me", &[]),
         ("GET", "test.local", "/users/./a/../7?x=1", &[]),
