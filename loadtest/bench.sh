@@ -46,7 +46,9 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-root=$(dirname "$here")
+say_prefix=bench
+# shellcheck source=lib.sh
+source "$here/lib.sh"
 cd "$root"
 
 bench_seconds=${BENCH_SECONDS:-10}
@@ -65,16 +67,10 @@ quiet_wait=${BENCH_QUIET_WAIT:-15}
 quiet_threshold=${BENCH_QUIET_PCT:-25}
 proxy_cpu=${BENCH_PROXY_CPU:-1}
 load_cpu=${BENCH_LOAD_CPU:-0}
-target_dir=${CARGO_TARGET_DIR:-$root/target}
-release="$target_dir/release"
 
-say() { printf '[bench] %s\n' "$*" >&2; }
-die() { say "error: $*"; exit 1; }
-
-for number in "$bench_seconds" "$reps" "$connections" "$warmup" "$quiet_wait" "$quiet_threshold" \
-  "$latency_rps" "$latency_seconds"; do
-  [[ $number =~ ^[0-9]+$ ]] || die "BENCH_SECONDS, BENCH_REPS, BENCH_CONNECTIONS, BENCH_WARMUP, BENCH_QUIET_WAIT, BENCH_QUIET_PCT, BENCH_LATENCY_RPS and BENCH_LATENCY_SECONDS must be whole numbers"
-done
+require_whole_numbers "BENCH_SECONDS, BENCH_REPS, BENCH_CONNECTIONS, BENCH_WARMUP, BENCH_QUIET_WAIT, BENCH_QUIET_PCT, BENCH_LATENCY_RPS and BENCH_LATENCY_SECONDS must be whole numbers" \
+  "$bench_seconds" "$reps" "$connections" "$warmup" "$quiet_wait" "$quiet_threshold" "$latency_rps" \
+  "$latency_seconds"
 ((reps >= 1)) || die "BENCH_REPS must be at least 1"
 
 if (($(nproc) < 2)); then
@@ -117,73 +113,13 @@ wants_redis() { wants gatehouse-rl-redis || wants gatehouse-rl-lease; }
 
 # ---------------------------------------------------------------------------------------------
 # Processes and cleanup: everything started is killed on exit, whatever the exit path.
-work=$(mktemp -d "${TMPDIR:-/tmp}/gatehouse-bench.XXXXXX")
-started_pids=()
-cleanup() {
-  local pid
-  for pid in "${started_pids[@]}"; do
-    kill -TERM "$pid" 2>/dev/null || true
-  done
-  for pid in "${started_pids[@]}"; do
-    stop_pid "$pid"
-  done
-  if [[ ${BENCH_KEEP_WORKDIR:-0} == 1 ]]; then
-    say "work files kept in $work"
-  else
-    rm -rf "$work"
-  fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# Stops one process: SIGTERM, up to 3 s to exit, then SIGKILL.
-stop_pid() {
-  local pid=$1 waited=0
-  kill -TERM "$pid" 2>/dev/null || return 0
-  while kill -0 "$pid" 2>/dev/null && ((waited < 30)); do
-    sleep 0.1
-    waited=$((waited + 1))
-  done
-  kill -KILL "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-}
-
-forget_pid() {
-  local pid=$1 kept=() other
-  for other in "${started_pids[@]}"; do
-    [[ $other == "$pid" ]] || kept+=("$other")
-  done
-  started_pids=("${kept[@]}")
-}
+open_work_dir gatehouse-bench BENCH_KEEP_WORKDIR
 
 # Starts a command pinned to one core, logging to a file; sets $last_pid.
 start_pinned() {
   local cpu=$1 log=$2
   shift 2
-  taskset -c "$cpu" "$@" >"$log" 2>&1 </dev/null &
-  last_pid=$!
-  started_pids+=("$last_pid")
-}
-
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-# Waits until URL answers 200 with the echo upstream's benchmark body; the optional third
-# argument is a request header ("name: value") to send.
-wait_ready() {
-  local url=$1 pid=$2 header=${3:-} tries=0 body
-  local header_args=()
-  [[ -n $header ]] && header_args=(-H "$header")
-  while ((tries < 150)); do
-    kill -0 "$pid" 2>/dev/null || return 1
-    body=$(curl -s --max-time 1 "${header_args[@]}" "$url" 2>/dev/null || true)
-    [[ $body == "hello, world" ]] && return 0
-    sleep 0.1
-    tries=$((tries + 1))
-  done
-  return 1
+  start_logged "$log" taskset -c "$cpu" "$@"
 }
 
 # The process and all its descendants, for CPU and memory accounting (nginx has a master and
@@ -212,7 +148,7 @@ cpu_ticks() {
 peak_rss_kib() {
   local total=0 pid value
   for pid in $(process_tree "$1"); do
-    value=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status" 2>/dev/null || true)
+    value=$(proc_status_kib "$pid" VmHWM)
     total=$((total + ${value:-0}))
   done
   echo "$total"
@@ -660,7 +596,7 @@ start_contender() {
   fi
   # An auth contender that lets a request without credentials through measures nothing.
   if [[ -n $proxy_header ]]; then
-    status=$(curl -s -o /dev/null --max-time 2 -w '%{http_code}' "$proxy_url" || true)
+    status=$(status_of "$proxy_url")
     if [[ $status != 401 ]]; then
       start_failure="answered $status, not 401, to a request without credentials"
       say "$name $start_failure"
