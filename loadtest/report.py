@@ -26,9 +26,9 @@ import statistics
 import sys
 
 UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0, "h": 3600000.0}
-ORDER = ["direct", "nginx", "haproxy", "envoy", "bare", "gatehouse", "gatehouse-jwt",
-         "gatehouse-apikey", "gatehouse-full", "gatehouse-rl-local", "gatehouse-rl-redis",
-         "gatehouse-rl-lease"]
+ORDER = ["direct", "nginx", "haproxy", "envoy", "bare", "gatehouse", "gatehouse-baseline",
+         "gatehouse-jwt", "gatehouse-apikey", "gatehouse-full", "gatehouse-full-baseline",
+         "gatehouse-rl-local", "gatehouse-rl-redis", "gatehouse-rl-lease"]
 LABELS = {
     "direct": "direct to upstream",
     "nginx": "nginx",
@@ -36,9 +36,11 @@ LABELS = {
     "envoy": "Envoy",
     "bare": "bare Pingora",
     "gatehouse": "Gatehouse",
+    "gatehouse-baseline": "Gatehouse, baseline binary",
     "gatehouse-jwt": "Gatehouse + jwt (RS256)",
     "gatehouse-apikey": "Gatehouse + api_key",
     "gatehouse-full": "Gatehouse full chain (jwt + rate_limit + 3 header ops)",
+    "gatehouse-full-baseline": "Gatehouse full chain, baseline binary",
     "gatehouse-rl-local": "Gatehouse + rate_limit (local)",
     "gatehouse-rl-redis": "Gatehouse + rate_limit (redis)",
     "gatehouse-rl-lease": "Gatehouse + rate_limit (redis, lease)",
@@ -46,6 +48,9 @@ LABELS = {
 # The same route with and without its filters, in the same run: the price of the filters.
 VARIANTS = ["gatehouse-jwt", "gatehouse-apikey", "gatehouse-full", "gatehouse-rl-local",
             "gatehouse-rl-redis", "gatehouse-rl-lease"]
+# The same config on this tree's binary and on an older one (BENCH_BASELINE_DIR), in the same
+# rounds: what the change between the two builds did to the plain route and to the full chain.
+BASELINES = {"gatehouse": "gatehouse-baseline", "gatehouse-full": "gatehouse-full-baseline"}
 ARGUMENTS = ("RUNS LATENCY SKIPPED VERSIONS JSON_OUT MARKDOWN_OUT STAMP SECONDS REPS CONNECTIONS "
              "WARMUP PROXY_CPU LOAD_CPU LATENCY_RPS LATENCY_SECONDS")
 
@@ -165,6 +170,17 @@ def summarise(runs, latency):
     return contenders
 
 
+def ratio(measured, reference):
+    """measured / reference in median rps and p99, or None when either has no rps."""
+    if not (measured and reference and measured["rps_median"] and reference["rps_median"]):
+        return None
+    return {
+        "rps": round(measured["rps_median"] / reference["rps_median"], 3),
+        "p99": (round(measured["p99_ms_median"] / reference["p99_ms_median"], 3)
+                if measured["p99_ms_median"] and reference["p99_ms_median"] else None),
+    }
+
+
 def compute_ratios(contenders):
     ratios = {}
     gatehouse = contenders.get("gatehouse")
@@ -180,14 +196,11 @@ def compute_ratios(contenders):
             ratios[key] = None
     # The price of the filters: the same route with and without them, in the same run.
     for variant in VARIANTS:
-        if variant not in contenders:
-            continue
-        measured = contenders[variant]
-        ratios[f"{variant}/gatehouse"] = ({
-            "rps": round(measured["rps_median"] / gatehouse["rps_median"], 3),
-            "p99": (round(measured["p99_ms_median"] / gatehouse["p99_ms_median"], 3)
-                    if measured["p99_ms_median"] and gatehouse["p99_ms_median"] else None),
-        } if gatehouse and gatehouse["rps_median"] and measured["rps_median"] else None)
+        if variant in contenders:
+            ratios[f"{variant}/gatehouse"] = ratio(contenders[variant], gatehouse)
+    for name, baseline in BASELINES.items():
+        if baseline in contenders:
+            ratios[f"{name}/{baseline}"] = ratio(contenders.get(name), contenders[baseline])
     return ratios
 
 
@@ -218,12 +231,14 @@ def markdown(document, latency, settings):
     added_p99 = document["added_p99_vs_direct"]
     skipped = document["skipped"]
     gatehouse = contenders.get("gatehouse")
+    baseline = environment.get("gatehouse_baseline")
 
     out = [f"### {stamp}", ""]
     out.append(f"wrk -t1 -c{connections} -d{seconds}s --latency, {warmup}s warm-up discarded, "
                f"median of {reps} run{'s' if int(reps) != 1 else ''}; proxy on core {proxy_cpu}, wrk and upstream on core {load_cpu}. "
                f"{environment.get('cpu', '')}, {environment.get('cores', '?')} cores, "
                f"kernel {environment.get('kernel', '?')}, gatehouse {environment.get('gatehouse_commit', '?')}, "
+               f"{f'baseline gatehouse {baseline}, ' if baseline else ''}"
                f"load average {environment.get('load_average_at_start', '?')} at start.")
     out.append("")
     out.append("| contender | rps (median) | p99 ms | p50 ms | peak RSS MiB | proxy CPU % | upstream CPU % | other CPU % | errors | rps per run |")
