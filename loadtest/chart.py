@@ -28,6 +28,7 @@ COLOURS = {
     "other": "#607d8b",
     "gatehouse": "#1565c0",
     "gatehouse-variant": "#42a5f5",
+    "baseline": "#9fa8da",
     "fixed": "#ef6c00",
     "half": "#8e24aa",
     "closed": "#c62828",
@@ -37,6 +38,9 @@ COLOURS = {
 def colour(name):
     if name == "direct":
         return COLOURS["direct"]
+    # An older binary's bars stand apart from the current ones they sit next to.
+    if name.endswith("-baseline"):
+        return COLOURS["baseline"]
     if name == "gatehouse":
         return COLOURS["gatehouse"]
     if name.startswith("gatehouse"):

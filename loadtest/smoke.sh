@@ -19,8 +19,11 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+say_prefix=smoke
+# shellcheck source=lib.sh
+source "$here/lib.sh"
 minimum=${SMOKE_MIN:-0.8}
-[[ $minimum =~ ^[0-9]+(\.[0-9]+)?$ ]] || { echo "[smoke] SMOKE_MIN must be a number" >&2; exit 2; }
+[[ $minimum =~ ^[0-9]+(\.[0-9]+)?$ ]] || { say "SMOKE_MIN must be a number"; exit 2; }
 
 # The chart is drawn only when it is kept.
 no_chart=1
@@ -48,7 +51,7 @@ BENCH_CONTENDERS=${BENCH_CONTENDERS:-nginx,bare,gatehouse,gatehouse-full} \
 
 shopt -s nullglob
 json_files=("$results"/*.json)
-((${#json_files[@]} > 0)) || { echo "[smoke] bench.sh wrote no results" >&2; exit 1; }
+((${#json_files[@]} > 0)) || { say "bench.sh wrote no results"; exit 1; }
 json=${json_files[-1]}
 
 python3 - "$json" "$minimum" "$(($(date +%s) - started))" <<'PY'

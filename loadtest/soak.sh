@@ -32,7 +32,9 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-root=$(dirname "$here")
+say_prefix=soak
+# shellcheck source=lib.sh
+source "$here/lib.sh"
 cd "$root"
 
 seconds=${SOAK_SECONDS:-600}
@@ -41,21 +43,15 @@ connections=${SOAK_CONNECTIONS:-8}
 threads=${SOAK_THREADS:-2}
 rss_growth_pct=${SOAK_RSS_GROWTH_PCT:-10}
 fd_slack=${SOAK_FD_SLACK:-8}
-target_dir=${CARGO_TARGET_DIR:-$root/target}
-release="$target_dir/release"
 
-say() { printf '[soak] %s\n' "$*" >&2; }
-die() { say "error: $*"; exit 1; }
-
-for number in "$seconds" "$interval" "$connections" "$threads" "$rss_growth_pct" "$fd_slack"; do
-  [[ $number =~ ^[0-9]+$ ]] || die "SOAK_SECONDS, SOAK_INTERVAL, SOAK_CONNECTIONS, SOAK_THREADS, SOAK_RSS_GROWTH_PCT and SOAK_FD_SLACK must be whole numbers"
-done
+require_whole_numbers "SOAK_SECONDS, SOAK_INTERVAL, SOAK_CONNECTIONS, SOAK_THREADS, SOAK_RSS_GROWTH_PCT and SOAK_FD_SLACK must be whole numbers" \
+  "$seconds" "$interval" "$connections" "$threads" "$rss_growth_pct" "$fd_slack"
 ((seconds >= 3 * interval)) || die "SOAK_SECONDS must be at least three SOAK_INTERVALs"
 ((interval >= 1 && connections >= 1 && threads >= 1)) || die "SOAK_INTERVAL, SOAK_CONNECTIONS and SOAK_THREADS must be at least 1"
 default_warmup=$((seconds / 5))
 ((default_warmup > 60)) && default_warmup=60
 warmup=${SOAK_WARMUP:-$default_warmup}
-[[ $warmup =~ ^[0-9]+$ ]] || die "SOAK_WARMUP must be a whole number"
+require_whole_numbers "SOAK_WARMUP must be a whole number" "$warmup"
 
 for tool in wrk curl openssl ss python3; do
   command -v "$tool" >/dev/null || die "$tool is required (apt-get install wrk curl openssl iproute2 python3)"
@@ -73,60 +69,13 @@ echo_bin="$release/echo-upstream"
 
 # ---------------------------------------------------------------------------------------------
 # Processes: everything started is stopped on exit, whatever the exit path.
-work=$(mktemp -d "${TMPDIR:-/tmp}/gatehouse-soak.XXXXXX")
-started_pids=()
-cleanup() {
-  local pid waited
-  for pid in "${started_pids[@]}"; do
-    kill -TERM "$pid" 2>/dev/null || true
-  done
-  for pid in "${started_pids[@]}"; do
-    waited=0
-    while kill -0 "$pid" 2>/dev/null && ((waited < 30)); do
-      sleep 0.1
-      waited=$((waited + 1))
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-  done
-  if [[ ${SOAK_KEEP_WORKDIR:-0} == 1 ]]; then
-    say "work files kept in $work"
-  else
-    rm -rf "$work"
-  fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-# Status code of one request (extra curl arguments after the URL).
-status_of() {
-  local url=$1
-  shift
-  curl -s -o /dev/null --max-time 2 -w '%{http_code}' "$@" "$url" 2>/dev/null || true
-}
-
-wait_status() {
-  local url=$1 pid=$2 want=$3 tries=0
-  while ((tries < 150)); do
-    kill -0 "$pid" 2>/dev/null || return 1
-    [[ $(status_of "$url") == "$want" ]] && return 0
-    sleep 0.1
-    tries=$((tries + 1))
-  done
-  return 1
-}
+open_work_dir gatehouse-soak SOAK_KEEP_WORKDIR
 
 # ---------------------------------------------------------------------------------------------
 # Upstream, credentials, Gatehouse
 echo_port=$(free_port)
-"$echo_bin" --listen "127.0.0.1:$echo_port" --name soak >"$work/echo.log" 2>&1 </dev/null &
-echo_pid=$!
-started_pids+=("$echo_pid")
+start_logged "$work/echo.log" "$echo_bin" --listen "127.0.0.1:$echo_port" --name soak
+echo_pid=$last_pid
 wait_status "http://127.0.0.1:$echo_port/healthz" "$echo_pid" 200 || die "the echo upstream did not start: $(cat "$work/echo.log")"
 
 keys_dir="$root/tests/support/keys"
@@ -162,9 +111,8 @@ routes:
     match: { paths: [{ prefix: / }] }
     upstream: echo
 EOF
-"$gatehouse_bin" run -c "$work/gatehouse.yaml" >"$work/gatehouse.log" 2>&1 </dev/null &
-gatehouse_pid=$!
-started_pids+=("$gatehouse_pid")
+start_logged "$work/gatehouse.log" "$gatehouse_bin" run -c "$work/gatehouse.yaml"
+gatehouse_pid=$last_pid
 base="http://127.0.0.1:$port"
 if ! wait_status "$base/plain/" "$gatehouse_pid" 200; then
   tail -n 20 "$work/gatehouse.log" >&2 || true
@@ -180,10 +128,9 @@ curl -s -D - -o /dev/null --max-time 2 -H 'x-consumer: probe' "$base/limited/" |
 scenarios="$here/scenarios"
 start_wrk() {
   local name=$1 script=$2 path=$3
-  env BENCH_JWT_RS256="$jwt" BENCH_CONSUMERS=16 \
-    wrk -t1 -c"$connections" -d"${seconds}s" -s "$scenarios/$script" "$base$path" >"$work/wrk-$name.txt" 2>&1 </dev/null &
-  wrk_pids+=($!)
-  started_pids+=($!)
+  start_logged "$work/wrk-$name.txt" env BENCH_JWT_RS256="$jwt" BENCH_CONSUMERS=16 \
+    wrk -t1 -c"$connections" -d"${seconds}s" -s "$scenarios/$script" "$base$path"
+  wrk_pids+=("$last_pid")
 }
 wrk_pids=()
 start_wrk plain plain.lua /plain/
@@ -196,7 +143,7 @@ samples="$work/samples.tsv"
 : >"$samples"
 sample() {
   local elapsed=$1 phase=$2 rss fds upstream clients
-  rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$gatehouse_pid/status" 2>/dev/null || true)
+  rss=$(proc_status_kib "$gatehouse_pid" VmRSS)
   fds=$(find "/proc/$gatehouse_pid/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)
   upstream=$(ss -Htn state established "( dport = :$echo_port )" 2>/dev/null | wc -l)
   clients=$(ss -Htn state established "( sport = :$port )" 2>/dev/null | wc -l)
