@@ -89,21 +89,9 @@ fn take_query_param(query: &str, name: &str) -> Option<(String, String)> {
     found.map(|value| (value, rest.join("&")))
 }
 
-#[async_trait]
-impl Filter for ApiKey {
-    fn kind(&self) -> &'static str {
-        Self::KIND
-    }
-
-    fn phases(&self) -> Phases {
-        Phases::REQUEST
-    }
-
-    fn is_auth(&self) -> bool {
-        true
-    }
-
-    async fn request(&self, request: &mut RequestHeader, ctx: &mut RequestContext) -> Decision {
+impl ApiKey {
+    /// Looks the presented key up; an absent key leaves the decision to the route.
+    fn identify(&self, request: &mut RequestHeader, ctx: &mut RequestContext) -> Decision {
         let mut key = None;
         if let Some(header) = &self.header {
             let mut values = request.headers.get_all(header).iter();
@@ -160,6 +148,33 @@ impl Filter for ApiKey {
                 Decision::Reject(Problem::invalid_token())
             }
         }
+    }
+}
+
+#[async_trait]
+impl Filter for ApiKey {
+    fn kind(&self) -> &'static str {
+        Self::KIND
+    }
+
+    fn phases(&self) -> Phases {
+        Phases::REQUEST
+    }
+
+    fn is_auth(&self) -> bool {
+        true
+    }
+
+    fn try_request(
+        &self,
+        request: &mut RequestHeader,
+        ctx: &mut RequestContext,
+    ) -> Option<Decision> {
+        Some(self.identify(request, ctx))
+    }
+
+    async fn request(&self, request: &mut RequestHeader, ctx: &mut RequestContext) -> Decision {
+        self.identify(request, ctx)
     }
 }
 

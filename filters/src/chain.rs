@@ -128,9 +128,13 @@ impl Chain {
             match step {
                 Step::Filter(index) => {
                     *reached = index + 1;
-                    match self.filters[*index].request(request, ctx).await {
-                        Decision::Continue => {}
-                        answer => return answer,
+                    let filter = &self.filters[*index];
+                    let decision = match filter.try_request(request, ctx) {
+                        Some(decision) => decision,
+                        None => filter.request(request, ctx).await,
+                    };
+                    if !matches!(decision, Decision::Continue) {
+                        return decision;
                     }
                 }
                 Step::Gate(gate) => {
@@ -333,6 +337,62 @@ mod tests {
                 "b.log"
             ]
         );
+    }
+
+    /// Decides without waiting, or leaves it to the async phase.
+    struct Quick {
+        decide_now: bool,
+        calls: Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    #[async_trait]
+    impl Filter for Quick {
+        fn kind(&self) -> &'static str {
+            "quick"
+        }
+
+        fn phases(&self) -> Phases {
+            Phases::REQUEST
+        }
+
+        fn try_request(
+            &self,
+            _request: &mut RequestHeader,
+            _ctx: &mut RequestContext,
+        ) -> Option<Decision> {
+            self.calls.lock().unwrap().push("try_request".into());
+            self.decide_now
+                .then(|| Decision::Reject(Problem::new(ProblemType::Forbidden)))
+        }
+
+        async fn request(
+            &self,
+            _request: &mut RequestHeader,
+            _ctx: &mut RequestContext,
+        ) -> Decision {
+            self.calls.lock().unwrap().push("request".into());
+            Decision::Reject(Problem::new(ProblemType::RateLimited))
+        }
+    }
+
+    #[test]
+    fn a_filter_that_decides_at_once_is_not_awaited() {
+        for (decide_now, status, called) in [
+            (true, 403, vec!["try_request"]),
+            (false, 429, vec!["try_request", "request"]),
+        ] {
+            let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let chain = Chain::new(
+                vec![Arc::new(Quick {
+                    decide_now,
+                    calls: calls.clone(),
+                })],
+                None,
+            );
+            let (decision, _, _) = run(&chain);
+            assert!(matches!(decision, Decision::Reject(problem) if problem.status == status));
+            assert_eq!(*calls.lock().unwrap(), called);
+        }
     }
 
     #[test]

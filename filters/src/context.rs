@@ -43,7 +43,7 @@ pub struct RequestContext {
     /// The caller, once an authentication filter identified one.
     pub consumer: Option<Consumer>,
     /// The authenticated subject (e.g. a JWT's `sub`), for upstream identity headers.
-    pub subject: Option<String>,
+    pub subject: Option<Arc<str>>,
     /// The verified token's claims, for filters keyed on a claim.
     pub claims: Option<Arc<serde_json::Value>>,
     /// Why authentication failed (method, reason), for the failure metric.

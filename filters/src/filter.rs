@@ -82,6 +82,18 @@ pub trait Filter: Send + Sync + 'static {
         true
     }
 
+    /// The request head arrived (after routing), and the filter can decide without waiting:
+    /// `Some(decision)`. `None` has the chain call (and await) [`Filter::request`] instead, so a
+    /// filter that waits only sometimes (a key fetch, a Redis call) skips, on most requests, the
+    /// boxed future every call of the async phase costs. Return `None` before changing anything.
+    fn try_request(
+        &self,
+        _request: &mut RequestHeader,
+        _ctx: &mut RequestContext,
+    ) -> Option<Decision> {
+        None
+    }
+
     /// The request head arrived (after routing). May answer the request itself.
     async fn request(&self, _request: &mut RequestHeader, _ctx: &mut RequestContext) -> Decision {
         Decision::Continue

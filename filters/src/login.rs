@@ -410,7 +410,7 @@ impl Login {
             }
         }
         ctx.consumer = Some(Consumer::new(&session.subject));
-        ctx.subject = Some(session.subject);
+        ctx.subject = Some(session.subject.into());
         Decision::Continue
     }
 }

@@ -68,21 +68,9 @@ impl FilterKind for RequestId {
     }
 }
 
-#[async_trait]
-impl Filter for RequestId {
-    fn kind(&self) -> &'static str {
-        Self::KIND
-    }
-
-    fn phases(&self) -> Phases {
-        if self.echo_in_response {
-            Phases::REQUEST | Phases::RESPONSE
-        } else {
-            Phases::REQUEST
-        }
-    }
-
-    async fn request(&self, request: &mut RequestHeader, ctx: &mut RequestContext) -> Decision {
+impl RequestId {
+    /// Gives the request its id (a well-formed incoming one, or a new one) and forwards it.
+    fn assign(&self, request: &mut RequestHeader, ctx: &mut RequestContext) -> Decision {
         let incoming = if self.trust_incoming {
             request
                 .headers
@@ -102,6 +90,33 @@ impl Filter for RequestId {
         ctx.set_request_id(id);
         ctx.request_id_header = Some(self.header.clone());
         Decision::Continue
+    }
+}
+
+#[async_trait]
+impl Filter for RequestId {
+    fn kind(&self) -> &'static str {
+        Self::KIND
+    }
+
+    fn phases(&self) -> Phases {
+        if self.echo_in_response {
+            Phases::REQUEST | Phases::RESPONSE
+        } else {
+            Phases::REQUEST
+        }
+    }
+
+    fn try_request(
+        &self,
+        request: &mut RequestHeader,
+        ctx: &mut RequestContext,
+    ) -> Option<Decision> {
+        Some(self.assign(request, ctx))
+    }
+
+    async fn request(&self, request: &mut RequestHeader, ctx: &mut RequestContext) -> Decision {
+        self.assign(request, ctx)
     }
 
     fn response(&self, response: &mut ResponseHeader, ctx: &mut RequestContext) {

@@ -127,6 +127,24 @@ impl FilterKind for ResponseHeaders {
     }
 }
 
+impl ResponseHeaders {
+    /// Keeps the request headers the templates read, for the response phase.
+    fn capture(&self, request: &mut RequestHeader, ctx: &mut RequestContext) -> Decision {
+        if self.captured.is_empty() {
+            return Decision::Continue;
+        }
+        let values = self
+            .captured
+            .iter()
+            .map(|name| crate::template::request_header(request, name).map(str::to_owned))
+            .collect();
+        let mut captured = ctx.state.remove::<Captured>().unwrap_or_default();
+        captured.0.push((self.instance_id(), values));
+        ctx.state.insert(captured);
+        Decision::Continue
+    }
+}
+
 #[async_trait]
 impl Filter for ResponseHeaders {
     fn kind(&self) -> &'static str {
@@ -141,19 +159,16 @@ impl Filter for ResponseHeaders {
         }
     }
 
+    fn try_request(
+        &self,
+        request: &mut RequestHeader,
+        ctx: &mut RequestContext,
+    ) -> Option<Decision> {
+        Some(self.capture(request, ctx))
+    }
+
     async fn request(&self, request: &mut RequestHeader, ctx: &mut RequestContext) -> Decision {
-        if self.captured.is_empty() {
-            return Decision::Continue;
-        }
-        let values = self
-            .captured
-            .iter()
-            .map(|name| crate::template::request_header(request, name).map(str::to_owned))
-            .collect();
-        let mut captured = ctx.state.remove::<Captured>().unwrap_or_default();
-        captured.0.push((self.instance_id(), values));
-        ctx.state.insert(captured);
-        Decision::Continue
+        self.capture(request, ctx)
     }
 
     fn response(&self, response: &mut ResponseHeader, ctx: &mut RequestContext) {

@@ -174,7 +174,7 @@ enum Source {
 #[derive(Clone)]
 struct Verified {
     consumer: Consumer,
-    subject: Option<String>,
+    subject: Option<Arc<str>>,
     claims: Arc<serde_json::Value>,
     expires: u64,
 }
@@ -443,32 +443,30 @@ impl Jwt {
         Ok(None)
     }
 
-    async fn key(
-        &self,
-        kid: Option<&str>,
-        algorithm: Algorithm,
-    ) -> Result<Arc<KeyEntry>, &'static str> {
+    /// The key a token names, if it is known now; `Ok(None)` when the key set must be fetched
+    /// again first (a `kid` it does not hold yet).
+    fn key_now(&self, kid: Option<&str>) -> Result<Option<Arc<KeyEntry>>, &'static str> {
         let kid_key = kid.unwrap_or("");
         if kid.is_some_and(|kid| !sane_kid(kid)) {
             return Err("kid");
         }
         if let Some(entry) = self.static_keys.get(kid_key) {
-            return Ok(entry.clone());
+            return Ok(Some(entry.clone()));
         }
         let Some(jwks) = &self.jwks else {
             return Err("unknown_kid");
         };
         if let Some(entry) = jwks.get(kid_key) {
-            return Ok(entry);
+            return Ok(Some(entry));
         }
         if kid.is_none() {
-            return jwks.only_key().ok_or("unknown_kid");
+            return jwks.only_key().map(Some).ok_or("unknown_kid");
         }
-        let _ = algorithm;
-        jwks.refresh_for(kid_key).await.ok_or("unknown_kid")
+        Ok(None)
     }
 
-    async fn verify(&self, token: &str) -> Result<Verified, Failure> {
+    /// The token's header, when it is a token this filter could accept at all.
+    fn header(&self, token: &str) -> Result<jsonwebtoken::Header, Failure> {
         if token.len() > 16 * 1024 || token.split('.').count() != 3 {
             return Err(Failure::Invalid("malformed"));
         }
@@ -477,10 +475,46 @@ impl Jwt {
         if !self.algorithms.contains(&header.alg) {
             return Err(Failure::Invalid("algorithm"));
         }
-        let entry = self
-            .key(header.kid.as_deref(), header.alg)
-            .await
-            .map_err(Failure::Invalid)?;
+        Ok(header)
+    }
+
+    /// Verifies a token whose key is known now; `Ok(None)` when its key set must be fetched.
+    fn verify_now(&self, token: &str) -> Result<Option<Verified>, Failure> {
+        let header = self.header(token)?;
+        match self
+            .key_now(header.kid.as_deref())
+            .map_err(Failure::Invalid)?
+        {
+            Some(entry) => self.verify_with(token, &header, &entry).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Verifies a token, fetching its key set again (once, shared, rate-limited) when it names a
+    /// `kid` the set does not hold yet.
+    async fn verify(&self, token: &str) -> Result<Verified, Failure> {
+        let header = self.header(token)?;
+        let entry = match self
+            .key_now(header.kid.as_deref())
+            .map_err(Failure::Invalid)?
+        {
+            Some(entry) => entry,
+            None => {
+                let jwks = self.jwks.as_ref().ok_or(Failure::Invalid("unknown_kid"))?;
+                jwks.refresh_for(header.kid.as_deref().unwrap_or(""))
+                    .await
+                    .ok_or(Failure::Invalid("unknown_kid"))?
+            }
+        };
+        self.verify_with(token, &header, &entry)
+    }
+
+    fn verify_with(
+        &self,
+        token: &str,
+        header: &jsonwebtoken::Header,
+        entry: &KeyEntry,
+    ) -> Result<Verified, Failure> {
         // The key decides the algorithm family, never the token: an RSA key is never used as an
         // HMAC secret, whatever `alg` says.
         match entry.algorithm {
@@ -516,7 +550,7 @@ impl Jwt {
         let subject = claims
             .get(&self.consumer_claim)
             .and_then(|value| value.as_str())
-            .map(str::to_owned);
+            .map(Arc::from);
         let issuer = claims
             .get("iss")
             .and_then(serde_json::Value::as_str)
@@ -578,49 +612,79 @@ impl Filter for Jwt {
         self.jwks.as_ref().is_none_or(|jwks| jwks.is_ready())
     }
 
-    async fn request(&self, request: &mut RequestHeader, ctx: &mut RequestContext) -> Decision {
+    fn try_request(
+        &self,
+        request: &mut RequestHeader,
+        ctx: &mut RequestContext,
+    ) -> Option<Decision> {
         let token = match self.token(request) {
             Ok(Some(token)) => token,
-            Ok(None) => return Decision::Continue,
-            Err(reason) => {
-                ctx.auth_failure = Some((Self::KIND, reason));
-                return Decision::Reject(Problem::invalid_token());
-            }
+            Ok(None) => return Some(Decision::Continue),
+            Err(reason) => return Some(self.refuse(ctx, reason)),
         };
         let digest = sha256(token.as_bytes());
-        let now = now_seconds();
-        let shard = digest[0] as usize % CACHE_SHARDS;
-        let cached = self.cache.as_ref().and_then(|cache| {
-            let mut shard = cache[shard].lock().ok()?;
-            match shard.get(&digest) {
-                Some(verified) if verified.expires > now => Some(verified.clone()),
-                Some(_) => {
-                    shard.pop(&digest);
-                    None
-                }
-                None => None,
-            }
-        });
-        let verified = match cached {
+        let verified = match self.cached(&digest) {
             Some(verified) => verified,
-            None => {
-                let token = token.to_owned();
-                match self.verify(&token).await {
-                    Ok(verified) => {
-                        if let Some(cache) = &self.cache {
-                            if let Ok(mut shard) = cache[shard].lock() {
-                                shard.put(digest, verified.clone());
-                            }
-                        }
-                        verified
-                    }
-                    Err(Failure::Invalid(reason)) => {
-                        ctx.auth_failure = Some((Self::KIND, reason));
-                        return Decision::Reject(Problem::invalid_token());
-                    }
-                }
-            }
+            None => match self.verify_now(token) {
+                Ok(Some(verified)) => self.remember(digest, verified),
+                // The key set must be fetched: the async phase does it.
+                Ok(None) => return None,
+                Err(Failure::Invalid(reason)) => return Some(self.refuse(ctx, reason)),
+            },
         };
+        Some(self.admit(verified, ctx))
+    }
+
+    async fn request(&self, request: &mut RequestHeader, ctx: &mut RequestContext) -> Decision {
+        let token = match self.token(request) {
+            Ok(Some(token)) => token.to_owned(),
+            Ok(None) => return Decision::Continue,
+            Err(reason) => return self.refuse(ctx, reason),
+        };
+        let digest = sha256(token.as_bytes());
+        let verified = match self.cached(&digest) {
+            Some(verified) => verified,
+            None => match self.verify(&token).await {
+                Ok(verified) => self.remember(digest, verified),
+                Err(Failure::Invalid(reason)) => return self.refuse(ctx, reason),
+            },
+        };
+        self.admit(verified, ctx)
+    }
+}
+
+impl Jwt {
+    /// A verified token seen before and not expired.
+    fn cached(&self, digest: &[u8; 32]) -> Option<Verified> {
+        let cache = self.cache.as_ref()?;
+        let now = now_seconds();
+        let mut shard = cache[digest[0] as usize % CACHE_SHARDS].lock().ok()?;
+        match shard.get(digest) {
+            Some(verified) if verified.expires > now => Some(verified.clone()),
+            Some(_) => {
+                shard.pop(digest);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn remember(&self, digest: [u8; 32], verified: Verified) -> Verified {
+        if let Some(cache) = &self.cache {
+            if let Ok(mut shard) = cache[digest[0] as usize % CACHE_SHARDS].lock() {
+                shard.put(digest, verified.clone());
+            }
+        }
+        verified
+    }
+
+    fn refuse(&self, ctx: &mut RequestContext, reason: &'static str) -> Decision {
+        ctx.auth_failure = Some((Self::KIND, reason));
+        Decision::Reject(Problem::invalid_token())
+    }
+
+    /// The caller is identified; the route's claim requirements decide the rest.
+    fn admit(&self, verified: Verified, ctx: &mut RequestContext) -> Decision {
         if !self.requirements_met(&verified.claims) {
             ctx.consumer = Some(verified.consumer);
             ctx.auth_failure = Some((Self::KIND, "claims_not_allowed"));

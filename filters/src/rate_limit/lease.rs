@@ -103,6 +103,7 @@ impl Leasing {
         self: &Arc<Self>,
         call: &Arc<RedisCall>,
         key: BucketKey,
+        remote: &str,
         now: Instant,
     ) -> Result<Verdict, ()> {
         let slot = self.slot(&key);
@@ -132,8 +133,9 @@ impl Leasing {
                     if prefetch {
                         let call = call.clone();
                         let leasing = self.clone();
+                        let remote = remote.to_string();
                         crate::shared::IO.spawn(async move {
-                            let answer = call.take(&key, true).await;
+                            let answer = call.take(&remote, true).await;
                             let _ = leasing.finish_refill(key, answer, call.cost, call.rate, false);
                         });
                     }
@@ -168,7 +170,7 @@ impl Leasing {
             key,
             done: false,
         };
-        let answer = call.take(&key, true).await;
+        let answer = call.take(remote, true).await;
         refill.done = true;
         self.finish_refill(key, answer, cost, call.rate, true)
     }

@@ -8,7 +8,7 @@
 //!
 //! Backend `local` keeps buckets in process ([`local`]); backend `redis` keeps one bucket per
 //! key for the whole cluster ([`redis`]), optionally leased to nodes in batches ([`lease`]).
-//! Buckets are named by a cryptographic hash of their key material ([`key`]).
+//! Buckets are named by hashes of their key material a client cannot steer ([`key`]).
 
 mod config;
 mod headers;
@@ -28,7 +28,7 @@ use prometheus::IntCounter;
 
 pub use config::{Backend, Config, KeyPart, Lease, OnRedisError, Policy, Refill};
 use headers::PolicyHeaders;
-use key::{BucketKey, Namer, Part};
+use key::{Namer, Names, Part};
 use lease::Leasing;
 use local::{Buckets, Verdict};
 use redis::{verdict, RedisCall};
@@ -80,6 +80,8 @@ enum Taken {
 
 pub struct RateLimit {
     policies: Vec<CompiledPolicy>,
+    /// No policy keeps its buckets in Redis: a decision never waits.
+    local_only: bool,
 }
 
 /// What the response phase needs: the tightest policy's numbers.
@@ -93,7 +95,7 @@ struct Outcome {
 /// The outcomes of the rate-limit filters a request passed, by filter (a chain may hold more
 /// than one, e.g. a global one and a route's own).
 #[derive(Clone, Debug, Default)]
-struct Outcomes(Vec<(usize, Outcome)>);
+struct Outcomes(smallvec::SmallVec<[(usize, Outcome); 1]>);
 
 impl RateLimit {
     fn instance_id(&self) -> usize {
@@ -223,7 +225,6 @@ impl FilterKind for RateLimit {
                     Some(RedisBucket {
                         call: Arc::new(RedisCall::new(
                             client.clone(),
-                            format!("{route}:{}", policy.name),
                             policy.capacity,
                             rate,
                             policy.cost,
@@ -239,7 +240,7 @@ impl FilterKind for RateLimit {
                 }
             };
             policies.push(CompiledPolicy {
-                namer: Namer::new(route, &policy.name, parts),
+                namer: Namer::new(route, &policy.name, parts, redis.is_some()),
                 capacity: policy.capacity as f64,
                 rate,
                 cost: policy.cost as f64,
@@ -258,15 +259,20 @@ impl FilterKind for RateLimit {
         if !errors.is_empty() {
             return Err(errors);
         }
-        Ok(RateLimit { policies })
+        let local_only = policies.iter().all(|policy| policy.redis.is_none());
+        Ok(RateLimit {
+            policies,
+            local_only,
+        })
     }
 }
 
 impl CompiledPolicy {
     /// This policy's decision for the request's bucket. `Err` means the request is refused
     /// without a decision: Redis did not answer and the policy fails closed.
-    async fn decide(&self, key: &BucketKey, now: Instant) -> Result<(Verdict, Taken), ()> {
-        let Some(redis) = &self.redis else {
+    async fn decide(&self, names: &Names, now: Instant) -> Result<(Verdict, Taken), ()> {
+        let key = &names.local;
+        let (Some(redis), Some(remote)) = (&self.redis, &names.remote) else {
             let verdict = self
                 .local
                 .take(key, now, self.capacity, self.rate, self.cost);
@@ -274,12 +280,16 @@ impl CompiledPolicy {
         };
         let answer = match &redis.leasing {
             Some(leasing) => leasing
-                .take(&redis.call, *key, now)
+                .take(&redis.call, *key, remote, now)
                 .await
                 .map(|verdict| (verdict, Taken::Leased)),
-            None => redis.call.take(key, false).await.map(|(granted, tokens)| {
-                (verdict(self.cost, self.rate, granted, tokens), Taken::Redis)
-            }),
+            None => redis
+                .call
+                .take(remote, false)
+                .await
+                .map(|(granted, tokens)| {
+                    (verdict(self.cost, self.rate, granted, tokens), Taken::Redis)
+                }),
         };
         if answer.is_ok() {
             return answer;
@@ -302,7 +312,8 @@ impl CompiledPolicy {
     }
 
     /// Gives back the tokens this policy took for a request that was refused after all.
-    async fn refund(&self, key: &BucketKey, taken: Taken) {
+    async fn refund(&self, names: &Names, taken: Taken) {
+        let key = &names.local;
         match (taken, &self.redis) {
             (Taken::Local, _) => self.local.refund(key, self.cost, self.capacity),
             (Taken::Fallback, Some(redis)) => {
@@ -316,7 +327,9 @@ impl CompiledPolicy {
             // Bounded by the command deadline like the take; a refund Redis did not take only
             // leaves the bucket lower than it should be (admitting less, never more).
             (Taken::Redis, Some(redis)) => {
-                let _ = redis.call.refund(key).await;
+                if let Some(remote) = &names.remote {
+                    let _ = redis.call.refund(remote).await;
+                }
             }
             _ => {}
         }
@@ -328,10 +341,56 @@ impl CompiledPolicy {
 }
 
 impl RateLimit {
-    async fn refund(&self, taken: &[(usize, BucketKey, Taken)]) {
-        for (policy, key, how) in taken {
-            self.policies[*policy].refund(key, *how).await;
+    async fn refund(&self, taken: &[(usize, Names, Taken)]) {
+        for (policy, names, how) in taken {
+            self.policies[*policy].refund(names, *how).await;
         }
+    }
+
+    /// Counts policy `index`'s verdict. An admission may be the tightest so far (its numbers go
+    /// into the response headers); a refusal is the 429 to answer with.
+    fn judge(
+        &self,
+        index: usize,
+        (admitted, tokens, wait): Verdict,
+        tightest: &mut Option<Outcome>,
+    ) -> Result<(), Decision> {
+        let policy = &self.policies[index];
+        if !admitted {
+            policy.limited.inc();
+            let retry_after = wait.ceil().max(1.0) as u64;
+            let mut problem = Problem::new(ProblemType::RateLimited).header(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from(retry_after),
+            );
+            policy.headers.emit(0, retry_after, |name, value| {
+                problem.headers.push((name, value));
+            });
+            return Err(Decision::Reject(problem));
+        }
+        policy.allowed.inc();
+        let remaining = tokens.floor() as u64;
+        if tightest
+            .as_ref()
+            .is_none_or(|current| remaining < current.remaining)
+        {
+            *tightest = Some(Outcome {
+                policy: index,
+                remaining,
+                reset_seconds: policy.seconds_to_full(tokens),
+            });
+        }
+        Ok(())
+    }
+
+    /// Every policy admitted the request: keep the tightest one's numbers for the response.
+    fn settle(&self, ctx: &mut RequestContext, tightest: Option<Outcome>) -> Decision {
+        if let Some(outcome) = tightest {
+            let mut outcomes = ctx.state.remove::<Outcomes>().unwrap_or_default();
+            outcomes.0.push((self.instance_id(), outcome));
+            ctx.state.insert(outcomes);
+        }
+        Decision::Continue
     }
 }
 
@@ -345,49 +404,54 @@ impl Filter for RateLimit {
         Phases::REQUEST | Phases::RESPONSE
     }
 
+    fn try_request(
+        &self,
+        request: &mut RequestHeader,
+        ctx: &mut RequestContext,
+    ) -> Option<Decision> {
+        if !self.local_only {
+            return None;
+        }
+        let now = Instant::now();
+        let mut taken: smallvec::SmallVec<[(usize, Names); 2]> = smallvec::SmallVec::new();
+        let mut tightest = None;
+        for (index, policy) in self.policies.iter().enumerate() {
+            let names = policy.namer.names(request, ctx);
+            let verdict =
+                policy
+                    .local
+                    .take(&names.local, now, policy.capacity, policy.rate, policy.cost);
+            if let Err(refusal) = self.judge(index, verdict, &mut tightest) {
+                for (earlier, names) in &taken {
+                    let earlier = &self.policies[*earlier];
+                    earlier
+                        .local
+                        .refund(&names.local, earlier.cost, earlier.capacity);
+                }
+                return Some(refusal);
+            }
+            taken.push((index, names));
+        }
+        Some(self.settle(ctx, tightest))
+    }
+
     async fn request(&self, request: &mut RequestHeader, ctx: &mut RequestContext) -> Decision {
         let now = Instant::now();
-        let mut taken: Vec<(usize, BucketKey, Taken)> = Vec::with_capacity(self.policies.len());
-        let mut tightest: Option<Outcome> = None;
+        let mut taken: Vec<(usize, Names, Taken)> = Vec::with_capacity(self.policies.len());
+        let mut tightest = None;
         for (index, policy) in self.policies.iter().enumerate() {
-            let key = policy.namer.key(request, ctx);
-            let Ok(((admitted, tokens, wait), how)) = policy.decide(&key, now).await else {
+            let names = policy.namer.names(request, ctx);
+            let Ok((verdict, how)) = policy.decide(&names, now).await else {
                 self.refund(&taken).await;
                 return Decision::Reject(Problem::new(ProblemType::RateLimitUnavailable));
             };
-            if !admitted {
-                policy.limited.inc();
+            if let Err(refusal) = self.judge(index, verdict, &mut tightest) {
                 self.refund(&taken).await;
-                let retry_after = wait.ceil().max(1.0) as u64;
-                let mut problem = Problem::new(ProblemType::RateLimited).header(
-                    http::header::RETRY_AFTER,
-                    http::HeaderValue::from(retry_after),
-                );
-                policy.headers.emit(0, retry_after, |name, value| {
-                    problem.headers.push((name, value));
-                });
-                return Decision::Reject(problem);
+                return refusal;
             }
-            policy.allowed.inc();
-            taken.push((index, key, how));
-            let remaining = tokens.floor() as u64;
-            if tightest
-                .as_ref()
-                .is_none_or(|current| remaining < current.remaining)
-            {
-                tightest = Some(Outcome {
-                    policy: index,
-                    remaining,
-                    reset_seconds: policy.seconds_to_full(tokens),
-                });
-            }
+            taken.push((index, names, how));
         }
-        if let Some(outcome) = tightest {
-            let mut outcomes = ctx.state.remove::<Outcomes>().unwrap_or_default();
-            outcomes.0.push((self.instance_id(), outcome));
-            ctx.state.insert(outcomes);
-        }
-        Decision::Continue
+        self.settle(ctx, tightest)
     }
 
     fn response(&self, response: &mut ResponseHeader, ctx: &mut RequestContext) {

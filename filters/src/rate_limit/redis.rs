@@ -5,8 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::key::BucketKey;
-
 /// The token bucket. Takes `cost` tokens, or up to `want` (a lease) when at least `cost` are
 /// there; returns {tokens granted, tokens left}.
 const BUCKET_SCRIPT: &str = r#"
@@ -59,8 +57,6 @@ pub(super) struct RedisCall {
     pub(super) redis: Arc<crate::shared::Redis>,
     bucket_sha: fred::bytes_utils::Str,
     refund_sha: fred::bytes_utils::Str,
-    /// The readable part of the policy's Redis keys (route and policy).
-    scope: String,
     pub(super) cost: f64,
     pub(super) rate: f64,
     /// The scripts' arguments, built once per config: capacity, rate, cost, the seconds an idle
@@ -95,7 +91,6 @@ impl RedisCall {
     /// `window` is the time an empty bucket takes to fill; `lease` the tokens of a lease.
     pub(super) fn new(
         redis: Arc<crate::shared::Redis>,
-        scope: String,
         capacity: u64,
         rate: f64,
         cost: u64,
@@ -108,7 +103,6 @@ impl RedisCall {
             redis,
             bucket_sha: fred::util::sha1_hash(BUCKET_SCRIPT).into(),
             refund_sha: fred::util::sha1_hash(REFUND_SCRIPT).into(),
-            scope,
             cost: cost as f64,
             rate,
             args: script_args(capacity, rate, cost, window, cost),
@@ -119,7 +113,7 @@ impl RedisCall {
     /// Asks Redis for `cost` tokens, or with `lease` up to a lease of them. Returns (tokens
     /// granted, tokens left). `Err` when Redis did not answer within its command deadline, or
     /// failed so recently that it is in its back-off (then no time is spent waiting on it).
-    pub(super) async fn take(&self, key: &BucketKey, lease: bool) -> Result<(f64, f64), ()> {
+    pub(super) async fn take(&self, key: &str, lease: bool) -> Result<(f64, f64), ()> {
         let args = match (&self.lease_args, lease) {
             (Some(lease_args), true) => lease_args.clone(),
             _ => self.args.clone(),
@@ -128,7 +122,7 @@ impl RedisCall {
     }
 
     /// Gives one cost back to the bucket.
-    pub(super) async fn refund(&self, key: &BucketKey) -> Result<(), ()> {
+    pub(super) async fn refund(&self, key: &str) -> Result<(), ()> {
         self.run(key, &self.refund_sha, REFUND_SCRIPT, self.args.clone())
             .await
             .map(|_| ())
@@ -136,7 +130,7 @@ impl RedisCall {
 
     async fn run(
         &self,
-        key: &BucketKey,
+        key: &str,
         sha: &fred::bytes_utils::Str,
         script: &'static str,
         args: Vec<fred::types::Value>,
@@ -146,7 +140,7 @@ impl RedisCall {
         if !redis.available() {
             return Err(());
         }
-        let redis_key = key.redis_key(&self.scope);
+        let redis_key = key.to_string();
         let client = redis.clone();
         let sha = sha.clone();
         let call = crate::shared::IO.spawn(async move {

@@ -192,20 +192,27 @@ async fn a_client_cannot_forge_a_header_that_lands_in_another_tenants_bucket() {
 fn buckets_belong_to_their_route_and_policy() {
     let request = RequestHeader::build("GET", b"/", None).unwrap();
     let ctx = RequestContext::new(Instant::now());
-    let key = |route: &str, policy: &str| {
-        key::Namer::new(route, policy, vec![key::Part::Consumer]).key(&request, &ctx)
+    let names = |route: &str, policy: &str| {
+        key::Namer::new(route, policy, vec![key::Part::Consumer], true).names(&request, &ctx)
     };
-    assert_eq!(key("users", "p"), key("users", "p"));
-    assert_ne!(key("users", "p"), key("orders", "p"));
-    assert_ne!(key("users", "p"), key("users", "q"));
+    assert_eq!(names("users", "p").local, names("users", "p").local);
+    assert_eq!(names("users", "p").remote, names("users", "p").remote);
+    assert_ne!(names("users", "p").local, names("orders", "p").local);
+    assert_ne!(names("users", "p").local, names("users", "q").local);
+    assert_ne!(names("users", "p").remote, names("orders", "p").remote);
     // Length prefixes keep ("ab", "c") apart from ("a", "bc").
-    assert_ne!(key("ab", "c"), key("a", "bc"));
-    let redis_key = key("users", "p").redis_key("users:p");
+    assert_ne!(names("ab", "c").local, names("a", "bc").local);
+    assert_ne!(names("ab", "c").remote, names("a", "bc").remote);
+    let redis_key = names("users", "p").remote.unwrap();
     assert!(
         redis_key.starts_with("gatehouse:ratelimit:{"),
         "{redis_key}"
     );
     assert!(redis_key.ends_with("}:users:p"), "{redis_key}");
+    assert_eq!(redis_key.len(), "gatehouse:ratelimit:{}:users:p".len() + 64);
+    // A local policy has no Redis name.
+    let local = key::Namer::new("users", "p", vec![key::Part::Consumer], false);
+    assert!(local.names(&request, &ctx).remote.is_none());
 }
 
 #[tokio::test]
@@ -237,4 +244,53 @@ async fn two_rate_limit_filters_in_one_chain_each_answer_for_their_own_policies(
     assert_eq!(response.headers["ratelimit"], "\"b\";r=9;t=3600");
     global.response(&mut response, &mut ctx);
     assert_eq!(response.headers["ratelimit"], "\"global\";r=99;t=3600");
+}
+
+#[test]
+fn local_policies_decide_without_waiting_and_redis_ones_wait() {
+    let local = filter(serde_json::json!({
+        "policies": [{ "name": "p", "key": ["consumer"], "capacity": 2, "refill": { "tokens": 1, "every": "1h" } }]
+    }));
+    let decide = |filter: &RateLimit| {
+        let mut request = RequestHeader::build("GET", b"/", None).unwrap();
+        let mut ctx = RequestContext::new(Instant::now());
+        ctx.consumer = Some(Consumer::new("acme"));
+        filter
+            .try_request(&mut request, &mut ctx)
+            .map(|decision| match decision {
+                Decision::Continue => 200,
+                Decision::Reject(problem) => problem.status,
+                Decision::Respond(response) => response.status,
+            })
+    };
+    assert_eq!(decide(&local), Some(200));
+    assert_eq!(decide(&local), Some(200));
+    assert_eq!(decide(&local), Some(429));
+
+    let redis = crate::shared::redis_client(
+        &crate::shared::RedisSettings {
+            url: "redis://127.0.0.1:1".into(),
+            command_timeout: std::time::Duration::from_millis(5),
+            connect_timeout: std::time::Duration::from_millis(50),
+            max_queue: 10,
+        },
+        &crate::Metrics::new(),
+    )
+    .unwrap();
+    let shared = RateLimit::build(
+        serde_json::from_value(serde_json::json!({
+            "policies": [{ "name": "p", "key": ["consumer"], "capacity": 2, "refill": { "tokens": 1, "every": "1h" }, "backend": "redis" }]
+        }))
+        .unwrap(),
+        &BuildCtx {
+            redis: Some(redis),
+            ..BuildCtx::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        decide(&shared),
+        None,
+        "a Redis policy is decided in the async phase"
+    );
 }
