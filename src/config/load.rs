@@ -16,13 +16,17 @@ pub struct LoadedConfig {
 
 /// Read and parse a YAML config file.
 pub fn load_file(path: &Path) -> Result<LoadedConfig, ConfigErrors> {
-    let text = std::fs::read_to_string(path).map_err(|error| {
+    parse_yaml(&read_text(path)?)
+}
+
+/// The text of a config file.
+pub fn read_text(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|error| {
         ConfigErrors(vec![ConfigError::new(
             "",
             format!("cannot read {}: {error}", path.display()),
         )])
-    })?;
-    parse_yaml(&text)
+    })
 }
 
 /// Read a YAML file as a document, without interpreting it.

@@ -27,6 +27,8 @@ pub struct FileSource {
     path: PathBuf,
     store: Arc<ConfigStore>,
     watch: bool,
+    /// The digest of the file's text as last read.
+    seen: Mutex<[u8; 32]>,
     /// The digest of the file's last text that was rejected: a change event for the same text
     /// (editors and deploy tools write in several steps) is not rejected and counted again.
     last_rejected: Mutex<Option<[u8; 32]>>,
@@ -46,8 +48,10 @@ fn origin(path: &Path) -> String {
 }
 
 impl FileSource {
+    /// The store serving `loaded`, read from `text`.
     pub fn open(
         path: &Path,
+        text: &str,
         loaded: LoadedConfig,
         env: CompileEnv,
     ) -> Result<(Arc<ConfigStore>, Arc<FileSource>), ConfigErrors> {
@@ -57,6 +61,7 @@ impl FileSource {
             path: path.to_path_buf(),
             store: store.clone(),
             watch,
+            seen: Mutex::new(Sha256::digest(text.as_bytes()).into()),
             last_rejected: Mutex::new(None),
         });
         Ok((store, source))
@@ -78,6 +83,7 @@ impl FileSource {
             }
         };
         let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+        *self.seen.lock().expect("file source lock") = digest;
         let mut last_rejected = self.last_rejected.lock().expect("file source lock");
         let loaded = match parse_yaml(&text) {
             Ok(loaded) => loaded,
@@ -138,8 +144,11 @@ impl FileSource {
         let _watcher = if self.watch {
             let watcher = self.watcher(sender);
             // Anything written between the first read and the watch being in place would
-            // otherwise wait for the next change.
-            self.reload_aside(Trigger::Change).await;
+            // otherwise wait for the next change. Reading a config file once is quick enough
+            // for this thread; only a changed file is compiled, aside.
+            if self.changed_since_read() {
+                self.reload_aside(Trigger::Change).await;
+            }
             watcher
         } else {
             drop(sender);
@@ -163,6 +172,17 @@ impl FileSource {
                     self.reload_aside(Trigger::Change).await;
                 }
             }
+        }
+    }
+
+    /// Whether the file's text differs from the text last read (or cannot be read now).
+    fn changed_since_read(&self) -> bool {
+        match std::fs::read(&self.path) {
+            Ok(text) => {
+                let digest: [u8; 32] = Sha256::digest(&text).into();
+                digest != *self.seen.lock().expect("file source lock")
+            }
+            Err(_) => true,
         }
     }
 

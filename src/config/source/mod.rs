@@ -14,7 +14,7 @@ use pingora_core::services::background::BackgroundService;
 
 use super::compile::CompileEnv;
 use super::error::ConfigErrors;
-use super::load::load_file;
+use super::load::{parse_yaml, read_text};
 use super::model::SourceKind;
 use super::snapshot::Snapshot;
 use super::store::ConfigStore;
@@ -34,10 +34,11 @@ pub fn open(
     path: &Path,
     env: CompileEnv,
 ) -> Result<(Arc<ConfigStore>, Arc<dyn Source>), ConfigErrors> {
-    let loaded = load_file(path)?;
+    let text = read_text(path)?;
+    let loaded = parse_yaml(&text)?;
     match loaded.resolved.config.source {
         SourceKind::File => {
-            let (store, source) = file::FileSource::open(path, loaded, env)?;
+            let (store, source) = file::FileSource::open(path, &text, loaded, env)?;
             Ok((store, source))
         }
         SourceKind::Postgres => {
