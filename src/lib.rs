@@ -9,6 +9,13 @@ pub mod server;
 pub mod telemetry;
 pub mod upstream;
 
+/// The filter kinds this build knows: the built-in ones, and those of other crates, added here
+/// with one `registry.register::<Kind>()` line each. The server, `validate`, `explain`, `schema`
+/// and `config push` all build configs with it.
+pub fn filter_registry() -> gatehouse_filters::Registry {
+    gatehouse_filters::Registry::builtin()
+}
+
 /// The JSON Schema of the configuration file, with the filter kinds of `registry`.
 pub fn config_schema(registry: &gatehouse_filters::Registry) -> serde_json::Value {
     let mut generator = schemars::gen::SchemaSettings::draft07().into_generator();

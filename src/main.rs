@@ -294,7 +294,7 @@ fn main() -> ExitCode {
             println!(
                 "{}",
                 serde_json::to_string_pretty(&gatehouse::config_schema(
-                    &gatehouse_filters::Registry::builtin()
+                    &gatehouse::filter_registry()
                 ))
                 .expect("schema serialises")
             );

@@ -42,10 +42,7 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
     crate::telemetry::logging::init(&local.resolved.telemetry.log);
     // One registry of filter kinds and one of metrics for the whole process: every config
     // version is built with them, whatever its source.
-    let env = CompileEnv {
-        registry: Arc::new(gatehouse_filters::Registry::builtin()),
-        metrics: gatehouse_filters::Metrics::new(),
-    };
+    let env = CompileEnv::default();
     let metrics = env.metrics.clone();
     let (store, config_source) = source::open(config_path, env)?;
     let snapshot = store.load();

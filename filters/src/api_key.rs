@@ -172,10 +172,6 @@ impl Filter for ApiKey {
     ) -> Option<Decision> {
         Some(self.identify(request, ctx))
     }
-
-    async fn request(&self, request: &mut RequestHeader, ctx: &mut RequestContext) -> Decision {
-        self.identify(request, ctx)
-    }
 }
 
 #[cfg(test)]

@@ -83,9 +83,10 @@ pub trait Filter: Send + Sync + 'static {
     }
 
     /// The request head arrived (after routing), and the filter can decide without waiting:
-    /// `Some(decision)`. `None` has the chain call (and await) [`Filter::request`] instead, so a
-    /// filter that waits only sometimes (a key fetch, a Redis call) skips, on most requests, the
-    /// boxed future every call of the async phase costs. Return `None` before changing anything.
+    /// `Some(decision)`, which may be an answer of its own. `None` has the chain call (and await)
+    /// [`Filter::request`] instead, so a filter that waits only sometimes (a key fetch, a Redis
+    /// call) skips, on most requests, the boxed future every call of the async phase costs.
+    /// Return `None` before changing the request or the context.
     fn try_request(
         &self,
         _request: &mut RequestHeader,
@@ -94,9 +95,10 @@ pub trait Filter: Send + Sync + 'static {
         None
     }
 
-    /// The request head arrived (after routing). May answer the request itself.
-    async fn request(&self, _request: &mut RequestHeader, _ctx: &mut RequestContext) -> Decision {
-        Decision::Continue
+    /// The request head arrived (after routing), for a filter that must wait. May answer the
+    /// request itself. By default, what [`Filter::try_request`] decides.
+    async fn request(&self, request: &mut RequestHeader, ctx: &mut RequestContext) -> Decision {
+        self.try_request(request, ctx).unwrap_or(Decision::Continue)
     }
 
     /// A piece of the request body arrived. An error answers the request with that problem.

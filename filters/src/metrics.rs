@@ -43,13 +43,6 @@ impl Metrics {
         })
     }
 
-    /// Gauges with `labels`, registered under `name` once.
-    pub fn gauges(&self, name: &str, help: &str, labels: &[&str]) -> Family<IntGauge> {
-        self.family(name, || {
-            prometheus::IntGaugeVec::new(Opts::new(name, help), labels).map(Family::new)
-        })
-    }
-
     /// Histograms with `labels` and `buckets` (upper bounds), registered under `name` once.
     pub fn histograms(
         &self,
@@ -185,11 +178,11 @@ impl<M: prometheus::core::Metric> Clone for Family<M> {
 }
 
 /// The live rows of a family by label values, with the id of the row that owns them.
-type Leases<M> = HashMap<Vec<String>, (u64, Weak<RowInner<M>>)>;
+type LiveRows<M> = HashMap<Vec<String>, (u64, Weak<RowInner<M>>)>;
 
 struct FamilyInner<M> {
     rows: Box<dyn Rows<M>>,
-    leases: Mutex<Leases<M>>,
+    leases: Mutex<LiveRows<M>>,
     next_id: AtomicU64,
 }
 
@@ -352,11 +345,19 @@ impl Collector for Sampled {
     fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
         use prometheus::proto;
         let desc = &self.inner.desc;
+        // Two live owners may export the same labels (a client still held by an old config
+        // beside its successor): the newest is exported, once.
         let rows: Vec<(Vec<String>, Arc<Reader>)> = {
             let rows = self.inner.rows.lock().expect("sampled metric rows lock");
-            rows.iter()
+            let mut seen = std::collections::HashSet::new();
+            let mut live: Vec<_> = rows
+                .iter()
+                .rev()
                 .filter_map(|(labels, weak)| Some((labels.clone(), weak.upgrade()?)))
-                .collect()
+                .filter(|(labels, _)| seen.insert(labels.clone()))
+                .collect();
+            live.reverse();
+            live
         };
         let mut family = proto::MetricFamily::default();
         family.set_name(desc.fq_name.clone());
@@ -449,6 +450,24 @@ mod tests {
         assert!(text(&metrics).contains("up{url=\"redis://x\"} 1"));
         drop(row);
         assert!(!text(&metrics).contains("up{"));
+    }
+
+    #[test]
+    fn two_owners_of_the_same_sampled_labels_export_one_row() {
+        let metrics = Metrics::new();
+        let sampled = metrics.sampled("up", "Test", &["url"]);
+        let old = sampled.row(&["redis://x"], || 0);
+        let new = sampled.row(&["redis://x"], || 1);
+        let output = text(&metrics);
+        assert_eq!(
+            output.matches("up{url=\"redis://x\"}").count(),
+            1,
+            "{output}"
+        );
+        assert!(output.contains("up{url=\"redis://x\"} 1"), "{output}");
+        drop(new);
+        assert!(text(&metrics).contains("up{url=\"redis://x\"} 0"));
+        drop(old);
     }
 
     #[test]

@@ -115,10 +115,6 @@ impl Filter for RequestId {
         Some(self.assign(request, ctx))
     }
 
-    async fn request(&self, request: &mut RequestHeader, ctx: &mut RequestContext) -> Decision {
-        self.assign(request, ctx)
-    }
-
     fn response(&self, response: &mut ResponseHeader, ctx: &mut RequestContext) {
         if !self.echo_in_response {
             return;

@@ -167,10 +167,6 @@ impl Filter for ResponseHeaders {
         Some(self.capture(request, ctx))
     }
 
-    async fn request(&self, request: &mut RequestHeader, ctx: &mut RequestContext) -> Decision {
-        self.capture(request, ctx)
-    }
-
     fn response(&self, response: &mut ResponseHeader, ctx: &mut RequestContext) {
         for name in &self.remove {
             response.remove_header(name);

@@ -403,7 +403,7 @@ impl JsonSchema for FilterConfig {
     /// Any registered kind with its config; the schema of each kind's config comes from the
     /// registry, in [`filter_schema`].
     fn json_schema(generator: &mut schemars::gen::SchemaGenerator) -> schemars::schema::Schema {
-        filter_schema(&gatehouse_filters::Registry::builtin(), generator)
+        filter_schema(&crate::filter_registry(), generator)
     }
 }
 

@@ -44,24 +44,18 @@ impl ConfigStore {
     ) -> Result<ConfigStore, ConfigErrors> {
         let mut placeholder = compile(loaded, origin, 1, &env)?;
         placeholder.serving = false;
-        let metrics = env.metrics.clone();
-        let store = ConfigStore::with_metrics(placeholder, env, &metrics);
-        Ok(store)
+        Ok(ConfigStore::with_metrics(placeholder, env))
     }
 
     fn serving(first: Snapshot, env: CompileEnv) -> ConfigStore {
-        let metrics = env.metrics.clone();
-        let store = ConfigStore::with_metrics(first, env, &metrics);
+        let store = ConfigStore::with_metrics(first, env);
         store.applied.inc();
         store.show(&store.load());
         store
     }
 
-    fn with_metrics(
-        first: Snapshot,
-        env: CompileEnv,
-        metrics: &gatehouse_filters::Metrics,
-    ) -> ConfigStore {
+    fn with_metrics(first: Snapshot, env: CompileEnv) -> ConfigStore {
+        let metrics = &env.metrics;
         let reloads = metrics.counters(
             "gatehouse_config_reloads_total",
             "Config reloads, by result (applied or rejected)",
@@ -86,11 +80,6 @@ impl ConfigStore {
         self.current.load_full()
     }
 
-    /// What compiling needs: the filter kinds and the metrics registry.
-    pub fn env(&self) -> &CompileEnv {
-        &self.env
-    }
-
     /// Compiles a candidate aside, with the next version number. Blocking: it reads files and
     /// resolves names.
     pub fn compile(&self, loaded: LoadedConfig, origin: &str) -> Result<Snapshot, ConfigErrors> {
@@ -113,11 +102,13 @@ impl ConfigStore {
         self.current.store(Arc::new(snapshot));
     }
 
-    /// Counts and logs a candidate that did not compile; the running config keeps serving.
-    pub fn reject(&self, origin: &str, errors: &ConfigErrors) {
+    /// Counts and logs a candidate that did not compile (with the version a database gave it);
+    /// the running config keeps serving.
+    pub fn reject(&self, origin: &str, database_version: Option<i64>, errors: &ConfigErrors) {
         self.rejected.inc();
         tracing::error!(
             source = %origin,
+            database_version,
             errors = %errors.0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
             "config rejected; the running config keeps serving"
         );

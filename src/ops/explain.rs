@@ -109,6 +109,11 @@ pub fn explain(snapshot: &Snapshot, query: &Query) -> serde_json::Value {
         chain.filters().iter().map(|filter| filter.kind()).collect()
     };
     match &resolution.matched {
+        Some(_) if resolution.forwarded_target().is_none() => serde_json::json!({
+            "path": path,
+            "result": "rejected with 400",
+            "reason": "the route's rewrite makes a request target that is not a valid URI",
+        }),
         Some(matched) => {
             let route = &snapshot.routes[matched.route];
             serde_json::json!({

@@ -67,8 +67,13 @@ impl ProxyHttp for Gateway {
         };
         if let Some(route) = route {
             ctx.enter(route);
-            if let Some(uri) = forward {
-                session.req_header_mut().set_uri(uri);
+            match forward {
+                resolve::Forward::Unchanged => {}
+                resolve::Forward::To(uri) => session.req_header_mut().set_uri(uri),
+                resolve::Forward::Invalid => {
+                    let refusal = Problem::new(ProblemType::InvalidPath);
+                    return respond::problem(session, ctx, refusal).await;
+                }
             }
             forwarded::strip_identity(session.req_header_mut(), &ctx.snapshot);
         }

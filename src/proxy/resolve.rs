@@ -22,8 +22,19 @@ pub struct Resolution<'a> {
     normalized: Option<String>,
     pub query: Option<&'a str>,
     pub matched: Option<RouteMatch>,
-    /// The request target sent upstream, when it differs from the request's.
-    pub forward: Option<http::Uri>,
+    /// The request target sent upstream.
+    pub forward: Forward,
+}
+
+/// The request target the upstream receives.
+pub enum Forward {
+    /// The request's own.
+    Unchanged,
+    /// The normalised or rewritten path, with the request's query.
+    To(http::Uri),
+    /// The route's rewrite made a target that is not a valid URI: the request is a 400, counted
+    /// under its route.
+    Invalid,
 }
 
 impl Resolution<'_> {
@@ -44,37 +55,34 @@ impl Resolution<'_> {
     }
 
     /// The path and query the upstream receives.
-    pub fn forwarded_target(&self) -> String {
-        match &self.forward {
-            Some(uri) => uri.to_string(),
-            None => match self.query {
+    pub fn forwarded_target(&self) -> Option<String> {
+        Some(match &self.forward {
+            Forward::To(uri) => uri.to_string(),
+            Forward::Invalid => return None,
+            Forward::Unchanged => match self.query {
                 Some(query) => format!("{}?{query}", self.path()),
                 None => self.path().to_string(),
             },
-        }
+        })
     }
 }
 
-fn invalid_path() -> Problem {
-    Problem::new(ProblemType::InvalidPath)
-}
-
 /// Normalises, routes and works out the forwarded target. A path that cannot be normalised (an
-/// encoded `/`, a NUL) is a 400.
+/// encoded `/`, a NUL) is a 400, before any route is chosen.
 pub fn resolve<'a>(
     snapshot: &Snapshot,
     request: &'a RequestHeader,
 ) -> Result<Resolution<'a>, Problem> {
     let raw_path = request.uri.path();
-    let normalized =
-        normalize_path(raw_path).map_err(|error| invalid_path().detail(error.to_string()))?;
+    let normalized = normalize_path(raw_path)
+        .map_err(|error| Problem::new(ProblemType::InvalidPath).detail(error.to_string()))?;
     let mut resolution = Resolution {
         host: request_host(&request.uri, &request.headers),
         raw_path,
         normalized,
         query: request.uri.query(),
         matched: None,
-        forward: None,
+        forward: Forward::Unchanged,
     };
     resolution.matched = snapshot.router.find(&resolution.view(request));
     let Some(matched) = &resolution.matched else {
@@ -90,11 +98,14 @@ pub fn resolve<'a>(
             Some(query) => format!("{path}?{query}"),
             None => path,
         };
-        let path_and_query = PathAndQuery::from_maybe_shared(bytes::Bytes::from(target))
-            .map_err(|_| invalid_path())?;
-        let mut parts = http::uri::Parts::default();
-        parts.path_and_query = Some(path_and_query);
-        resolution.forward = Some(http::Uri::from_parts(parts).map_err(|_| invalid_path())?);
+        let uri = PathAndQuery::from_maybe_shared(bytes::Bytes::from(target))
+            .ok()
+            .and_then(|path_and_query| {
+                let mut parts = http::uri::Parts::default();
+                parts.path_and_query = Some(path_and_query);
+                http::Uri::from_parts(parts).ok()
+            });
+        resolution.forward = uri.map_or(Forward::Invalid, Forward::To);
     }
     Ok(resolution)
 }

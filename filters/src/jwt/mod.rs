@@ -636,20 +636,22 @@ impl Filter for Jwt {
     }
 
     async fn request(&self, request: &mut RequestHeader, ctx: &mut RequestContext) -> Decision {
+        if let Some(decision) = self.try_request(request, ctx) {
+            return decision;
+        }
+        // Only a token whose key must be fetched first gets here.
         let token = match self.token(request) {
             Ok(Some(token)) => token.to_owned(),
             Ok(None) => return Decision::Continue,
             Err(reason) => return self.refuse(ctx, reason),
         };
-        let digest = sha256(token.as_bytes());
-        let verified = match self.cached(&digest) {
-            Some(verified) => verified,
-            None => match self.verify(&token).await {
-                Ok(verified) => self.remember(digest, verified),
-                Err(Failure::Invalid(reason)) => return self.refuse(ctx, reason),
-            },
-        };
-        self.admit(verified, ctx)
+        match self.verify(&token).await {
+            Ok(verified) => {
+                let verified = self.remember(sha256(token.as_bytes()), verified);
+                self.admit(verified, ctx)
+            }
+            Err(Failure::Invalid(reason)) => self.refuse(ctx, reason),
+        }
     }
 }
 

@@ -14,6 +14,15 @@ pub(super) struct PolicyHeaders {
     legacy: bool,
 }
 
+/// Whether `name` can be the quoted name of the `RateLimit` headers.
+pub(super) fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_graphic() && byte != b'"' && byte != b'\\')
+}
+
+/// Header values built from checked parts (a valid policy name and numbers).
 fn header_value(text: String) -> HeaderValue {
     HeaderValue::from_str(&text).expect("rate-limit header values are ASCII")
 }

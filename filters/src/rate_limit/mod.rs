@@ -133,6 +133,13 @@ impl FilterKind for RateLimit {
                     format!("duplicate policy name \"{}\"", policy.name),
                 ));
             }
+            if !headers::valid_name(&policy.name) {
+                errors.push(BuildError::new(
+                    format!("{path}.name"),
+                    "a policy name goes into the RateLimit headers: use 1 to 64 visible ASCII characters, without `\"` or `\\`",
+                ));
+                continue;
+            }
             let parts: Vec<Part> = policy
                 .key
                 .iter()
@@ -341,10 +348,15 @@ impl CompiledPolicy {
 }
 
 impl RateLimit {
+    /// Gives back what the policies that admitted the request took; Redis refunds run side by
+    /// side, so a refusal waits at most one command deadline for them.
     async fn refund(&self, taken: &[(usize, Names, Taken)]) {
-        for (policy, names, how) in taken {
-            self.policies[*policy].refund(names, *how).await;
-        }
+        futures_util::future::join_all(
+            taken
+                .iter()
+                .map(|(policy, names, how)| self.policies[*policy].refund(names, *how)),
+        )
+        .await;
     }
 
     /// Counts policy `index`'s verdict. An admission may be the tightest so far (its numbers go
@@ -436,6 +448,9 @@ impl Filter for RateLimit {
     }
 
     async fn request(&self, request: &mut RequestHeader, ctx: &mut RequestContext) -> Decision {
+        if let Some(decision) = self.try_request(request, ctx) {
+            return decision;
+        }
         let now = Instant::now();
         let mut taken: Vec<(usize, Names, Taken)> = Vec::with_capacity(self.policies.len());
         let mut tightest = None;

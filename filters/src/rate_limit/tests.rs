@@ -97,7 +97,10 @@ async fn memory_is_bounded_under_a_key_flood() {
 fn config_errors_are_reported() {
     let errors = RateLimit::build(
         serde_json::from_value(serde_json::json!({
-            "policies": [{ "name": "p", "key": ["nobody"], "capacity": 0, "refill": { "tokens": 0, "every": "soon" } }]
+            "policies": [
+                { "name": "p", "key": ["nobody"], "capacity": 0, "refill": { "tokens": 0, "every": "soon" } },
+                { "name": "has \"quotes\"", "key": ["consumer"], "capacity": 1, "refill": { "tokens": 1, "every": "1s" } },
+            ]
         }))
         .unwrap(),
         &BuildCtx::default(),
@@ -106,6 +109,7 @@ fn config_errors_are_reported() {
     .unwrap();
     let paths: Vec<_> = errors.iter().map(|error| error.path.as_str()).collect();
     for expected in [
+        "policies[1].name",
         "policies[0].key[0]",
         "policies[0].capacity",
         "policies[0].refill.every",

@@ -25,10 +25,20 @@ use crate::upstream::{CaCache, UpstreamPool};
 
 /// What compiling needs besides the config: the filter kinds it may name, and the metrics
 /// registry the built filters and routes report in.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct CompileEnv {
     pub registry: Arc<Registry>,
     pub metrics: Metrics,
+}
+
+impl Default for CompileEnv {
+    /// This build's filter kinds and a metrics registry of its own (for `validate` and tests).
+    fn default() -> Self {
+        CompileEnv {
+            registry: Arc::new(crate::filter_registry()),
+            metrics: Metrics::new(),
+        }
+    }
 }
 
 /// Hash of the config as written.

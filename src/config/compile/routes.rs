@@ -71,6 +71,14 @@ pub(super) fn build_routes(
                 "a route needs a name",
             ));
         }
+        if route.name.starts_with('(') {
+            // `(none)` and `(global)` label requests that match no route and filters of the
+            // global chain in metrics and rate-limit bucket names.
+            errors.push(ConfigError::new(
+                format!("{path}.name"),
+                "route names starting with \"(\" are reserved",
+            ));
+        }
         if let Some(previous) = route_names.insert(route.name.as_str(), index) {
             errors.push(ConfigError::new(
                 format!("{path}.name"),

@@ -78,57 +78,44 @@ impl FileSource {
                     "",
                     format!("cannot read {}: {error}", self.path.display()),
                 )]);
-                self.store.reject(&origin, &errors);
+                self.store.reject(&origin, None, &errors);
                 return Err(errors);
             }
         };
         let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
-        *self.seen.lock().expect("file source lock") = digest;
-        let mut last_rejected = self.last_rejected.lock().expect("file source lock");
-        let loaded = match parse_yaml(&text) {
-            Ok(loaded) => loaded,
+        *lock(&self.seen) = digest;
+        let outcome = parse_yaml(&text).and_then(|loaded| {
+            let current = self.store.load();
+            if config_hash(&loaded.as_written) == current.hash {
+                return Ok(None);
+            }
+            let previous = current.config.clone();
+            drop(current);
+            let snapshot = self.store.compile(loaded, &origin)?;
+            warn_about_restart_only_changes(&previous, &snapshot.config);
+            let version = snapshot.version;
+            self.store.swap(snapshot);
+            Ok(Some(version))
+        });
+        let mut last_rejected = lock(&self.last_rejected);
+        match &outcome {
+            Ok(_) => *last_rejected = None,
             Err(errors) => {
-                return Err(self.rejected(&origin, errors, digest, trigger, &mut last_rejected))
+                if trigger == Trigger::Signal || *last_rejected != Some(digest) {
+                    self.store.reject(&origin, None, errors);
+                }
+                *last_rejected = Some(digest);
             }
-        };
-        let current = self.store.load();
-        if config_hash(&loaded.as_written) == current.hash {
-            *last_rejected = None;
-            return Ok(None);
         }
-        let previous = current.config.clone();
-        drop(current);
-        match self.store.compile(loaded, &origin) {
-            Ok(snapshot) => {
-                *last_rejected = None;
-                warn_about_restart_only_changes(&previous, &snapshot.config);
-                let version = snapshot.version;
-                self.store.swap(snapshot);
-                Ok(Some(version))
-            }
-            Err(errors) => Err(self.rejected(&origin, errors, digest, trigger, &mut last_rejected)),
-        }
-    }
-
-    fn rejected(
-        &self,
-        origin: &str,
-        errors: ConfigErrors,
-        digest: [u8; 32],
-        trigger: Trigger,
-        last_rejected: &mut Option<[u8; 32]>,
-    ) -> ConfigErrors {
-        if trigger == Trigger::Signal || *last_rejected != Some(digest) {
-            self.store.reject(origin, &errors);
-        }
-        *last_rejected = Some(digest);
-        errors
+        outcome
     }
 
     /// Reloads on a blocking thread: compiling reads files and resolves names.
     async fn reload_aside(self: &Arc<Self>, trigger: Trigger) {
         let source = self.clone();
-        let _ = tokio::task::spawn_blocking(move || source.reload(trigger)).await;
+        if let Err(error) = tokio::task::spawn_blocking(move || source.reload(trigger)).await {
+            tracing::error!(%error, "the reload failed; the running config keeps serving");
+        }
     }
 
     async fn watch(self: Arc<Self>, mut shutdown: ShutdownWatch) {
@@ -180,7 +167,7 @@ impl FileSource {
         match std::fs::read(&self.path) {
             Ok(text) => {
                 let digest: [u8; 32] = Sha256::digest(&text).into();
-                digest != *self.seen.lock().expect("file source lock")
+                digest != *lock(&self.seen)
             }
             Err(_) => true,
         }
@@ -238,6 +225,13 @@ impl Source for FileSource {
         );
         report
     }
+}
+
+/// A lock that a reload which panicked (a bug) leaves usable for the next one.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Listeners, threads and the ops address are bound at start; say so when a reload changes them.

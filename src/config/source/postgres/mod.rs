@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use gatehouse_filters::metrics::SampledRow;
-use gatehouse_filters::util::now_millis as now_ms;
+use gatehouse_filters::util::now_millis;
 use pingora_core::server::ShutdownWatch;
 use tokio_postgres::Client;
 
@@ -170,12 +170,6 @@ impl PostgresSource {
         match parse_value(document).and_then(|loaded| self.store.compile(loaded, &origin)) {
             Ok(mut snapshot) => {
                 snapshot.database_version = version;
-                self.state
-                    .booted_from_snapshot
-                    .store(true, Ordering::Relaxed);
-                if let Some(version) = version {
-                    self.state.applied_version.store(version, Ordering::Relaxed);
-                }
                 tracing::warn!(
                     path,
                     database_version = version,
@@ -183,6 +177,12 @@ impl PostgresSource {
                     "booted from the last good config snapshot; it is replaced as soon as PostgreSQL answers"
                 );
                 self.store.swap(snapshot);
+                self.state
+                    .booted_from_snapshot
+                    .store(true, Ordering::Relaxed);
+                if let Some(version) = version {
+                    self.state.applied_version.store(version, Ordering::Relaxed);
+                }
             }
             Err(rejected) => {
                 tracing::error!(path, errors = %rejected, "the snapshot file does not compile; not ready until a config can be read from PostgreSQL");
@@ -227,27 +227,28 @@ impl PostgresSource {
         let state = &self.state;
         let outcome = match result {
             Ok(built) => {
+                // The state tells what is served: it changes once the new config is live.
+                let changed = match built {
+                    Some(mut snapshot) => {
+                        snapshot.database_version = Some(version);
+                        self.store.swap(snapshot);
+                        true
+                    }
+                    None => false,
+                };
                 state.applied_version.store(version, Ordering::Relaxed);
                 state
                     .applied_created_ms
                     .store(loaded.created_ms.unwrap_or(0), Ordering::Relaxed);
                 state.booted_from_snapshot.store(false, Ordering::Relaxed);
                 self.write_snapshot_file(version, loaded.created_ms, &loaded.document);
-                match built {
-                    Some(mut snapshot) => {
-                        snapshot.database_version = Some(version);
-                        self.store.swap(snapshot);
-                        Ok(true)
-                    }
-                    None => Ok(false),
-                }
+                Ok(changed)
             }
             Err(rejected) => {
                 state
                     .last_rejected_version
                     .store(version, Ordering::Relaxed);
-                self.store
-                    .reject(&format!("{origin} version {version}"), &rejected);
+                self.store.reject(&origin, Some(version), &rejected);
                 Err(rejected)
             }
         };
@@ -431,7 +432,7 @@ impl Source for PostgresSource {
                             *last = None;
                         }
                         backoff = Duration::from_millis(100);
-                        state.last_sync_ms.store(now_ms(), Ordering::Relaxed);
+                        state.last_sync_ms.store(now_millis(), Ordering::Relaxed);
                         if let Some(version) = loaded.version {
                             state.saw(version, loaded.created_ms);
                         }

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use gatehouse_filters::metrics::SampledRow;
-use gatehouse_filters::util::now_millis as now_ms;
+use gatehouse_filters::util::now_millis;
 
 /// Where a node's database sync stands, for `/config`, `/readyz` and `/metrics`.
 #[derive(Default)]
@@ -47,7 +47,7 @@ impl SourceState {
         // A notification carries no time (its load, right after, sets the commit time).
         if version > previous || (version == previous && created_ms.is_some()) {
             self.latest_created_ms
-                .store(created_ms.unwrap_or_else(now_ms), Ordering::Relaxed);
+                .store(created_ms.unwrap_or_else(now_millis), Ordering::Relaxed);
         }
     }
 
@@ -68,7 +68,8 @@ impl SourceState {
         let applied = self.applied_version.load(Ordering::Relaxed);
         let behind = self.versions_behind();
         let lag_seconds = if behind > 0 {
-            now_ms().saturating_sub(self.latest_created_ms.load(Ordering::Relaxed)) as f64 / 1000.0
+            now_millis().saturating_sub(self.latest_created_ms.load(Ordering::Relaxed)) as f64
+                / 1000.0
         } else {
             0.0
         };
