@@ -13,7 +13,16 @@ fn gateway(policy: &str) -> Gateway {
 
 /// One route limited by `policy`; `preamble` goes before the upstreams (e.g. a `redis` section).
 fn limited_gateway(preamble: &str, policy: &str) -> Gateway {
+    limited_gateway_with(preamble, &[policy])
+}
+
+/// One route limited by a filter with `policies`, in order.
+fn limited_gateway_with(preamble: &str, policies: &[&str]) -> Gateway {
     let echo = spawn_echo("echo");
+    let policies: String = policies
+        .iter()
+        .map(|policy| format!("            - {policy}\n"))
+        .collect();
     Gateway::start(&format!(
         r#"
 {preamble}
@@ -26,8 +35,7 @@ routes:
       - kind: rate_limit
         config:
           policies:
-            - {policy}
-"#
+{policies}"#
     ))
 }
 
@@ -722,24 +730,13 @@ fn decision_rows_carry_their_route_and_leave_with_their_policy() {
 #[test]
 fn a_refusal_gives_back_the_tokens_taken_in_redis() {
     let name = unique_name("refund");
-    let echo = spawn_echo("echo");
-    let gateway = Gateway::start(&format!(
-        r#"
-redis: {{ url: "{redis}", command_timeout: {EXACT} }}
-upstreams: [{{ name: echo, targets: [{{ address: "{echo}" }}] }}]
-routes:
-  - name: limited
-    match: {{ paths: [{{ prefix: / }}] }}
-    upstream: echo
-    filters:
-      - kind: rate_limit
-        config:
-          policies:
-            - {{ name: {name}-shared, key: [route], capacity: 2, refill: {{ tokens: 1, every: 1h }}, backend: redis }}
-            - {{ name: {name}-per-user, key: [{{ header: x-user }}], capacity: 1, refill: {{ tokens: 1, every: 1h }} }}
-"#,
-        redis = redis_url(),
-    ));
+    let gateway = limited_gateway_with(
+        &format!("redis: {{ url: \"{}\", command_timeout: {EXACT} }}", redis_url()),
+        &[
+            &format!("{{ name: {name}-shared, key: [route], capacity: 2, refill: {{ tokens: 1, every: 1h }}, backend: redis }}"),
+            &format!("{{ name: {name}-per-user, key: [{{ header: x-user }}], capacity: 1, refill: {{ tokens: 1, every: 1h }} }}"),
+        ],
+    );
     wait_for_redis_state(&gateway, "up");
     let get = |user: &str| {
         gateway
@@ -763,23 +760,13 @@ fn refunds_never_grow_the_fallback_share() {
     let port = crate::support::free_port();
     let redis = PrivateRedis::start(port);
     let name = unique_name("fallback-refund");
-    let echo = spawn_echo("echo");
-    let gateway = Gateway::start(&format!(
-        r#"
-redis: {{ url: "redis://127.0.0.1:{port}", command_timeout: 100ms }}
-upstreams: [{{ name: echo, targets: [{{ address: "{echo}" }}] }}]
-routes:
-  - name: limited
-    match: {{ paths: [{{ prefix: / }}] }}
-    upstream: echo
-    filters:
-      - kind: rate_limit
-        config:
-          policies:
-            - {{ name: {name}, key: [route], capacity: 10, refill: {{ tokens: 1, every: 1h }}, backend: redis, on_redis_error: local_fallback, expected_nodes: 2 }}
-            - {{ name: {name}-per-user, key: [{{ header: x-user }}], capacity: 1, refill: {{ tokens: 1, every: 1h }} }}
-"#
-    ));
+    let gateway = limited_gateway_with(
+        &format!("redis: {{ url: \"redis://127.0.0.1:{port}\", command_timeout: 100ms }}"),
+        &[
+            &format!("{{ name: {name}, key: [route], capacity: 10, refill: {{ tokens: 1, every: 1h }}, backend: redis, on_redis_error: local_fallback, expected_nodes: 2 }}"),
+            &format!("{{ name: {name}-per-user, key: [{{ header: x-user }}], capacity: 1, refill: {{ tokens: 1, every: 1h }} }}"),
+        ],
+    );
     wait_for_redis_state(&gateway, "up");
     let get = |user: &str| {
         gateway
