@@ -137,6 +137,12 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
         "config source",
         source::Service(config_source),
     ));
+    server.add_service(background_service(
+        "upstream health checks",
+        crate::upstream::health::HealthSupervisor {
+            store: store.clone(),
+        },
+    ));
 
     tracing::info!(
         version = snapshot.version,

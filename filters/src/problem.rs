@@ -54,6 +54,8 @@ pub enum ProblemType {
     AuthUnavailable,
     RateLimitUnavailable,
     ConfigNotLoaded,
+    NoHealthyUpstream,
+    CircuitOpen,
     UpstreamTimeout,
 }
 
@@ -76,6 +78,8 @@ impl ProblemType {
         ProblemType::AuthUnavailable,
         ProblemType::RateLimitUnavailable,
         ProblemType::ConfigNotLoaded,
+        ProblemType::NoHealthyUpstream,
+        ProblemType::CircuitOpen,
         ProblemType::UpstreamTimeout,
     ];
 
@@ -123,6 +127,16 @@ impl ProblemType {
                 "config-not-loaded",
                 503,
                 "This node has not loaded its routes yet",
+            ),
+            ProblemType::NoHealthyUpstream => (
+                "no-healthy-upstream",
+                503,
+                "No upstream target is available",
+            ),
+            ProblemType::CircuitOpen => (
+                "circuit-open",
+                503,
+                "The upstream is not taking requests right now",
             ),
             ProblemType::UpstreamTimeout => (
                 "upstream-timeout",

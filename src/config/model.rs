@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::units::{ByteSize, Duration};
+use super::units::{ByteSize, Duration, Percent};
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -294,6 +294,9 @@ pub enum Balance {
     Weighted,
     LeastRequests,
     ConsistentHash,
+    /// The lower of two random targets' recent latency (a peak-sensitive moving average) times
+    /// their outstanding requests.
+    PeakEwma,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
@@ -331,6 +334,170 @@ pub struct UpstreamConfig {
     pub tls: Option<UpstreamTlsConfig>,
     #[serde(default)]
     pub timeouts: TimeoutsConfig,
+    /// Active checks: each target is probed on its own; off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheckConfig>,
+    /// Passive checks: a target whose requests keep failing is ejected for a while.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierConfig>,
+    /// Fast 503s instead of requests to a pool that is failing or at its concurrency limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<BreakerConfig>,
+    /// How many retries the pool may take on top of its requests.
+    #[serde(default)]
+    pub retry_budget: RetryBudgetConfig,
+    /// Below this share of usable (healthy, not ejected) targets, every target is used again:
+    /// a wrongly failing health check cannot take the whole pool down.
+    #[serde(default = "default_panic_threshold")]
+    pub panic_threshold: Percent,
+}
+
+fn default_panic_threshold() -> Percent {
+    Percent(0.5)
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthCheckKind {
+    /// An HTTP request; the answer's status decides.
+    #[default]
+    Http,
+    /// A TCP connection that opens.
+    Tcp,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum InitialHealth {
+    /// A new target gets traffic at once.
+    #[default]
+    Healthy,
+    /// A new target gets no traffic before its first passing probes.
+    Unhealthy,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthCheckConfig {
+    pub kind: HealthCheckKind,
+    /// `http`: the path probed.
+    pub path: String,
+    /// `http`: the statuses that pass, as codes or ranges (`"200-299"`, `"301"`).
+    pub expect_status: Vec<String>,
+    pub interval: Duration,
+    /// Each wait is shortened or lengthened by up to this share, so probes of many targets do
+    /// not move in step.
+    pub jitter: Percent,
+    pub timeout: Duration,
+    /// Consecutive passing probes that make an unhealthy target healthy.
+    pub healthy_threshold: u32,
+    /// Consecutive failing probes that make a healthy target unhealthy.
+    pub unhealthy_threshold: u32,
+    pub initial: InitialHealth,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        HealthCheckConfig {
+            kind: HealthCheckKind::Http,
+            path: "/".into(),
+            expect_status: vec!["200-399".into()],
+            interval: Duration::from_secs(5),
+            jitter: Percent(0.1),
+            timeout: Duration::from_secs(1),
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+            initial: InitialHealth::Healthy,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutlierConfig {
+    /// Consecutive failed requests (a 5xx, a failed connection, a reset, a timeout) that eject
+    /// a target.
+    pub consecutive_failures: u32,
+    /// The first ejection's length; each repeat doubles it, up to `max_ejection_time`.
+    pub base_ejection_time: Duration,
+    pub max_ejection_time: Duration,
+    /// At most this share of the pool is ejected at once (one target always may be).
+    pub max_ejection_percent: Percent,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        OutlierConfig {
+            consecutive_failures: 5,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejection_percent: Percent(0.5),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerConfig {
+    /// Concurrent requests to the pool; beyond it a fast 503.
+    pub max_requests: u32,
+    /// Opens the breaker when this share of the window's requests failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure_rate: Option<FailureRateConfig>,
+    /// How long the breaker stays open; doubles on each re-open, up to `max_open_duration`.
+    pub open_duration: Duration,
+    pub max_open_duration: Duration,
+    /// Requests let through at once while half-open, to find out whether the pool recovered.
+    pub half_open_probes: u32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            max_requests: 1024,
+            failure_rate: None,
+            open_duration: Duration::from_secs(10),
+            max_open_duration: Duration::from_secs(300),
+            half_open_probes: 3,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FailureRateConfig {
+    pub threshold: Percent,
+    /// Requests the window must hold before the rate counts.
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u32,
+    #[serde(default = "default_failure_window")]
+    pub window: Duration,
+}
+
+fn default_min_requests() -> u32 {
+    20
+}
+
+fn default_failure_window() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryBudgetConfig {
+    /// Retries may add this share of the pool's requests...
+    pub percent: Percent,
+    /// ...and at least this many per second.
+    pub min_per_second: u32,
+}
+
+impl Default for RetryBudgetConfig {
+    fn default() -> Self {
+        RetryBudgetConfig {
+            percent: Percent(0.2),
+            min_per_second: 10,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
@@ -472,11 +639,114 @@ pub struct RouteConfig {
     /// enforced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<AuthMode>,
-    /// Longest wait for each read from the upstream on this route (overrides the upstream's).
+    /// The whole exchange with the upstream, across every attempt, until the response head;
+    /// past it a 504.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Duration>,
+    /// Used when `upstream` has no usable target or its circuit breaker is open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<String>,
+    /// When to try again, on another target. Without it, only a failed connection (nothing
+    /// reached the upstream) is tried once more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryConfig>,
+    /// Shares of the traffic sent to other upstreams (percent weights); the rest goes to
+    /// `upstream`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub split: Vec<SplitConfig>,
+    /// A copy of the requests, sent without waiting, whose answers are dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<MirrorConfig>,
     #[serde(default)]
     pub filters: Vec<FilterConfig>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum RetryOn {
+    /// The connection to the target failed: nothing reached it.
+    ConnectFailure,
+    /// The target closed or reset the connection before the response head.
+    Reset,
+    /// The target did not answer within `per_try_timeout` (or its read timeout).
+    Timeout,
+    /// The target answered 502, 503 or 504.
+    GatewayError,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Tries in all, the first included.
+    pub attempts: u32,
+    pub on: Vec<RetryOn>,
+    /// Statuses that are tried again too.
+    pub statuses: Vec<u16>,
+    /// Methods tried again after a target may have seen them; others only on a failed
+    /// connection.
+    pub methods: Vec<String>,
+    /// Each try's deadline for the response head.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout: Option<Duration>,
+    pub backoff: BackoffConfig,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            attempts: 3,
+            on: vec![
+                RetryOn::ConnectFailure,
+                RetryOn::Reset,
+                RetryOn::Timeout,
+                RetryOn::GatewayError,
+            ],
+            statuses: Vec::new(),
+            methods: ["GET", "HEAD", "OPTIONS", "PUT", "DELETE"]
+                .map(String::from)
+                .to_vec(),
+            per_try_timeout: None,
+            backoff: BackoffConfig::default(),
+        }
+    }
+}
+
+/// The wait before a retry: a random time up to `base × 2^(retry − 1)`, at most `max`.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackoffConfig {
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        BackoffConfig {
+            base: Duration::from_millis(25),
+            max: Duration::from_millis(250),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SplitConfig {
+    pub upstream: String,
+    /// Percent of the route's requests.
+    pub weight: u32,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorConfig {
+    pub upstream: String,
+    /// Share of the route's requests copied.
+    #[serde(default = "default_mirror_percent")]
+    pub percent: Percent,
+}
+
+fn default_mirror_percent() -> Percent {
+    Percent(1.0)
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]

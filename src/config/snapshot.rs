@@ -16,12 +16,58 @@ use crate::upstream::UpstreamPool;
 pub struct Route {
     pub name: Arc<str>,
     pub upstream: usize,
+    /// Used when `upstream` has no usable target or its breaker is open.
+    pub backup: Option<usize>,
+    /// Other pools and the share of requests (per ten thousand, cumulative) each takes.
+    pub split: Vec<(usize, u32)>,
+    /// A pool copies are sent to, and the share of requests copied.
+    pub mirror: Option<(usize, f64)>,
     pub rewrite: Option<PathRewrite>,
-    pub read_timeout: Option<Duration>,
+    /// The whole exchange with the upstream, across attempts.
+    pub timeout: Option<Duration>,
+    pub retry: RetryPolicy,
     /// The global filters followed by the route's own, in request order, with the route's
     /// `auth` gate after the last filter that identifies callers.
     pub chain: Chain,
     pub metrics: RouteMetrics,
+}
+
+/// When a route tries again, compiled from its `retry` section.
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    /// Tries in all, the first included.
+    pub attempts: u32,
+    pub on_connect_failure: bool,
+    pub on_reset: bool,
+    pub on_timeout: bool,
+    /// 502, 503 and 504.
+    pub on_gateway_error: bool,
+    pub statuses: Vec<u16>,
+    /// Methods tried again after a target may have seen them (any method is tried again after
+    /// a failed connection).
+    pub methods: Vec<http::Method>,
+    pub per_try_timeout: Option<Duration>,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl RetryPolicy {
+    /// Without a `retry` section: a failed connection (nothing reached the upstream) is tried
+    /// once more, on another target.
+    pub fn connect_failures_once() -> RetryPolicy {
+        RetryPolicy {
+            attempts: 2,
+            on_connect_failure: true,
+            on_reset: false,
+            on_timeout: false,
+            on_gateway_error: false,
+            statuses: Vec::new(),
+            methods: Vec::new(),
+            per_try_timeout: None,
+            backoff_base: Duration::ZERO,
+            backoff_max: Duration::ZERO,
+        }
+    }
 }
 
 /// Request limits, in plain numbers.

@@ -22,6 +22,8 @@ pub struct ConfigStore {
     rejected: Row<IntCounter>,
     version: IntGauge,
     applied_at: IntGauge,
+    /// The version served, for services that follow config changes (health checks).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl ConfigStore {
@@ -62,6 +64,7 @@ impl ConfigStore {
             &["result"],
         );
         ConfigStore {
+            changes: tokio::sync::watch::Sender::new(first.version),
             current: ArcSwap::from_pointee(first),
             next_version: AtomicU64::new(2),
             applied: reloads.row(&["applied"]),
@@ -99,7 +102,14 @@ impl ConfigStore {
         );
         self.applied.inc();
         self.show(&snapshot);
+        let version = snapshot.version;
         self.current.store(Arc::new(snapshot));
+        self.changes.send_replace(version);
+    }
+
+    /// Changes whenever a new config is served.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Counts and logs a candidate that did not compile (with the version a database gave it);

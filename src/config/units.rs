@@ -153,6 +153,74 @@ impl schemars::JsonSchema for ByteSize {
     }
 }
 
+/// A share written as `"50%"` or as the number 50; held as a fraction (0.5).
+#[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
+pub struct Percent(pub f64);
+
+impl Percent {
+    pub fn fraction(self) -> f64 {
+        self.0
+    }
+}
+
+impl fmt::Display for Percent {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "{}%", (self.0 * 100.0 * 1e6).round() / 1e6)
+    }
+}
+
+impl<'de> Deserialize<'de> for Percent {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(f64),
+            Text(String),
+        }
+        let (number, text) = match Raw::deserialize(deserializer)? {
+            Raw::Number(number) => (Some(number), number.to_string()),
+            Raw::Text(text) => (
+                text.trim()
+                    .strip_suffix('%')
+                    .unwrap_or(text.trim())
+                    .trim()
+                    .parse::<f64>()
+                    .ok(),
+                text,
+            ),
+        };
+        match number {
+            Some(number) if (0.0..=100.0).contains(&number) => Ok(Percent(number / 100.0)),
+            _ => Err(de::Error::custom(format!(
+                "\"{text}\" is not a percentage between 0% and 100%, like \"50%\""
+            ))),
+        }
+    }
+}
+
+impl Serialize for Percent {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_string())
+    }
+}
+
+impl schemars::JsonSchema for Percent {
+    fn schema_name() -> String {
+        "Percent".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        let mut schema = SchemaObject {
+            instance_type: Some(SingleOrVec::Vec(vec![
+                InstanceType::Number,
+                InstanceType::String,
+            ])),
+            ..Default::default()
+        };
+        schema.metadata().description = Some("A percentage: \"50%\" or 50.".into());
+        Schema::Object(schema)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,6 +234,16 @@ mod tests {
             .unwrap_err()
             .contains("unknown size unit"));
         assert_eq!(ByteSize(16 * 1024).to_string(), "16KiB");
+    }
+
+    #[test]
+    fn percentages_read_with_or_without_the_sign() {
+        let half: Percent = serde_yaml::from_str("\"50%\"").unwrap();
+        assert_eq!(half.fraction(), 0.5);
+        let fifth: Percent = serde_yaml::from_str("20").unwrap();
+        assert_eq!(fifth.fraction(), 0.2);
+        assert_eq!(fifth.to_string(), "20%");
+        assert!(serde_yaml::from_str::<Percent>("\"150%\"").is_err());
     }
 
     #[test]

@@ -107,6 +107,15 @@ impl ServeHttp for OpsApp {
                 });
                 if let serde_json::Value::Object(fields) = &mut report {
                     fields.extend(self.source.report(&snapshot));
+                    let now = crate::upstream::clock::now();
+                    fields.insert(
+                        "upstreams".into(),
+                        snapshot
+                            .upstreams
+                            .iter()
+                            .map(|pool| pool.report(now))
+                            .collect(),
+                    );
                     fields.insert("config".into(), config);
                 }
                 json(200, report)

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use gatehouse_filters::{Chain, Problem, RequestContext};
 
+use super::peer::Attempts;
 use crate::config::snapshot::Route;
 use crate::config::Snapshot;
 
@@ -17,8 +18,8 @@ pub struct RequestCtx {
     pub shared: RequestContext,
     /// The matched route's index.
     pub(super) route: Option<usize>,
-    /// (pool, target) of the current upstream attempt.
-    pub(super) target: Option<(usize, usize)>,
+    /// The upstream attempts: the pool, the targets tried, the current attempt, the deadline.
+    pub(super) upstream: Attempts,
     /// How many filters of the chain the request reached: an answer of our own runs their
     /// response phases (and only theirs).
     pub(super) reached: usize,
@@ -36,7 +37,7 @@ impl RequestCtx {
             snapshot,
             shared: RequestContext::new(Instant::now()),
             route: None,
-            target: None,
+            upstream: Attempts::default(),
             reached: 0,
             body_bytes: 0,
             problem: None,

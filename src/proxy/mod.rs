@@ -7,7 +7,8 @@
 //! - `resolve`: normalise, route, rewrite (shared with `/explain`);
 //! - the route's filter chain (`gatehouse_filters::Chain`), run in each phase it is wanted;
 //! - `respond`: answers of our own, and errors mapped to problems;
-//! - `peer`: upstream choice;
+//! - `peer`: upstream choice (split, backup, breaker) and each attempt's life;
+//! - `retry`: whether and when a failed attempt is tried again;
 //! - `observe`: metrics, filter log phases and the access log of a finished request;
 //! - `deadline`: the total deadline for a request head, around the whole connection.
 
@@ -19,6 +20,7 @@ pub mod observe;
 pub mod peer;
 pub mod resolve;
 pub mod respond;
+pub mod retry;
 
 use std::sync::Arc;
 
@@ -131,7 +133,39 @@ impl ProxyHttp for Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
+        retry::before_attempt(ctx).await?;
         peer::choose(session.req_header(), ctx)
+    }
+
+    fn fail_to_connect(
+        &self,
+        session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        error: Box<Error>,
+    ) -> Box<Error> {
+        retry::connect_failed(session, ctx, error)
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        error: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let error = error.more_context(format!("Peer: {peer}"));
+        retry::proxy_failed(session, ctx, error, client_reused)
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        retry::response_head(session, upstream_response.status.as_u16(), ctx)
     }
 
     async fn upstream_request_filter(

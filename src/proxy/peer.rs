@@ -1,47 +1,204 @@
-//! Upstream choice: the route's pool picks a target with its balancer (by the request's hash
-//! key for consistent hashing), and counts it in flight until the attempt ends.
+//! Upstream choice and the life of each attempt. A request goes to its route's pool (or one of
+//! its split's), or to the backup when that pool has no usable target or its breaker refuses.
+//! The pool's balancer picks a target the request has not tried yet; the attempt holds the
+//! target's in-flight count and the breaker's permit until it ends, and its outcome feeds the
+//! target's passive checks, latency and the breaker.
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use gatehouse_filters::util::cookie;
+use gatehouse_filters::{Problem, ProblemType};
 use http::HeaderValue;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::{Error, ErrorType, Result};
 use pingora_http::RequestHeader;
+use smallvec::SmallVec;
 
 use super::ctx::RequestCtx;
+use super::respond;
 use crate::config::model::HashOn;
+use crate::config::snapshot::Route;
+use crate::upstream::breaker::{Permit, Refusal};
+use crate::upstream::{clock, UpstreamPool};
+
+/// The upstream attempts of one request.
+#[derive(Default)]
+pub struct Attempts {
+    /// The pool the request goes to: the route's upstream or one of its split's.
+    pub pool: Option<usize>,
+    /// Attempts started so far.
+    pub count: u32,
+    /// Targets tried, so that a retry goes elsewhere when it can.
+    pub tried: SmallVec<[SocketAddr; 2]>,
+    pub current: Option<Attempt>,
+    /// The route's deadline for the whole exchange.
+    pub deadline: Option<Instant>,
+    /// The previous attempt failed and is tried again (the next one waits its backoff).
+    pub retrying: bool,
+    /// The failure being handled is a retry decided from the response status: it was counted
+    /// already.
+    pub status_retry: bool,
+}
+
+/// One attempt at one target.
+pub struct Attempt {
+    pub pool: usize,
+    pub target: usize,
+    pub started: Instant,
+    permit: Option<Permit>,
+    /// Whether it failed, once its outcome is known.
+    failed: Option<bool>,
+}
+
+impl Route {
+    /// The pool a new request goes to: one of the split's by its share, or the route's own.
+    fn pick_pool(&self) -> usize {
+        if self.split.is_empty() {
+            return self.upstream;
+        }
+        let draw = fastrand::u32(..10_000);
+        self.split
+            .iter()
+            .find(|(_, cumulative)| draw < *cumulative)
+            .map_or(self.upstream, |(pool, _)| *pool)
+    }
+}
 
 /// The peer for the next attempt of this request.
 pub fn choose(request: &RequestHeader, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
-    let Some(route) = ctx.route() else {
+    let Some(route_index) = ctx.route else {
         return Err(Error::explain(ErrorType::InternalError, "no route"));
     };
-    let upstream = route.upstream;
-    let read_timeout = route.read_timeout;
-    release(ctx);
-    let pool = &ctx.snapshot.upstreams[upstream];
-    let client_ip;
-    let key: Option<&[u8]> = match &pool.hash_on {
-        None => None,
-        Some(HashOn::Header(name)) => request
-            .headers
-            .get(name.as_str())
-            .map(HeaderValue::as_bytes),
-        Some(HashOn::Cookie(name)) => cookie(request, name).map(str::as_bytes),
-        Some(HashOn::ClientIp(_)) => {
-            client_ip = ctx.shared.client_addr.map(|address| address.to_string());
-            client_ip.as_deref().map(str::as_bytes)
+    let started = Instant::now();
+    let now = clock::now();
+    let RequestCtx {
+        snapshot,
+        shared,
+        upstream,
+        ..
+    } = ctx;
+    let route = &snapshot.routes[route_index];
+    let primary = *upstream.pool.get_or_insert_with(|| route.pick_pool());
+    if upstream.count == 0 {
+        upstream.deadline = route.timeout.map(|timeout| started + timeout);
+    }
+    let remaining = upstream.deadline.map_or(Duration::MAX, |deadline| {
+        deadline.saturating_duration_since(started)
+    });
+    let mut refusal = None;
+    for pool_index in std::iter::once(primary).chain(route.backup) {
+        let pool = &snapshot.upstreams[pool_index];
+        let key = hash_key(pool, request, shared.client_addr);
+        let Some(target) = pool.select(key.as_deref(), &upstream.tried, now) else {
+            refusal.get_or_insert(ProblemType::NoHealthyUpstream);
+            continue;
+        };
+        let permit = match &pool.breaker {
+            None => None,
+            Some(config) => match pool.shared.breaker.admit(config, now) {
+                Ok(permit) => Some(permit),
+                Err(Refusal::Open | Refusal::Full) => {
+                    refusal = Some(ProblemType::CircuitOpen);
+                    continue;
+                }
+            },
+        };
+        if upstream.count == 0 {
+            pool.shared.budget.request(now);
         }
-    };
-    let target = pool.select(key);
-    pool.start_request(target);
-    let peer = pool.peer(target, read_timeout);
-    ctx.target = Some((upstream, target));
-    Ok(peer)
+        let state = &pool.targets[target].state;
+        state
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        upstream.tried.push(state.address);
+        upstream.count += 1;
+        upstream.current = Some(Attempt {
+            pool: pool_index,
+            target,
+            started,
+            permit,
+            failed: None,
+        });
+        let read = route
+            .retry
+            .per_try_timeout
+            .unwrap_or(pool.read_timeout)
+            .min(remaining);
+        return Ok(pool.peer(target, pool.connect_timeout.min(remaining), read));
+    }
+    let problem = Problem::new(refusal.unwrap_or(ProblemType::NoHealthyUpstream));
+    Err(respond::defer(ctx, problem))
 }
 
-/// Ends the current attempt's count on its target.
+/// The bytes a consistent-hash pool hashes for this request.
+fn hash_key<'a>(
+    pool: &UpstreamPool,
+    request: &'a RequestHeader,
+    client: Option<std::net::IpAddr>,
+) -> Option<Cow<'a, [u8]>> {
+    match pool.hash_on.as_ref()? {
+        HashOn::Header(name) => request
+            .headers
+            .get(name.as_str())
+            .map(|value| Cow::Borrowed(HeaderValue::as_bytes(value))),
+        HashOn::Cookie(name) => cookie(request, name).map(|value| Cow::Borrowed(value.as_bytes())),
+        HashOn::ClientIp(_) => client.map(|address| Cow::Owned(address.to_string().into_bytes())),
+    }
+}
+
+/// Records the current attempt's outcome: for the target's passive checks and latency (a
+/// response head, whatever its status, says how fast the target answered).
+pub fn record(ctx: &mut RequestCtx, failed: bool, answered: bool) {
+    let Some(attempt) = ctx.upstream.current.as_mut() else {
+        return;
+    };
+    attempt.failed = Some(failed);
+    let pool = &ctx.snapshot.upstreams[attempt.pool];
+    let state = &pool.targets[attempt.target].state;
+    let now = clock::now();
+    if answered {
+        state.observe_latency(attempt.started.elapsed(), now);
+    }
+    if let Some(outlier) = &pool.outlier {
+        if let Some(ejection) =
+            state.record_request(failed, outlier, now, || pool.may_eject(outlier, now))
+        {
+            tracing::warn!(
+                upstream = %pool.name,
+                target = %state.address,
+                ejection = ejection.count,
+                seconds = ejection.length.as_secs_f64(),
+                "target ejected after failed requests"
+            );
+        }
+    }
+}
+
+/// Ends the current attempt: its target's in-flight count and the breaker's permit go back,
+/// the breaker counting its outcome.
 pub fn release(ctx: &mut RequestCtx) {
-    if let Some((pool, target)) = ctx.target.take() {
-        ctx.snapshot.upstreams[pool].finish_request(target);
+    let Some(attempt) = ctx.upstream.current.take() else {
+        return;
+    };
+    let pool = &ctx.snapshot.upstreams[attempt.pool];
+    pool.targets[attempt.target]
+        .state
+        .in_flight
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    if let (Some(config), Some(permit)) = (&pool.breaker, attempt.permit) {
+        match attempt.failed {
+            Some(failed) => {
+                if let Some(state) =
+                    pool.shared
+                        .breaker
+                        .finish(config, permit, failed, clock::now())
+                {
+                    tracing::warn!(upstream = %pool.name, state = state.as_str(), "circuit breaker changed state");
+                }
+            }
+            None => pool.shared.breaker.cancel(permit),
+        }
     }
 }

@@ -11,6 +11,10 @@ fn route(name: &str, priority: i32, matcher: MatchConfig) -> RouteConfig {
         rewrite: None,
         auth: None,
         timeout: None,
+        backup: None,
+        retry: None,
+        split: Vec::new(),
+        mirror: None,
         filters: Vec::new(),
     }
 }

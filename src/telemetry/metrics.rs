@@ -15,10 +15,20 @@ const DURATION_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// The `reason` labels of `gatehouse_retries_total`.
+pub const RETRY_REASONS: [&str; 5] = [
+    "connect_failure",
+    "reset",
+    "timeout",
+    "gateway_error",
+    "status",
+];
+
 /// A route's counters and histogram.
 pub struct RouteMetrics {
     by_class: [Row<IntCounter>; 5],
     duration: Row<Histogram>,
+    retries: [Row<IntCounter>; 5],
 }
 
 impl RouteMetrics {
@@ -34,16 +44,29 @@ impl RouteMetrics {
             &["route"],
             DURATION_BUCKETS,
         );
+        let retries = metrics.counters(
+            "gatehouse_retries_total",
+            "Upstream attempts tried again, by route and reason",
+            &["route", "reason"],
+        );
         RouteMetrics {
             by_class: ["1xx", "2xx", "3xx", "4xx", "5xx"]
                 .map(|class| requests.row(&[route, class])),
             duration: duration.row(&[route]),
+            retries: RETRY_REASONS.map(|reason| retries.row(&[route, reason])),
         }
     }
 
     /// The rows of requests that match no route.
     pub fn unmatched(metrics: &Metrics) -> RouteMetrics {
         RouteMetrics::new(metrics, UNMATCHED_ROUTE)
+    }
+
+    /// A retry, by one of [`RETRY_REASONS`].
+    pub fn retried(&self, reason: &str) {
+        if let Some(index) = RETRY_REASONS.iter().position(|known| *known == reason) {
+            self.retries[index].inc();
+        }
     }
 
     pub fn observe(&self, status: u16, seconds: f64) {

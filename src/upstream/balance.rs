@@ -1,10 +1,14 @@
 //! Load-balancing policies: round robin, smooth weighted round robin, least outstanding
-//! requests (weight-aware), and consistent hashing (ketama) by header, cookie or client IP.
+//! requests (weight-aware), consistent hashing (ketama) by header, cookie or client IP, and
+//! peak EWMA (the lower of two random targets' latency times outstanding requests). Each picks
+//! among the targets a request may use (healthy, not ejected, not tried yet), so a policy keeps
+//! its order over the rest when some drop out.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use pingora_ketama::{Bucket, Continuum};
+use smallvec::SmallVec;
 
 use super::Target;
 use crate::config::model::Balance;
@@ -30,6 +34,7 @@ pub enum Balancer {
         addresses: Vec<SocketAddr>,
         fallback: AtomicUsize,
     },
+    PeakEwma,
 }
 
 impl std::fmt::Debug for Balancer {
@@ -39,6 +44,7 @@ impl std::fmt::Debug for Balancer {
             Balancer::Weighted { .. } => "weighted",
             Balancer::LeastRequests { .. } => "least_requests",
             Balancer::ConsistentHash { .. } => "consistent_hash",
+            Balancer::PeakEwma => "peak_ewma",
         })
     }
 }
@@ -107,41 +113,62 @@ impl Balancer {
             Balance::ConsistentHash => {
                 let buckets: Vec<Bucket> = targets
                     .iter()
-                    .map(|target| Bucket::new(target.address, target.weight))
+                    .map(|target| Bucket::new(target.state.address, target.weight))
                     .collect();
                 Balancer::ConsistentHash {
                     ring: Continuum::new(&buckets),
-                    addresses: targets.iter().map(|target| target.address).collect(),
+                    addresses: targets.iter().map(|target| target.state.address).collect(),
                     fallback: AtomicUsize::new(0),
                 }
             }
+            Balance::PeakEwma => Balancer::PeakEwma,
         }
     }
 
-    pub fn select(&self, targets: &[Target], key: Option<HashKey<'_>>) -> usize {
+    /// The target for a request, among those `allowed`; `None` when none is.
+    pub fn pick(
+        &self,
+        targets: &[Target],
+        key: Option<HashKey<'_>>,
+        allowed: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
         let count = targets.len();
-        if count == 1 {
-            return 0;
+        if count == 0 {
+            return None;
         }
+        // The first allowed target from `start` on, in order.
+        let scan = |start: usize| {
+            (0..count)
+                .map(|step| (start + step) % count)
+                .find(|&index| allowed(index))
+        };
         match self {
-            Balancer::RoundRobin { next } => next.fetch_add(1, Ordering::Relaxed) % count,
+            Balancer::RoundRobin { next } => scan(next.fetch_add(1, Ordering::Relaxed)),
             Balancer::Weighted { schedule, next } => {
-                schedule[next.fetch_add(1, Ordering::Relaxed) % schedule.len()] as usize
+                let start = next.fetch_add(1, Ordering::Relaxed);
+                (0..schedule.len())
+                    .map(|step| schedule[(start + step) % schedule.len()] as usize)
+                    .find(|&index| allowed(index))
+                    .or_else(|| scan(0))
             }
             Balancer::LeastRequests { next } => {
                 // Start the scan at a rotating offset so ties spread evenly.
                 let start = next.fetch_add(1, Ordering::Relaxed);
-                let mut best = start % count;
+                let mut best = None;
                 let mut best_load = u64::MAX;
                 for step in 0..count {
                     let index = (start + step) % count;
+                    if !allowed(index) {
+                        continue;
+                    }
                     let target = &targets[index];
                     // Compare in_flight / weight without division.
-                    let load = (target.in_flight.load(Ordering::Relaxed) as u64 + 1) * 1_000_000
+                    let load = (target.state.in_flight.load(Ordering::Relaxed) as u64 + 1)
+                        * 1_000_000
                         / u64::from(target.weight);
                     if load < best_load {
                         best_load = load;
-                        best = index;
+                        best = Some(index);
                     }
                 }
                 best
@@ -152,14 +179,51 @@ impl Balancer {
                 fallback,
             } => match key {
                 Some(key) => {
-                    let mut index = ring.node_idx(key);
-                    ring.get_addr(&mut index)
-                        .and_then(|address| addresses.iter().position(|known| known == address))
-                        .unwrap_or(0)
+                    // The key's point on the ring, then the next points clockwise: a target
+                    // that drops out only moves its own keys.
+                    let mut point = ring.node_idx(key);
+                    let mut seen = 0;
+                    while seen < addresses.len() * 200 {
+                        let address = ring.get_addr(&mut point)?;
+                        seen += 1;
+                        if let Some(index) = addresses.iter().position(|known| known == address) {
+                            if allowed(index) {
+                                return Some(index);
+                            }
+                        }
+                    }
+                    scan(0)
                 }
                 // No key (header or cookie absent): spread the request round robin.
-                None => fallback.fetch_add(1, Ordering::Relaxed) % count,
+                None => scan(fallback.fetch_add(1, Ordering::Relaxed)),
             },
+            Balancer::PeakEwma => {
+                let candidates: SmallVec<[usize; 8]> =
+                    (0..count).filter(|&index| allowed(index)).collect();
+                let cost = |index: usize| {
+                    let state = &targets[index].state;
+                    // A target with no latency yet is tried before the others are compared.
+                    (state.latency() + 1.0) * (state.in_flight.load(Ordering::Relaxed) as f64 + 1.0)
+                        / f64::from(targets[index].weight)
+                };
+                match candidates.len() {
+                    0 => None,
+                    1 => Some(candidates[0]),
+                    len => {
+                        let first = fastrand::usize(..len);
+                        let mut second = fastrand::usize(..len - 1);
+                        if second >= first {
+                            second += 1;
+                        }
+                        let (first, second) = (candidates[first], candidates[second]);
+                        Some(if cost(second) < cost(first) {
+                            second
+                        } else {
+                            first
+                        })
+                    }
+                }
+            }
         }
     }
 }

@@ -21,7 +21,7 @@ use super::load::LoadedConfig;
 use super::model::Config;
 use super::snapshot::Snapshot;
 use crate::telemetry::metrics::RouteMetrics;
-use crate::upstream::{CaCache, UpstreamPool};
+use crate::upstream::{CaCache, UpstreamPool, UpstreamRegistry};
 
 /// What compiling needs besides the config: the filter kinds it may name, and the metrics
 /// registry the built filters and routes report in.
@@ -29,6 +29,8 @@ use crate::upstream::{CaCache, UpstreamPool};
 pub struct CompileEnv {
     pub registry: Arc<Registry>,
     pub metrics: Metrics,
+    /// The state of pools and targets kept across config versions.
+    pub upstreams: UpstreamRegistry,
 }
 
 impl Default for CompileEnv {
@@ -37,6 +39,7 @@ impl Default for CompileEnv {
         CompileEnv {
             registry: Arc::new(crate::filter_registry()),
             metrics: Metrics::new(),
+            upstreams: UpstreamRegistry::default(),
         }
     }
 }
@@ -71,7 +74,7 @@ pub fn compile(
     server::check_listeners(&config, &mut errors);
     let limits = server::limits(&config, &mut errors);
     server::check_node(&config, &mut errors);
-    let (upstreams, upstream_index) = build_upstreams(&config, &mut errors);
+    let (upstreams, upstream_index) = build_upstreams(&config, env, &mut errors);
     let consumers = consumers::build(&config, &mut errors);
     let identity_headers = consumers::identity_headers(&config, &mut errors);
     let build_ctx = BuildCtx {
@@ -124,6 +127,7 @@ pub fn compile(
 /// routes naming it do not add a misleading error).
 fn build_upstreams(
     config: &Config,
+    env: &CompileEnv,
     errors: &mut Vec<ConfigError>,
 ) -> (Vec<UpstreamPool>, HashMap<String, usize>) {
     let mut index = HashMap::new();
@@ -143,7 +147,7 @@ fn build_upstreams(
             ));
             continue;
         }
-        match UpstreamPool::build(&path, upstream, &mut ca_cache) {
+        match UpstreamPool::build(&path, upstream, &mut ca_cache, &env.upstreams, &env.metrics) {
             Ok(pool) => {
                 index.insert(upstream.name.clone(), upstreams.len());
                 upstreams.push(pool);

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use gatehouse_filters::{AuthGate, BuildCtx, BuildErrorKind, Chain, Filter, Registry};
 
 use super::super::error::ConfigError;
-use super::super::model::{AuthMode, Config, FilterConfig, PathMatch, RouteConfig};
-use super::super::snapshot::Route;
+use super::super::model::{AuthMode, Config, FilterConfig, PathMatch, RetryOn, RouteConfig};
+use super::super::snapshot::{RetryPolicy, Route};
 use crate::router::{PathRewrite, Router};
 use crate::telemetry::metrics::RouteMetrics;
 
@@ -123,16 +123,114 @@ pub(super) fn build_routes(
             }),
             None => None,
         };
+        let pool =
+            |key: &str, name: &str, errors: &mut Vec<ConfigError>| match upstream_index.get(name) {
+                Some(&index) => Some(index),
+                None => {
+                    errors.push(ConfigError::new(
+                        format!("{path}.{key}"),
+                        format!("no upstream named \"{name}\""),
+                    ));
+                    None
+                }
+            };
+        let backup = route
+            .backup
+            .as_deref()
+            .and_then(|name| pool("backup", name, errors));
+        let mut split = Vec::new();
+        let mut share = 0u32;
+        for (index, part) in route.split.iter().enumerate() {
+            share += part.weight;
+            if let Some(upstream) =
+                pool(&format!("split[{index}].upstream"), &part.upstream, errors)
+            {
+                split.push((upstream, share * 100));
+            }
+        }
+        if share > 100 {
+            errors.push(ConfigError::new(
+                format!("{path}.split"),
+                format!("the weights add up to {share}; they are percentages of the route's requests, at most 100 in all"),
+            ));
+        }
+        let mirror = route.mirror.as_ref().and_then(|mirror| {
+            pool("mirror.upstream", &mirror.upstream, errors)
+                .map(|upstream| (upstream, mirror.percent.fraction()))
+        });
         routes.push(Route {
             name: route.name.as_str().into(),
             upstream,
+            backup,
+            split,
+            mirror,
             rewrite,
-            read_timeout: route.timeout.map(|timeout| timeout.get()),
+            timeout: route.timeout.map(|timeout| timeout.get()),
+            retry: retry_policy(&path, route, errors),
             chain: Chain::new(filters, gate),
             metrics: RouteMetrics::new(&ctx.metrics, &route.name),
         });
     }
     routes
+}
+
+/// The route's `retry` section, compiled.
+fn retry_policy(path: &str, route: &RouteConfig, errors: &mut Vec<ConfigError>) -> RetryPolicy {
+    let Some(retry) = &route.retry else {
+        return RetryPolicy::connect_failures_once();
+    };
+    let path = format!("{path}.retry");
+    if retry.attempts == 0 {
+        errors.push(ConfigError::new(
+            format!("{path}.attempts"),
+            "must be at least 1 (the first try)",
+        ));
+    }
+    let mut methods = Vec::new();
+    for (index, method) in retry.methods.iter().enumerate() {
+        match http::Method::from_bytes(method.to_ascii_uppercase().as_bytes()) {
+            Ok(method) => methods.push(method),
+            Err(_) => errors.push(ConfigError::new(
+                format!("{path}.methods[{index}]"),
+                format!("\"{method}\" is not an HTTP method"),
+            )),
+        }
+    }
+    for (index, status) in retry.statuses.iter().enumerate() {
+        if !(100..=599).contains(status) {
+            errors.push(ConfigError::new(
+                format!("{path}.statuses[{index}]"),
+                format!("{status} is not an HTTP status"),
+            ));
+        }
+    }
+    if retry
+        .per_try_timeout
+        .is_some_and(|timeout| timeout.get().is_zero())
+    {
+        errors.push(ConfigError::new(
+            format!("{path}.per_try_timeout"),
+            "must be longer than zero",
+        ));
+    }
+    if retry.backoff.max < retry.backoff.base {
+        errors.push(ConfigError::new(
+            format!("{path}.backoff.max"),
+            "must be at least `base`",
+        ));
+    }
+    RetryPolicy {
+        attempts: retry.attempts.max(1),
+        on_connect_failure: retry.on.contains(&RetryOn::ConnectFailure),
+        on_reset: retry.on.contains(&RetryOn::Reset),
+        on_timeout: retry.on.contains(&RetryOn::Timeout),
+        on_gateway_error: retry.on.contains(&RetryOn::GatewayError),
+        statuses: retry.statuses.clone(),
+        methods,
+        per_try_timeout: retry.per_try_timeout.map(|timeout| timeout.get()),
+        backoff_base: retry.backoff.base.get(),
+        backoff_max: retry.backoff.max.get(),
+    }
 }
 
 /// The route's `strip_prefix` or `rewrite`, whose `${name}`s must be named captures of its
