@@ -89,10 +89,11 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
     server.bootstrap();
 
     // The proxy, wrapped so slow request heads are cut off.
-    let gateway = Gateway {
-        store: store.clone(),
-        metrics: crate::telemetry::metrics::RequestMetrics::new(&metrics),
-    };
+    let gateway = Gateway::new(
+        store.clone(),
+        crate::telemetry::metrics::RequestMetrics::new(&metrics),
+        Some(pingora_core::connectors::ConnectorOptions::from_server_conf(&server.configuration)),
+    );
     let mut proxy = pingora_proxy::HttpProxy::new(gateway, server.configuration.clone());
     proxy.handle_init_modules();
     let mut server_options = HttpServerOptions::default();
@@ -141,6 +142,14 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
         "upstream health checks",
         crate::upstream::health::HealthSupervisor {
             store: store.clone(),
+            registry: store.upstreams().clone(),
+        },
+    ));
+    server.add_service(background_service(
+        "upstream discovery",
+        crate::upstream::discovery::Discovery {
+            store: store.clone(),
+            registry: store.upstreams().clone(),
         },
     ));
 

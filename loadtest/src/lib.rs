@@ -154,12 +154,24 @@ pub fn spawn_echo(name: &str) -> SocketAddr {
 /// Panics when no port can be bound, the thread or runtime cannot start, or the name cannot
 /// be a header value: in a test, that is a broken machine rather than a result.
 pub fn spawn_echo_with(options: EchoOptions) -> SocketAddr {
+    spawn_echo_on(options, SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+/// Starts an echo server on the given address (port 0: a free one), as [`spawn_echo_with`].
+/// Other loopback addresses (`127.0.0.2`) give several servers one port, as the addresses of
+/// one host name.
+///
+/// # Panics
+///
+/// As [`spawn_echo_with`], and when the address cannot be bound.
+pub fn spawn_echo_on(options: EchoOptions, bind: SocketAddr) -> SocketAddr {
     assert!(
         HeaderValue::from_str(&options.name).is_ok(),
         "echo upstream name {:?} is not a valid header value",
         options.name
     );
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    let listener =
+        std::net::TcpListener::bind(bind).unwrap_or_else(|error| panic!("bind {bind}: {error}"));
     listener
         .set_nonblocking(true)
         .expect("make the echo listener non-blocking");

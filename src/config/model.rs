@@ -61,6 +61,35 @@ pub struct ServerConfig {
     pub upgrade_socket: String,
     /// Where the process id is written.
     pub pid_file: String,
+    /// How upstream targets given by host name are resolved.
+    pub dns: DnsConfig,
+}
+
+/// Upstream targets given by host name are resolved in the background: every address a name
+/// has becomes a target, looked up again when its records' TTL runs out.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// DNS servers (`IP` or `IP:PORT`, port 53 by default). Empty: the system's
+    /// (`/etc/resolv.conf`).
+    pub resolvers: Vec<String>,
+    /// A name is looked up again no sooner than this, whatever its TTL.
+    pub min_ttl: Duration,
+    /// A name is looked up again no later than this, whatever its TTL.
+    pub max_ttl: Duration,
+    /// How long one lookup may take before it counts as failed.
+    pub timeout: Duration,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            resolvers: Vec::new(),
+            min_ttl: Duration::from_secs(1),
+            max_ttl: Duration::from_secs(300),
+            timeout: Duration::from_secs(2),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -80,6 +109,7 @@ impl Default for ServerConfig {
             shutdown_timeout: Duration::from_secs(5),
             upgrade_socket: "/tmp/gatehouse_upgrade.sock".into(),
             pid_file: "/tmp/gatehouse.pid".into(),
+            dns: DnsConfig::default(),
         }
     }
 }
@@ -503,7 +533,8 @@ impl Default for RetryBudgetConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
-    /// `host:port`. A host name is resolved when the config is loaded.
+    /// `IP:PORT`, or `HOST:PORT`: a host name is resolved in the background (`server.dns`), and
+    /// each of its addresses is a target with this weight.
     pub address: String,
     #[serde(default = "default_weight")]
     pub weight: u32,

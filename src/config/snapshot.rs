@@ -20,8 +20,7 @@ pub struct Route {
     pub backup: Option<usize>,
     /// Other pools and the share of requests (per ten thousand, cumulative) each takes.
     pub split: Vec<(usize, u32)>,
-    /// A pool copies are sent to, and the share of requests copied.
-    pub mirror: Option<(usize, f64)>,
+    pub mirror: Option<Mirror>,
     pub rewrite: Option<PathRewrite>,
     /// The whole exchange with the upstream, across attempts.
     pub timeout: Option<Duration>,
@@ -31,6 +30,18 @@ pub struct Route {
     pub chain: Chain,
     pub metrics: RouteMetrics,
 }
+
+/// Where a route's requests are copied.
+pub struct Mirror {
+    pub pool: usize,
+    /// The share of requests copied.
+    pub share: f64,
+    /// Copies under way; beyond them a copy is dropped, so a slow mirror cannot pile up work.
+    pub slots: Arc<tokio::sync::Semaphore>,
+}
+
+/// Copies a route may have under way at once.
+pub const MIRROR_SLOTS: usize = 256;
 
 /// When a route tries again, compiled from its `retry` section.
 #[derive(Clone, Debug)]
@@ -93,6 +104,8 @@ pub struct Snapshot {
     pub router: Router,
     pub routes: Vec<Route>,
     pub upstreams: Vec<UpstreamPool>,
+    /// How upstream host names are resolved (`server.dns`).
+    pub dns: crate::upstream::discovery::DnsSettings,
     /// The global chain, run for requests that match no route (so e.g. request ids still apply).
     pub global_chain: Chain,
     pub limits: Limits,
@@ -128,6 +141,13 @@ impl IdentityHeaders {
 
 impl Snapshot {
     /// Whether every filter can serve (e.g. JWKS keys are fetched).
+    /// Whether every upstream host name has had its first lookup (well or not).
+    pub fn names_looked_up(&self) -> bool {
+        self.upstreams
+            .iter()
+            .all(|pool| pool.awaiting_name().is_none())
+    }
+
     pub fn filters_ready(&self) -> bool {
         self.global_chain.ready() && self.routes.iter().all(|route| route.chain.ready())
     }

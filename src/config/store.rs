@@ -107,6 +107,11 @@ impl ConfigStore {
         self.changes.send_replace(version);
     }
 
+    /// The state of pools and targets kept across config versions.
+    pub fn upstreams(&self) -> &crate::upstream::UpstreamRegistry {
+        &self.env.upstreams
+    }
+
     /// Changes whenever a new config is served.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()

@@ -81,7 +81,8 @@ impl ServeHttp for OpsApp {
             "/healthz" => reply(200, "text/plain", b"ok\n".to_vec()),
             "/readyz" => {
                 let filters_ready = snapshot.filters_ready();
-                let ready = filters_ready && snapshot.serving;
+                let names_looked_up = snapshot.names_looked_up();
+                let ready = filters_ready && names_looked_up && snapshot.serving;
                 json(
                     if ready { 200 } else { 503 },
                     serde_json::json!({
@@ -89,6 +90,8 @@ impl ServeHttp for OpsApp {
                         "config_loaded": snapshot.serving,
                         "config": { "version": snapshot.version, "hash": snapshot.hash, "source": snapshot.source },
                         "filters_ready": filters_ready,
+                        // Every upstream host name has had its first DNS answer (or failure).
+                        "upstream_names_looked_up": names_looked_up,
                         // Redis being down does not make the node unready: each rate-limit
                         // policy has its failure mode, and the node keeps serving with it.
                         "redis": snapshot.redis.as_ref().map(|redis| redis.status()),

@@ -24,6 +24,8 @@ pub struct RequestCtx {
     /// response phases (and only theirs).
     pub(super) reached: usize,
     pub(super) body_bytes: u64,
+    /// A copy of the request on its way to the route's mirror.
+    pub(super) mirror: Option<Box<super::mirror::Copy>>,
     /// A problem to answer with when the proxy fails on our own decision (a body phase).
     pub(super) problem: Option<Problem>,
     /// The TCP peer, and whether it is a trusted proxy.
@@ -40,6 +42,7 @@ impl RequestCtx {
             upstream: Attempts::default(),
             reached: 0,
             body_bytes: 0,
+            mirror: None,
             problem: None,
             peer: None,
             trusted_peer: false,

@@ -9,6 +9,7 @@
 //! - `respond`: answers of our own, and errors mapped to problems;
 //! - `peer`: upstream choice (split, backup, breaker) and each attempt's life;
 //! - `retry`: whether and when a failed attempt is tried again;
+//! - `mirror`: copies of a route's requests sent to its mirror pool;
 //! - `observe`: metrics, filter log phases and the access log of a finished request;
 //! - `deadline`: the total deadline for a request head, around the whole connection.
 
@@ -16,6 +17,7 @@ pub mod admit;
 pub mod ctx;
 pub mod deadline;
 pub mod forwarded;
+pub mod mirror;
 pub mod observe;
 pub mod peer;
 pub mod resolve;
@@ -27,6 +29,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use gatehouse_filters::{Phases, Problem, ProblemType};
+use pingora_core::connectors::http::Connector;
+use pingora_core::connectors::ConnectorOptions;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::{Error, Result};
 use pingora_http::ResponseHeader;
@@ -40,6 +44,22 @@ use crate::telemetry::metrics::RequestMetrics;
 pub struct Gateway {
     pub store: Arc<ConfigStore>,
     pub metrics: RequestMetrics,
+    /// Connections to mirror pools, apart from the proxy's own.
+    pub mirror: Arc<Connector>,
+}
+
+impl Gateway {
+    pub fn new(
+        store: Arc<ConfigStore>,
+        metrics: RequestMetrics,
+        connector: Option<ConnectorOptions>,
+    ) -> Gateway {
+        Gateway {
+            store,
+            metrics,
+            mirror: Arc::new(Connector::new(connector)),
+        }
+    }
 }
 
 #[async_trait]
@@ -102,6 +122,7 @@ impl ProxyHttp for Gateway {
             };
             return respond::problem(session, ctx, Problem::new(kind)).await;
         }
+        mirror::draw(ctx);
         Ok(false)
     }
 
@@ -125,6 +146,9 @@ impl ProxyHttp for Gateway {
                 return Err(respond::defer(ctx, refusal));
             }
         }
+        if ctx.mirror.is_some() {
+            mirror::body(ctx, body.as_ref(), end_of_stream, &self.mirror);
+        }
         Ok(())
     }
 
@@ -133,8 +157,24 @@ impl ProxyHttp for Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
+        if ctx.upstream.count > 0 {
+            // Pingora replays the body read so far through `request_body_filter`.
+            admit::restart_body(ctx);
+        }
         retry::before_attempt(ctx).await?;
-        peer::choose(session.req_header(), ctx)
+        match peer::choose(session.req_header(), ctx, true)? {
+            peer::Choice::Peer(peer) => Ok(peer),
+            peer::Choice::AwaitingName(record) => {
+                // Only until the name's first answer: a pool found by DNS right after start
+                // or a reload.
+                let limit = ctx.snapshot.dns.timeout;
+                record.first_answer(limit).await;
+                match peer::choose(session.req_header(), ctx, false)? {
+                    peer::Choice::Peer(peer) => Ok(peer),
+                    peer::Choice::AwaitingName(_) => unreachable!("choose does not wait twice"),
+                }
+            }
+        }
     }
 
     fn fail_to_connect(
@@ -179,6 +219,7 @@ impl ProxyHttp for Gateway {
         if chain.wants(Phases::UPSTREAM_REQUEST) {
             chain.upstream_request(upstream_request, &mut ctx.shared);
         }
+        mirror::head(ctx, upstream_request);
         Ok(())
     }
 
@@ -220,6 +261,10 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
+        if ctx.mirror.is_some() {
+            let body_done = session.as_mut().is_body_done();
+            mirror::finish(ctx, session.req_header(), body_done, &self.mirror);
+        }
         observe::finish(session, error, ctx, &self.metrics);
     }
 }

@@ -6,6 +6,7 @@
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gatehouse_filters::util::cookie;
@@ -21,7 +22,7 @@ use super::respond;
 use crate::config::model::HashOn;
 use crate::config::snapshot::Route;
 use crate::upstream::breaker::{Permit, Refusal};
-use crate::upstream::{clock, UpstreamPool};
+use crate::upstream::{clock, NameRecord, Pick, TargetState, UpstreamPool};
 
 /// The upstream attempts of one request.
 #[derive(Default)]
@@ -45,7 +46,7 @@ pub struct Attempts {
 /// One attempt at one target.
 pub struct Attempt {
     pub pool: usize,
-    pub target: usize,
+    pub target: Arc<TargetState>,
     pub started: Instant,
     permit: Option<Permit>,
     /// Whether it failed, once its outcome is known.
@@ -66,8 +67,15 @@ impl Route {
     }
 }
 
+/// What `choose` found.
+pub enum Choice {
+    Peer(Box<HttpPeer>),
+    /// The pool has no target yet because a host name has not had its first answer.
+    AwaitingName(Arc<NameRecord>),
+}
+
 /// The peer for the next attempt of this request.
-pub fn choose(request: &RequestHeader, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+pub fn choose(request: &RequestHeader, ctx: &mut RequestCtx, may_wait: bool) -> Result<Choice> {
     let Some(route_index) = ctx.route else {
         return Err(Error::explain(ErrorType::InternalError, "no route"));
     };
@@ -91,7 +99,12 @@ pub fn choose(request: &RequestHeader, ctx: &mut RequestCtx) -> Result<Box<HttpP
     for pool_index in std::iter::once(primary).chain(route.backup) {
         let pool = &snapshot.upstreams[pool_index];
         let key = hash_key(pool, request, shared.client_addr);
-        let Some(target) = pool.select(key.as_deref(), &upstream.tried, now) else {
+        let Some(pick) = pool.select(key.as_deref(), &upstream.tried, now) else {
+            if may_wait && pool_index == primary {
+                if let Some(record) = pool.awaiting_name() {
+                    return Ok(Choice::AwaitingName(record.clone()));
+                }
+            }
             refusal.get_or_insert(ProblemType::NoHealthyUpstream);
             continue;
         };
@@ -108,7 +121,7 @@ pub fn choose(request: &RequestHeader, ctx: &mut RequestCtx) -> Result<Box<HttpP
         if upstream.count == 0 {
             pool.shared.budget.request(now);
         }
-        let state = &pool.targets[target].state;
+        let Pick { state, mut peer } = pick;
         state
             .in_flight
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -116,17 +129,20 @@ pub fn choose(request: &RequestHeader, ctx: &mut RequestCtx) -> Result<Box<HttpP
         upstream.count += 1;
         upstream.current = Some(Attempt {
             pool: pool_index,
-            target,
+            target: state,
             started,
             permit,
             failed: None,
         });
-        let read = route
-            .retry
-            .per_try_timeout
-            .unwrap_or(pool.read_timeout)
-            .min(remaining);
-        return Ok(pool.peer(target, pool.connect_timeout.min(remaining), read));
+        peer.options.connection_timeout = Some(pool.connect_timeout.min(remaining));
+        peer.options.read_timeout = Some(
+            route
+                .retry
+                .per_try_timeout
+                .unwrap_or(pool.read_timeout)
+                .min(remaining),
+        );
+        return Ok(Choice::Peer(peer));
     }
     let problem = Problem::new(refusal.unwrap_or(ProblemType::NoHealthyUpstream));
     Err(respond::defer(ctx, problem))
@@ -156,7 +172,7 @@ pub fn record(ctx: &mut RequestCtx, failed: bool, answered: bool) {
     };
     attempt.failed = Some(failed);
     let pool = &ctx.snapshot.upstreams[attempt.pool];
-    let state = &pool.targets[attempt.target].state;
+    let state = &attempt.target;
     let now = clock::now();
     if answered {
         state.observe_latency(attempt.started.elapsed(), now);
@@ -183,8 +199,8 @@ pub fn release(ctx: &mut RequestCtx) {
         return;
     };
     let pool = &ctx.snapshot.upstreams[attempt.pool];
-    pool.targets[attempt.target]
-        .state
+    attempt
+        .target
         .in_flight
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     if let (Some(config), Some(permit)) = (&pool.breaker, attempt.permit) {

@@ -29,6 +29,16 @@ pub struct RouteMetrics {
     by_class: [Row<IntCounter>; 5],
     duration: Row<Histogram>,
     retries: [Row<IntCounter>; 5],
+    /// For a route with a mirror.
+    pub mirror: Option<MirrorMetrics>,
+}
+
+/// A route's mirror copies: sent (answered), failed, and dropped (no free slot, or a body too
+/// large to copy).
+pub struct MirrorMetrics {
+    pub sent: Row<IntCounter>,
+    pub failed: Row<IntCounter>,
+    pub dropped: Row<IntCounter>,
 }
 
 impl RouteMetrics {
@@ -54,7 +64,23 @@ impl RouteMetrics {
                 .map(|class| requests.row(&[route, class])),
             duration: duration.row(&[route]),
             retries: RETRY_REASONS.map(|reason| retries.row(&[route, reason])),
+            mirror: None,
         }
+    }
+
+    /// The rows of a route that mirrors its requests.
+    pub fn with_mirror(mut self, metrics: &Metrics, route: &str) -> RouteMetrics {
+        let copies = metrics.counters(
+            "gatehouse_mirror_requests_total",
+            "Copies of requests sent to a route's mirror, by route and result (sent, failed, dropped)",
+            &["route", "result"],
+        );
+        self.mirror = Some(MirrorMetrics {
+            sent: copies.row(&[route, "sent"]),
+            failed: copies.row(&[route, "failed"]),
+            dropped: copies.row(&[route, "dropped"]),
+        });
+        self
     }
 
     /// The rows of requests that match no route.

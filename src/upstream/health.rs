@@ -2,7 +2,8 @@
 //! `health_check`, each target on its own jittered timer, off the request path. On every config
 //! swap it reconciles its probes with the new config, by (pool, address): a kept target keeps its
 //! probe and its state (a weight change resets nothing), a removed target stops being probed, a
-//! new one starts as configured (`initial`).
+//! new one starts as configured (`initial`). Targets found by DNS are reconciled the same way
+//! whenever a name's addresses change.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -138,18 +139,22 @@ struct Probe {
 /// The background service that runs the probes.
 pub struct HealthSupervisor {
     pub store: Arc<ConfigStore>,
+    /// Tells when a pool's targets change between config swaps (DNS answers).
+    pub registry: super::UpstreamRegistry,
 }
 
 #[async_trait]
 impl BackgroundService for HealthSupervisor {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut changes = self.store.subscribe();
+        let mut discovered = self.registry.subscribe();
         let mut probes: HashMap<(Arc<str>, SocketAddr), Probe> = HashMap::new();
         loop {
             self.reconcile(&mut probes);
             tokio::select! {
                 _ = shutdown.changed() => break,
                 changed = changes.changed() => if changed.is_err() { break },
+                changed = discovered.changed() => if changed.is_err() { break },
             }
         }
         for probe in probes.values() {
@@ -171,7 +176,7 @@ impl HealthSupervisor {
                 check: check.clone(),
                 transport: pool.transport.clone(),
             };
-            for target in &pool.targets {
+            for target in &pool.targets().targets {
                 wanted.insert(
                     (pool.name.clone(), target.state.address),
                     (spec.clone(), target.state.clone()),

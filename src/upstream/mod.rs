@@ -1,18 +1,24 @@
 //! Upstream pools: their targets and the state kept about them across config versions, load
 //! balancing over the targets a request may use, active health checks (`health`), passive
-//! ejection (`target`), circuit breakers (`breaker`), retry budgets (`budget`), and the Pingora
-//! peer each target is reached through.
+//! ejection (`target`), circuit breakers (`breaker`), retry budgets (`budget`), targets found
+//! by DNS (`discovery`), and the Pingora peer each target is reached through.
+//!
+//! A pool's target set is swapped whole when a host name's addresses change; a request keeps
+//! the target it picked (an `Arc` of its state) whatever set comes next.
 
 mod balance;
 pub mod breaker;
 pub mod budget;
+pub mod discovery;
 pub mod health;
 mod target;
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
+
+use arc_swap::ArcSwap;
 
 use gatehouse_filters::metrics::{Row, SampledRow};
 use gatehouse_filters::Metrics;
@@ -28,6 +34,7 @@ use crate::config::model::{
 pub use balance::{Balancer, HashKey};
 pub use breaker::Breaker;
 pub use budget::RetryBudget;
+pub use discovery::NameRecord;
 pub use health::HealthCheck;
 pub use target::TargetState;
 
@@ -46,18 +53,53 @@ pub mod clock {
 /// The state of every pool and target that outlives a config version, by pool name and target
 /// address: a new config finds the state of what it keeps (health, ejections, the breaker),
 /// and what it drops goes with the last config that used it.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct UpstreamRegistry {
     inner: Arc<Mutex<Registry>>,
+    /// Bumped when a pool's target set changes outside a config swap (a DNS answer), for the
+    /// health checks.
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for UpstreamRegistry {
+    fn default() -> Self {
+        UpstreamRegistry {
+            inner: Arc::default(),
+            changes: Arc::new(tokio::sync::watch::Sender::new(0)),
+        }
+    }
 }
 
 #[derive(Default)]
 struct Registry {
     pools: HashMap<String, Weak<PoolState>>,
     targets: HashMap<(String, SocketAddr), Weak<TargetState>>,
+    names: HashMap<String, Weak<NameRecord>>,
 }
 
 impl UpstreamRegistry {
+    /// Changes whenever a pool's target set changes between config swaps.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    pub fn targets_changed(&self) {
+        self.changes.send_modify(|count| *count += 1);
+    }
+
+    fn name(&self, host: &str, metrics: &Metrics) -> Arc<NameRecord> {
+        let mut registry = self.inner.lock().expect("upstream registry lock");
+        registry.names.retain(|_, name| name.strong_count() > 0);
+        if let Some(record) = registry.names.get(host).and_then(Weak::upgrade) {
+            return record;
+        }
+        let record = NameRecord::new(host, metrics);
+        registry
+            .names
+            .insert(host.to_string(), Arc::downgrade(&record));
+        record
+    }
+
     fn pool(&self, name: &str, metrics: &Metrics) -> Arc<PoolState> {
         let mut registry = self.inner.lock().expect("upstream registry lock");
         registry.pools.retain(|_, pool| pool.strong_count() > 0);
@@ -147,11 +189,43 @@ pub struct ProbeTransport {
     pub h2: bool,
 }
 
+/// The targets a pool balances over, swapped whole when they change.
+pub struct TargetSet {
+    pub targets: Vec<Target>,
+    balancer: Balancer,
+}
+
+/// A target as configured: an address, or a host name that gives one target per address.
+enum TargetSpec {
+    Fixed {
+        address: SocketAddr,
+        weight: u32,
+    },
+    Named {
+        record: Arc<NameRecord>,
+        port: u16,
+        weight: u32,
+    },
+}
+
+/// A target a request picked: its state (held until the attempt ends) and its peer.
+pub struct Pick {
+    pub state: Arc<TargetState>,
+    pub peer: Box<HttpPeer>,
+}
+
 /// A named pool of targets with its balancing and resilience settings.
 pub struct UpstreamPool {
     pub name: Arc<str>,
-    pub targets: Vec<Target>,
-    pub balancer: Balancer,
+    specs: Vec<TargetSpec>,
+    set: ArcSwap<TargetSet>,
+    /// Every target's peer, but for its address (and, for a named TLS target without a
+    /// configured SNI, its server name).
+    template: HttpPeer,
+    balance: Balance,
+    initial_healthy: bool,
+    registry: UpstreamRegistry,
+    metrics: Metrics,
     pub hash_on: Option<HashOn>,
     pub health_check: Option<HealthCheck>,
     pub outlier: Option<OutlierConfig>,
@@ -211,7 +285,7 @@ impl UpstreamPool {
         let initial_healthy = health_check
             .as_ref()
             .is_none_or(|check| check.initial_healthy);
-        let mut targets = Vec::new();
+        let mut specs = Vec::new();
         for (index, target) in config.targets.iter().enumerate() {
             let target_path = format!("{path}.targets[{index}]");
             if target.weight == 0 {
@@ -220,66 +294,58 @@ impl UpstreamPool {
                     "weight must be at least 1",
                 ));
             }
-            let address = match target.address.to_socket_addrs() {
-                Ok(mut addresses) => match addresses.next() {
-                    Some(address) => address,
-                    None => {
-                        errors.push(ConfigError::new(
-                            format!("{target_path}.address"),
-                            "resolves to no address",
-                        ));
-                        continue;
-                    }
-                },
-                Err(error) => {
-                    errors.push(ConfigError::new(
-                        format!("{target_path}.address"),
-                        format!(
-                            "\"{}\" is not a reachable host:port ({error})",
-                            target.address
-                        ),
-                    ));
-                    continue;
+            let weight = target.weight.max(1);
+            match parse_target(&target.address) {
+                Ok(Address::Fixed(address)) => specs.push(TargetSpec::Fixed { address, weight }),
+                Ok(Address::Named(host, port)) => specs.push(TargetSpec::Named {
+                    record: registry.name(&host, metrics),
+                    port,
+                    weight,
+                }),
+                Err(message) => {
+                    errors.push(ConfigError::new(format!("{target_path}.address"), message))
                 }
-            };
-            let tls = config.tls.is_some();
-            let sni = config
-                .tls
-                .as_ref()
-                .map(|tls| tls.sni.clone())
-                .unwrap_or_default();
-            let mut peer = HttpPeer::new(address, tls, sni);
-            let timeouts = &config.timeouts;
-            peer.options.connection_timeout = Some(timeouts.connect.get());
-            peer.options.read_timeout = Some(timeouts.read.get());
-            peer.options.write_timeout = Some(timeouts.write.get());
-            peer.options.idle_timeout = Some(timeouts.idle.get());
-            if let Some(tls) = &config.tls {
-                peer.options.verify_cert = tls.verify;
-                peer.options.verify_hostname = tls.verify;
-                peer.options.ca.clone_from(&ca);
             }
-            peer.options.alpn = match (config.protocol, tls) {
-                (UpstreamProtocol::Http1, _) => ALPN::H1,
-                (UpstreamProtocol::H2, true) => ALPN::H2,
-                // Plain TCP: HTTP/2 with prior knowledge.
-                (UpstreamProtocol::H2, false) => ALPN::H2,
-            };
-            targets.push(Target {
-                state: registry.target(&name, address, initial_healthy, metrics),
-                weight: target.weight.max(1),
-                peer,
-            });
         }
+        let tls = config.tls.is_some();
+        let sni = config
+            .tls
+            .as_ref()
+            .map(|tls| tls.sni.clone())
+            .unwrap_or_default();
+        let mut template = HttpPeer::new(SocketAddr::from(([0, 0, 0, 0], 0)), tls, sni);
+        let timeouts = &config.timeouts;
+        template.options.connection_timeout = Some(timeouts.connect.get());
+        template.options.read_timeout = Some(timeouts.read.get());
+        template.options.write_timeout = Some(timeouts.write.get());
+        template.options.idle_timeout = Some(timeouts.idle.get());
+        if let Some(tls) = &config.tls {
+            template.options.verify_cert = tls.verify;
+            template.options.verify_hostname = tls.verify;
+            template.options.ca.clone_from(&ca);
+        }
+        template.options.alpn = match (config.protocol, tls) {
+            (UpstreamProtocol::Http1, _) => ALPN::H1,
+            (UpstreamProtocol::H2, true) => ALPN::H2,
+            // Plain TCP: HTTP/2 with prior knowledge.
+            (UpstreamProtocol::H2, false) => ALPN::H2,
+        };
         if !errors.is_empty() {
             return Err(errors);
         }
-        let balancer = Balancer::new(config.balance, &targets);
-        Ok(UpstreamPool {
+        let mut pool = UpstreamPool {
             shared: registry.pool(&config.name, metrics),
             name,
-            targets,
-            balancer,
+            specs,
+            set: ArcSwap::from_pointee(TargetSet {
+                targets: Vec::new(),
+                balancer: Balancer::new(config.balance, &[]),
+            }),
+            template,
+            balance: config.balance,
+            initial_healthy,
+            registry: registry.clone(),
+            metrics: metrics.clone(),
             hash_on: config.hash_on.clone(),
             health_check,
             outlier: config.outlier_detection.clone(),
@@ -295,75 +361,172 @@ impl UpstreamPool {
             },
             connect_timeout: config.timeouts.connect.get(),
             read_timeout: config.timeouts.read.get(),
+        };
+        pool.set = ArcSwap::from_pointee(pool.build_set());
+        Ok(pool)
+    }
+
+    /// The targets as they are now.
+    pub fn targets(&self) -> arc_swap::Guard<Arc<TargetSet>> {
+        self.set.load()
+    }
+
+    /// The host names the pool's targets are given by.
+    pub fn names(&self) -> impl Iterator<Item = &Arc<NameRecord>> {
+        self.specs.iter().filter_map(|spec| match spec {
+            TargetSpec::Named { record, .. } => Some(record),
+            TargetSpec::Fixed { .. } => None,
         })
+    }
+
+    /// A host name of the pool that has not had its first answer yet.
+    pub fn awaiting_name(&self) -> Option<&Arc<NameRecord>> {
+        self.names().find(|record| !record.looked_up())
+    }
+
+    /// The target set from the configured targets and the names' last good answers. An
+    /// address given twice is one target (the first one's weight).
+    fn build_set(&self) -> TargetSet {
+        let mut targets: Vec<Target> = Vec::with_capacity(self.specs.len());
+        let mut add = |address: SocketAddr, weight: u32, host: Option<&str>| {
+            if targets.iter().any(|target| target.state.address == address) {
+                return;
+            }
+            let mut peer = self.template.clone();
+            peer._address = pingora_core::protocols::l4::socket::SocketAddr::Inet(address);
+            if let Some(host) = host {
+                if peer.is_tls() && peer.sni.is_empty() {
+                    peer.sni = host.to_string();
+                }
+            }
+            targets.push(Target {
+                state: self.registry.target(
+                    &self.name,
+                    address,
+                    self.initial_healthy,
+                    &self.metrics,
+                ),
+                weight,
+                peer,
+            });
+        };
+        for spec in &self.specs {
+            match spec {
+                TargetSpec::Fixed { address, weight } => add(*address, *weight, None),
+                TargetSpec::Named {
+                    record,
+                    port,
+                    weight,
+                } => {
+                    for ip in record
+                        .addresses()
+                        .iter()
+                        .flat_map(|addresses| addresses.iter())
+                    {
+                        add(SocketAddr::new(*ip, *port), *weight, Some(&record.host));
+                    }
+                }
+            }
+        }
+        let balancer = Balancer::new(self.balance, &targets);
+        TargetSet { targets, balancer }
+    }
+
+    /// Rebuilds the target set from the names' last good answers; whether it changed.
+    pub fn refresh(&self) -> bool {
+        if self.names().next().is_none() {
+            return false;
+        }
+        let next = self.build_set();
+        let current = self.set.load();
+        let same = current.targets.len() == next.targets.len()
+            && current
+                .targets
+                .iter()
+                .zip(&next.targets)
+                .all(|(a, b)| a.state.address == b.state.address && a.weight == b.weight);
+        if same {
+            return false;
+        }
+        tracing::info!(
+            upstream = %self.name,
+            targets = ?next.targets.iter().map(|target| target.state.address).collect::<Vec<_>>(),
+            "upstream targets changed"
+        );
+        self.set.store(Arc::new(next));
+        true
     }
 
     /// Picks a target for an attempt, by the pool's balancer, among the usable ones (healthy
     /// and not ejected; all of them when fewer than `panic_threshold` are usable) that the
     /// request has not tried yet, or has tried when that is all there is. `None` when no target
     /// is usable at all.
-    pub fn select(
-        &self,
-        key: Option<HashKey<'_>>,
-        tried: &[SocketAddr],
-        now: u64,
-    ) -> Option<usize> {
+    pub fn select(&self, key: Option<HashKey<'_>>, tried: &[SocketAddr], now: u64) -> Option<Pick> {
+        let set = self.set.load();
+        let targets = &set.targets;
         let checked = self.health_check.is_some();
         let watched = checked || self.outlier.is_some();
-        let usable = |index: usize| self.targets[index].state.usable(checked, now);
+        let usable = |index: usize| targets[index].state.usable(checked, now);
         let panic = watched && {
-            let count = (0..self.targets.len())
-                .filter(|&index| usable(index))
-                .count();
+            let count = (0..targets.len()).filter(|&index| usable(index)).count();
             if count == 0 {
                 return None;
             }
-            (count as f64) < self.panic_threshold * self.targets.len() as f64
+            (count as f64) < self.panic_threshold * targets.len() as f64
         };
         let allowed = |index: usize| !watched || panic || usable(index);
-        let untried = |index: usize| !tried.contains(&self.targets[index].state.address);
-        if tried.is_empty() {
-            return self.balancer.pick(&self.targets, key, allowed);
-        }
-        self.balancer
-            .pick(&self.targets, key, |index| allowed(index) && untried(index))
-            .or_else(|| self.balancer.pick(&self.targets, key, allowed))
+        let untried = |index: usize| !tried.contains(&targets[index].state.address);
+        let index = if tried.is_empty() {
+            set.balancer.pick(targets, key, allowed)
+        } else {
+            set.balancer
+                .pick(targets, key, |index| allowed(index) && untried(index))
+                .or_else(|| set.balancer.pick(targets, key, allowed))
+        }?;
+        let target = &targets[index];
+        Some(Pick {
+            state: target.state.clone(),
+            peer: Box::new(target.peer.clone()),
+        })
     }
 
     /// Whether any target is usable now.
     pub fn has_usable(&self, now: u64) -> bool {
         let checked = self.health_check.is_some();
-        self.targets
+        self.set
+            .load()
+            .targets
             .iter()
             .any(|target| target.state.usable(checked, now))
-    }
-
-    /// A fresh peer for the chosen target, with this attempt's connect and read deadlines.
-    pub fn peer(&self, target: usize, connect: Duration, read: Duration) -> Box<HttpPeer> {
-        let mut peer = Box::new(self.targets[target].peer.clone());
-        peer.options.connection_timeout = Some(connect);
-        peer.options.read_timeout = Some(read);
-        peer
     }
 
     /// Whether the pool may eject one more target now (`max_ejection_percent`; one always may
     /// be).
     pub fn may_eject(&self, outlier: &OutlierConfig, now: u64) -> bool {
-        let ejected = self
+        let set = self.set.load();
+        let ejected = set
             .targets
             .iter()
             .filter(|target| target.state.ejected(now))
             .count();
-        let allowed =
-            ((outlier.max_ejection_percent.fraction() * self.targets.len() as f64).floor()
-                as usize)
-                .max(1);
+        let allowed = ((outlier.max_ejection_percent.fraction() * set.targets.len() as f64).floor()
+            as usize)
+            .max(1);
         ejected < allowed
     }
 
-    /// What `/config` shows about the pool: its breaker, and each target's state and why.
+    /// What `/config` shows about the pool: its breaker, each target's state and why, and the
+    /// host names its targets come from.
     pub fn report(&self, now: u64) -> serde_json::Value {
         let checked = self.health_check.is_some();
+        let names: Vec<_> = self
+            .specs
+            .iter()
+            .filter_map(|spec| match spec {
+                TargetSpec::Named { record, port, .. } => Some(record.report(*port)),
+                TargetSpec::Fixed { .. } => None,
+            })
+            .collect();
         serde_json::json!({
             "name": self.name.as_ref(),
             "circuit": self.breaker.as_ref().map(|_| serde_json::json!({
@@ -371,12 +534,47 @@ impl UpstreamPool {
                 "in_flight": self.shared.breaker.in_flight(),
             })),
             "targets": self
+                .set
+                .load()
                 .targets
                 .iter()
                 .map(|target| target.state.report(checked, target.weight, now))
                 .collect::<Vec<_>>(),
+            "names": names,
         })
     }
+}
+
+/// A target's address as written: `IP:PORT` (`[IPv6]:PORT`), or `HOST:PORT`.
+enum Address {
+    Fixed(SocketAddr),
+    Named(String, u16),
+}
+
+fn parse_target(text: &str) -> Result<Address, String> {
+    if let Ok(address) = text.parse::<SocketAddr>() {
+        return Ok(Address::Fixed(address));
+    }
+    let invalid = || format!("\"{text}\" is not IP:PORT or HOST:PORT");
+    let (host, port) = text.rsplit_once(':').ok_or_else(invalid)?;
+    let port: u16 = port.parse().map_err(|_| invalid())?;
+    if host.parse::<IpAddr>().is_ok() || host.starts_with('[') {
+        return Err(invalid());
+    }
+    let valid_label = |label: &str| {
+        !label.is_empty()
+            && label.len() <= 63
+            && label
+                .bytes()
+                .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_')
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+    };
+    let name = host.strip_suffix('.').unwrap_or(host);
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(valid_label) {
+        return Err(format!("\"{host}\" is not a valid host name"));
+    }
+    Ok(Address::Named(host.to_ascii_lowercase(), port))
 }
 
 /// The resilience settings' own limits.

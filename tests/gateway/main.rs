@@ -5,6 +5,7 @@ mod support;
 
 mod auth;
 mod balancing;
+mod discovery;
 mod introspection;
 mod lifecycle;
 mod limits;

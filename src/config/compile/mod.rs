@@ -2,8 +2,9 @@
 //! their paths, and build a Snapshot (router, upstream pools, filter chains). Each part of the
 //! config has its named check in this folder; `compile` runs them in order.
 //!
-//! Compiling reads files (certificates, CA bundles, secret files) and resolves upstream host
-//! names, so callers run it off the async threads.
+//! Compiling reads files (certificates, CA bundles, secret files), so callers run it off the
+//! async threads. Upstream host names are not looked up here: the discovery service does that
+//! in the background.
 
 mod consumers;
 mod routes;
@@ -75,6 +76,7 @@ pub fn compile(
     let limits = server::limits(&config, &mut errors);
     server::check_node(&config, &mut errors);
     let (upstreams, upstream_index) = build_upstreams(&config, env, &mut errors);
+    let dns = crate::upstream::discovery::DnsSettings::build(&config.server.dns, &mut errors);
     let consumers = consumers::build(&config, &mut errors);
     let identity_headers = consumers::identity_headers(&config, &mut errors);
     let build_ctx = BuildCtx {
@@ -110,6 +112,7 @@ pub fn compile(
         router: router.expect("no errors means the router built"),
         routes,
         upstreams,
+        dns,
         global_chain: gatehouse_filters::Chain::new(global_filters, None),
         limits,
         trusted_proxies: config.server.trusted_proxies.clone(),

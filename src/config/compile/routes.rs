@@ -8,7 +8,7 @@ use gatehouse_filters::{AuthGate, BuildCtx, BuildErrorKind, Chain, Filter, Regis
 
 use super::super::error::ConfigError;
 use super::super::model::{AuthMode, Config, FilterConfig, PathMatch, RetryOn, RouteConfig};
-use super::super::snapshot::{RetryPolicy, Route};
+use super::super::snapshot::{Mirror, RetryPolicy, Route, MIRROR_SLOTS};
 use crate::router::{PathRewrite, Router};
 use crate::telemetry::metrics::RouteMetrics;
 
@@ -155,8 +155,11 @@ pub(super) fn build_routes(
             ));
         }
         let mirror = route.mirror.as_ref().and_then(|mirror| {
-            pool("mirror.upstream", &mirror.upstream, errors)
-                .map(|upstream| (upstream, mirror.percent.fraction()))
+            pool("mirror.upstream", &mirror.upstream, errors).map(|upstream| Mirror {
+                pool: upstream,
+                share: mirror.percent.fraction(),
+                slots: Arc::new(tokio::sync::Semaphore::new(MIRROR_SLOTS)),
+            })
         });
         routes.push(Route {
             name: route.name.as_str().into(),
@@ -168,7 +171,11 @@ pub(super) fn build_routes(
             timeout: route.timeout.map(|timeout| timeout.get()),
             retry: retry_policy(&path, route, errors),
             chain: Chain::new(filters, gate),
-            metrics: RouteMetrics::new(&ctx.metrics, &route.name),
+            metrics: match route.mirror {
+                Some(_) => RouteMetrics::new(&ctx.metrics, &route.name)
+                    .with_mirror(&ctx.metrics, &route.name),
+                None => RouteMetrics::new(&ctx.metrics, &route.name),
+            },
         });
     }
     routes
