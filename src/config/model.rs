@@ -367,8 +367,9 @@ pub struct UpstreamConfig {
     /// Active checks: each target is probed on its own; off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheckConfig>,
-    /// Passive checks: a target whose requests keep failing is ejected for a while.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Passive checks: a target whose requests keep failing is ejected for a while (also
+    /// `outlier`).
+    #[serde(default, skip_serializing_if = "Option::is_none", alias = "outlier")]
     pub outlier_detection: Option<OutlierConfig>,
     /// Fast 503s instead of requests to a pool that is failing or at its concurrency limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -419,9 +420,11 @@ pub struct HealthCheckConfig {
     /// not move in step.
     pub jitter: Percent,
     pub timeout: Duration,
-    /// Consecutive passing probes that make an unhealthy target healthy.
+    /// Consecutive passing probes that make an unhealthy target healthy (also `healthy`).
+    #[serde(alias = "healthy")]
     pub healthy_threshold: u32,
-    /// Consecutive failing probes that make a healthy target unhealthy.
+    /// Consecutive failing probes that make a healthy target unhealthy (also `unhealthy`).
+    #[serde(alias = "unhealthy")]
     pub unhealthy_threshold: u32,
     pub initial: InitialHealth,
 }
@@ -448,7 +451,9 @@ pub struct OutlierConfig {
     /// Consecutive failed requests (a 5xx, a failed connection, a reset, a timeout) that eject
     /// a target.
     pub consecutive_failures: u32,
-    /// The first ejection's length; each repeat doubles it, up to `max_ejection_time`.
+    /// The first ejection's length; each repeat doubles it, up to `max_ejection_time` (also
+    /// `base_ejection`).
+    #[serde(alias = "base_ejection")]
     pub base_ejection_time: Duration,
     pub max_ejection_time: Duration,
     /// At most this share of the pool is ejected at once (one target always may be).
@@ -469,12 +474,18 @@ impl Default for OutlierConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BreakerConfig {
-    /// Concurrent requests to the pool; beyond it a fast 503.
+    /// Concurrent requests to the pool; beyond it a fast 503 (also `max_concurrent`).
+    #[serde(alias = "max_concurrent")]
     pub max_requests: u32,
     /// Opens the breaker when this share of the window's requests failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure_rate: Option<FailureRateConfig>,
-    /// How long the breaker stays open; doubles on each re-open, up to `max_open_duration`.
+    /// Opens the breaker after this many failed requests in a row (also `failure_threshold`).
+    #[serde(skip_serializing_if = "Option::is_none", alias = "failure_threshold")]
+    pub consecutive_failures: Option<u32>,
+    /// How long the breaker stays open; doubles on each re-open, up to `max_open_duration`
+    /// (also `open_for`).
+    #[serde(alias = "open_for")]
     pub open_duration: Duration,
     pub max_open_duration: Duration,
     /// Requests let through at once while half-open, to find out whether the pool recovered.
@@ -486,6 +497,7 @@ impl Default for BreakerConfig {
         BreakerConfig {
             max_requests: 1024,
             failure_rate: None,
+            consecutive_failures: None,
             open_duration: Duration::from_secs(10),
             max_open_duration: Duration::from_secs(300),
             half_open_probes: 3,
@@ -692,8 +704,7 @@ pub struct RouteConfig {
     pub filters: Vec<FilterConfig>,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq, Hash)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RetryOn {
     /// The connection to the target failed: nothing reached it.
     ConnectFailure,
@@ -703,6 +714,77 @@ pub enum RetryOn {
     Timeout,
     /// The target answered 502, 503 or 504.
     GatewayError,
+    /// The target answered this status.
+    Status(u16),
+}
+
+impl RetryOn {
+    const KINDS: [(&'static str, RetryOn); 4] = [
+        ("connect_failure", RetryOn::ConnectFailure),
+        ("reset", RetryOn::Reset),
+        ("timeout", RetryOn::Timeout),
+        ("gateway_error", RetryOn::GatewayError),
+    ];
+}
+
+impl<'de> Deserialize<'de> for RetryOn {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u16),
+            Text(String),
+        }
+        let text = match Raw::deserialize(deserializer)? {
+            Raw::Number(status) => status.to_string(),
+            Raw::Text(text) => text,
+        };
+        if let Some((_, kind)) = RetryOn::KINDS.iter().find(|(name, _)| *name == text) {
+            return Ok(*kind);
+        }
+        match text.trim().parse::<u16>() {
+            Ok(status) if (100..=599).contains(&status) => Ok(RetryOn::Status(status)),
+            _ => Err(serde::de::Error::custom(format!(
+                "\"{text}\" is not connect_failure, reset, timeout, gateway_error or an HTTP status"
+            ))),
+        }
+    }
+}
+
+impl Serialize for RetryOn {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            RetryOn::Status(status) => serializer.serialize_str(&status.to_string()),
+            kind => {
+                let name = RetryOn::KINDS
+                    .iter()
+                    .find(|(_, known)| known == kind)
+                    .map_or("", |(name, _)| name);
+                serializer.serialize_str(name)
+            }
+        }
+    }
+}
+
+impl JsonSchema for RetryOn {
+    fn schema_name() -> String {
+        "RetryOn".into()
+    }
+    fn json_schema(_: &mut schemars::gen::SchemaGenerator) -> schemars::schema::Schema {
+        use schemars::schema::{InstanceType, SchemaObject, SingleOrVec};
+        let mut schema = SchemaObject {
+            instance_type: Some(SingleOrVec::Vec(vec![
+                InstanceType::String,
+                InstanceType::Integer,
+            ])),
+            ..Default::default()
+        };
+        schema.metadata().description = Some(
+            "connect_failure | reset | timeout | gateway_error (502, 503, 504), or a status like \"503\""
+                .into(),
+        );
+        schemars::schema::Schema::Object(schema)
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
@@ -710,9 +792,14 @@ pub enum RetryOn {
 pub struct RetryConfig {
     /// Tries in all, the first included.
     pub attempts: u32,
+    /// The failures tried again; a status (`"503"`) in the list is added to `statuses`.
     pub on: Vec<RetryOn>,
     /// Statuses that are tried again too.
     pub statuses: Vec<u16>,
+    /// This route's share of retries on top of its requests, in place of the pool's
+    /// `retry_budget.percent`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget_percent: Option<Percent>,
     /// Methods tried again after a target may have seen them; others only on a failed
     /// connection.
     pub methods: Vec<String>,
@@ -733,6 +820,7 @@ impl Default for RetryConfig {
                 RetryOn::GatewayError,
             ],
             statuses: Vec::new(),
+            budget_percent: None,
             methods: ["GET", "HEAD", "OPTIONS", "PUT", "DELETE"]
                 .map(String::from)
                 .to_vec(),

@@ -54,6 +54,8 @@ pub struct RetryPolicy {
     /// 502, 503 and 504.
     pub on_gateway_error: bool,
     pub statuses: Vec<u16>,
+    /// The route's own retry budget share, in place of the pool's.
+    pub budget_percent: Option<f64>,
     /// Methods tried again after a target may have seen them (any method is tried again after
     /// a failed connection).
     pub methods: Vec<http::Method>,
@@ -73,6 +75,7 @@ impl RetryPolicy {
             on_timeout: false,
             on_gateway_error: false,
             statuses: Vec::new(),
+            budget_percent: None,
             methods: Vec::new(),
             per_try_timeout: None,
             backoff_base: Duration::ZERO,

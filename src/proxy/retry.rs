@@ -191,11 +191,14 @@ fn may_retry(session: &Session, ctx: &mut RequestCtx, reason: Reason, pool: Opti
         return false;
     }
     if let Some(pool) = pool.map(|pool| &ctx.snapshot.upstreams[pool]) {
-        if !pool
-            .shared
-            .budget
-            .try_retry(&pool.retry_budget, clock::now())
-        {
+        let budget = match policy.budget_percent {
+            None => std::borrow::Cow::Borrowed(&pool.retry_budget),
+            Some(share) => std::borrow::Cow::Owned(crate::config::model::RetryBudgetConfig {
+                percent: crate::config::units::Percent(share),
+                ..pool.retry_budget.clone()
+            }),
+        };
+        if !pool.shared.budget.try_retry(&budget, clock::now()) {
             pool.shared.budget_exhausted.inc();
             return false;
         }

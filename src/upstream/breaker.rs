@@ -1,5 +1,6 @@
 //! A pool's circuit breaker. Closed, it lets requests through up to `max_requests` at once and
-//! watches the failure rate over a sliding window; past the threshold it opens, and every
+//! watches the failure rate over a sliding window and the failures in a row; past either
+//! threshold it opens, and every
 //! request gets a fast 503. After `open_duration` it is half-open: a few probe requests go
 //! through, one at a time per slot; a passing probe closes it, a failing one opens it again for
 //! twice as long (up to `max_open_duration`). The state is kept across config versions.
@@ -31,6 +32,8 @@ pub struct Breaker {
     /// Times it opened again from half-open since it was last closed.
     reopens: AtomicU32,
     probes: AtomicU32,
+    /// Requests failed in a row while closed.
+    failures_in_a_row: AtomicU32,
     /// Requests at the pool now, against `max_requests`.
     in_flight: AtomicU32,
     window: [Bucket; BUCKETS],
@@ -153,6 +156,18 @@ impl Breaker {
             }
             return None;
         }
+        let in_a_row = if failed {
+            self.failures_in_a_row.fetch_add(1, Ordering::AcqRel) + 1
+        } else {
+            self.failures_in_a_row.store(0, Ordering::Release);
+            0
+        };
+        if config
+            .consecutive_failures
+            .is_some_and(|limit| in_a_row >= limit)
+        {
+            return self.trip(config, now);
+        }
         let rate = config.failure_rate.as_ref()?;
         let slice_ms = (rate.window.get().as_millis() as u64 / BUCKETS as u64).max(1);
         let slice = now / slice_ms;
@@ -175,12 +190,20 @@ impl Breaker {
         }
         let tripped = requests >= u64::from(rate.min_requests)
             && failures as f64 >= rate.threshold.fraction() * requests as f64;
-        if tripped
-            && self
-                .mode
-                .compare_exchange(CLOSED, OPEN, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
+        if tripped {
+            return self.trip(config, now);
+        }
+        None
+    }
+
+    /// Opens a closed breaker.
+    fn trip(&self, config: &BreakerConfig, now: u64) -> Option<State> {
+        if self
+            .mode
+            .compare_exchange(CLOSED, OPEN, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
         {
+            self.failures_in_a_row.store(0, Ordering::Release);
             self.open(config, now, 0);
             return Some(State::Open);
         }
@@ -226,6 +249,7 @@ mod tests {
                 min_requests: 4,
                 window: Duration::from_secs(10),
             }),
+            consecutive_failures: None,
             open_duration: Duration::from_secs(1),
             max_open_duration: Duration::from_secs(3),
             half_open_probes: 1,
@@ -258,6 +282,23 @@ mod tests {
             Some(State::Closed)
         );
         assert!(breaker.admit(&config, now).is_ok());
+    }
+
+    #[test]
+    fn opens_after_failures_in_a_row_and_a_success_starts_the_count_again() {
+        let config = BreakerConfig {
+            failure_rate: None,
+            consecutive_failures: Some(3),
+            ..config()
+        };
+        let breaker = Breaker::default();
+        for failed in [true, true, false, true, true] {
+            let permit = breaker.admit(&config, 0).unwrap();
+            assert_eq!(breaker.finish(&config, permit, failed, 0), None);
+        }
+        let permit = breaker.admit(&config, 0).unwrap();
+        assert_eq!(breaker.finish(&config, permit, true, 0), Some(State::Open));
+        assert_eq!(breaker.admit(&config, 0), Err(Refusal::Open));
     }
 
     #[test]

@@ -608,6 +608,12 @@ fn check_resilience(path: &str, config: &UpstreamConfig, errors: &mut Vec<Config
                 "must be at least 1",
             ));
         }
+        if breaker.consecutive_failures == Some(0) {
+            errors.push(ConfigError::new(
+                format!("{path}.consecutive_failures"),
+                "must be at least 1",
+            ));
+        }
         if breaker.half_open_probes == 0 {
             errors.push(ConfigError::new(
                 format!("{path}.half_open_probes"),

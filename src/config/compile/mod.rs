@@ -259,6 +259,60 @@ routes: [{ name: users, upstream: users, match: { paths: [{ prefix: /users }] } 
     }
 
     #[test]
+    fn the_short_resilience_keys_mean_the_same_as_the_long_ones() {
+        let model = |yaml: &str| parse_yaml(yaml).unwrap().resolved;
+        let short_text = r#"
+version: 1
+upstreams:
+  - name: users
+    targets: [{ address: "127.0.0.1:9001" }]
+    health_check: { path: /healthz, interval: 5s, timeout: 1s, healthy: 2, unhealthy: 3 }
+    outlier: { consecutive_failures: 5, base_ejection: 30s, max_ejection_percent: 50 }
+    circuit_breaker: { failure_threshold: 5, open_for: 10s, half_open_probes: 3, max_concurrent: 1000 }
+routes:
+  - name: users
+    upstream: users
+    match: { paths: [{ prefix: /users }] }
+    retry: { attempts: 3, on: [connect_failure, "503"], per_try_timeout: 2s, budget_percent: 20 }
+"#;
+        let short = model(short_text);
+        let long = model(
+            r#"
+version: 1
+upstreams:
+  - name: users
+    targets: [{ address: "127.0.0.1:9001" }]
+    health_check: { path: /healthz, interval: 5s, timeout: 1s, healthy_threshold: 2, unhealthy_threshold: 3 }
+    outlier_detection: { consecutive_failures: 5, base_ejection_time: 30s, max_ejection_percent: 50% }
+    circuit_breaker: { consecutive_failures: 5, open_duration: 10s, half_open_probes: 3, max_requests: 1000 }
+routes:
+  - name: users
+    upstream: users
+    match: { paths: [{ prefix: /users }] }
+    retry: { attempts: 3, on: [connect_failure, 503], per_try_timeout: 2s, budget_percent: 20% }
+"#,
+        );
+        assert_eq!(
+            serde_json::to_value(&short).unwrap(),
+            serde_json::to_value(&long).unwrap()
+        );
+        let snapshot = compile(
+            parse_yaml(short_text).unwrap(),
+            "test",
+            1,
+            &CompileEnv::default(),
+        )
+        .unwrap();
+        let policy = &snapshot.routes[0].retry;
+        assert_eq!(policy.statuses, [503]);
+        assert!(policy.on_connect_failure && !policy.on_reset);
+        assert_eq!(policy.budget_percent, Some(0.2));
+        let breaker = snapshot.upstreams[0].breaker.as_ref().unwrap();
+        assert_eq!(breaker.consecutive_failures, Some(5));
+        assert_eq!(breaker.max_requests, 1000);
+    }
+
+    #[test]
     fn problems_carry_the_request_id_in_the_header_the_request_id_filter_names() {
         let yaml = |filters: &str| {
             format!(

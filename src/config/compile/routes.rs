@@ -232,7 +232,16 @@ fn retry_policy(path: &str, route: &RouteConfig, errors: &mut Vec<ConfigError>) 
         on_reset: retry.on.contains(&RetryOn::Reset),
         on_timeout: retry.on.contains(&RetryOn::Timeout),
         on_gateway_error: retry.on.contains(&RetryOn::GatewayError),
-        statuses: retry.statuses.clone(),
+        statuses: retry
+            .statuses
+            .iter()
+            .copied()
+            .chain(retry.on.iter().filter_map(|on| match on {
+                RetryOn::Status(status) => Some(*status),
+                _ => None,
+            }))
+            .collect(),
+        budget_percent: retry.budget_percent.map(|percent| percent.fraction()),
         methods,
         per_try_timeout: retry.per_try_timeout.map(|timeout| timeout.get()),
         backoff_base: retry.backoff.base.get(),
