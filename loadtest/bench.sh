@@ -19,6 +19,11 @@
 #                        core, or BENCH_REDIS_URL; fail_closed), keyed by
 #                        client_ip, one bucket name per bench run
 #   gatehouse-rl-lease   as gatehouse-rl-redis, with `lease: { tokens: 100, max_age: 1s }`
+#   gatehouse-resilient  the plain route, its upstream with an active health check (1s), outlier
+#                        detection and a circuit breaker (failure rate): the price of resilience
+#   gatehouse-rr-slow, gatehouse-ewma-slow
+#                        two targets, the second 5 ms slower (a second echo upstream with
+#                        --delay-ms 5), balanced round robin / peak EWMA: compare their p99
 #   gatehouse-baseline, gatehouse-full-baseline
 #                        the configs of gatehouse and gatehouse-full run by the older gatehouse
 #                        binary in BENCH_BASELINE_DIR (only with it; added to the run beside
@@ -66,6 +71,7 @@ connections=${BENCH_CONNECTIONS:-64}
 warmup=${BENCH_WARMUP:-2}
 all_contenders=direct,nginx,haproxy,envoy,bare,gatehouse,gatehouse-jwt,gatehouse-apikey
 all_contenders+=,gatehouse-full,gatehouse-rl-local,gatehouse-rl-redis,gatehouse-rl-lease
+all_contenders+=,gatehouse-resilient,gatehouse-rr-slow,gatehouse-ewma-slow
 contenders_wanted=${BENCH_CONTENDERS:-$all_contenders}
 baseline_contenders=gatehouse-baseline,gatehouse-full-baseline
 baseline_dir=${BENCH_BASELINE_DIR:-}
@@ -96,7 +102,8 @@ for name in "${requested[@]}"; do
   name=${name// /}
   case $name in
     direct | nginx | haproxy | envoy | bare | gatehouse | gatehouse-jwt | gatehouse-apikey | \
-      gatehouse-full | gatehouse-rl-local | gatehouse-rl-redis | gatehouse-rl-lease)
+      gatehouse-full | gatehouse-rl-local | gatehouse-rl-redis | gatehouse-rl-lease | \
+      gatehouse-resilient | gatehouse-rr-slow | gatehouse-ewma-slow)
       contenders+=("$name")
       ;;
     gatehouse-baseline | gatehouse-full-baseline)
@@ -456,8 +463,30 @@ server:
 ops: { address: "127.0.0.1:$ops_port" }
 upstreams:
   - name: echo
+EOF
+    case $variant in
+      gatehouse-resilient)
+        cat <<EOF
+    targets: [{ address: "127.0.0.1:$echo_port" }]
+    health_check: { path: /healthz, interval: 1s, timeout: 1s }
+    outlier_detection: { consecutive_failures: 5, base_ejection_time: 30s }
+    circuit_breaker: { max_requests: 100000, failure_rate: { threshold: 50%, min_requests: 20, window: 10s } }
+EOF
+        ;;
+      gatehouse-rr-slow | gatehouse-ewma-slow)
+        local balance=round_robin
+        [[ $variant == gatehouse-ewma-slow ]] && balance=peak_ewma
+        cat <<EOF
+    balance: $balance
+    targets: [{ address: "127.0.0.1:$echo_port" }, { address: "127.0.0.1:$slow_echo_port" }]
+EOF
+        ;;
+      *)
+        cat <<EOF
     targets: [{ address: "127.0.0.1:$echo_port" }]
 EOF
+        ;;
+    esac
     if [[ $variant == gatehouse-apikey ]]; then
       cat <<EOF
 consumers:
@@ -696,6 +725,13 @@ echo_port=$(free_port)
 start_pinned "$load_cpu" "$work/echo.log" "$echo_bin" --small --listen "127.0.0.1:$echo_port"
 echo_pid=$last_pid
 wait_ready "http://127.0.0.1:$echo_port/" "$echo_pid" || die "the echo upstream did not start: $(cat "$work/echo.log")"
+slow_echo_port=""
+if wants gatehouse-rr-slow || wants gatehouse-ewma-slow; then
+  slow_echo_port=$(free_port)
+  start_pinned "$load_cpu" "$work/echo-slow.log" "$echo_bin" --small --delay-ms 5 --listen "127.0.0.1:$slow_echo_port"
+  slow_echo_pid=$last_pid
+  wait_ready "http://127.0.0.1:$slow_echo_port/" "$slow_echo_pid" || die "the slow echo upstream did not start: $(cat "$work/echo-slow.log")"
+fi
 
 runnable=()
 for name in "${contenders[@]}"; do

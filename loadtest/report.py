@@ -28,7 +28,8 @@ import sys
 UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0, "h": 3600000.0}
 ORDER = ["direct", "nginx", "haproxy", "envoy", "bare", "gatehouse", "gatehouse-baseline",
          "gatehouse-jwt", "gatehouse-apikey", "gatehouse-full", "gatehouse-full-baseline",
-         "gatehouse-rl-local", "gatehouse-rl-redis", "gatehouse-rl-lease"]
+         "gatehouse-rl-local", "gatehouse-rl-redis", "gatehouse-rl-lease", "gatehouse-resilient",
+         "gatehouse-rr-slow", "gatehouse-ewma-slow"]
 LABELS = {
     "direct": "direct to upstream",
     "nginx": "nginx",
@@ -44,10 +45,15 @@ LABELS = {
     "gatehouse-rl-local": "Gatehouse + rate_limit (local)",
     "gatehouse-rl-redis": "Gatehouse + rate_limit (redis)",
     "gatehouse-rl-lease": "Gatehouse + rate_limit (redis, lease)",
+    "gatehouse-resilient": "Gatehouse + health check, outlier detection, breaker",
+    "gatehouse-rr-slow": "Gatehouse, 2 targets (one 5 ms slower), round robin",
+    "gatehouse-ewma-slow": "Gatehouse, 2 targets (one 5 ms slower), peak EWMA",
 }
 # The same route with and without its filters, in the same run: the price of the filters.
 VARIANTS = ["gatehouse-jwt", "gatehouse-apikey", "gatehouse-full", "gatehouse-rl-local",
-            "gatehouse-rl-redis", "gatehouse-rl-lease"]
+            "gatehouse-rl-redis", "gatehouse-rl-lease", "gatehouse-resilient"]
+# Two balancers over the same targets, one slower: peak EWMA against round robin.
+PAIRS = {"gatehouse-ewma-slow": "gatehouse-rr-slow"}
 # The same config on this tree's binary and on an older one (BENCH_BASELINE_DIR), in the same
 # rounds: what the change between the two builds did to the plain route and to the full chain.
 BASELINES = {"gatehouse": "gatehouse-baseline", "gatehouse-full": "gatehouse-full-baseline"}
@@ -201,6 +207,9 @@ def compute_ratios(contenders):
     for name, baseline in BASELINES.items():
         if baseline in contenders:
             ratios[f"{name}/{baseline}"] = ratio(contenders.get(name), contenders[baseline])
+    for name, other in PAIRS.items():
+        if name in contenders and other in contenders:
+            ratios[f"{name}/{other}"] = ratio(contenders[name], contenders[other])
     return ratios
 
 

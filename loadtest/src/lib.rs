@@ -58,6 +58,8 @@ pub struct EchoOptions {
     pub name: String,
     /// Benchmark mode: answer every request with `200`, `text/plain` and [`SMALL_BODY`].
     pub small: bool,
+    /// Benchmark mode: wait this long before each answer (a slower target of a pool).
+    pub small_delay: Duration,
 }
 
 impl Default for EchoOptions {
@@ -65,6 +67,7 @@ impl Default for EchoOptions {
         EchoOptions {
             name: "echo".to_owned(),
             small: false,
+            small_delay: Duration::ZERO,
         }
     }
 }
@@ -117,8 +120,12 @@ pub async fn serve(listener: TcpListener, options: EchoOptions) -> io::Result<()
         let _ = stream.set_nodelay(true);
         let io = TokioIo::new(stream);
         if options.small {
+            let delay = options.small_delay;
             tokio::spawn(async move {
-                let service = service_fn(|_request: Request<Incoming>| async {
+                let service = service_fn(move |_request: Request<Incoming>| async move {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
                     Ok::<_, Infallible>(small_response())
                 });
                 let _ = http1::Builder::new().serve_connection(io, service).await;
@@ -389,6 +396,7 @@ mod tests {
         let small = spawn_echo_with(EchoOptions {
             name: "bench".into(),
             small: true,
+            ..EchoOptions::default()
         });
         let response = exchange(
             small,

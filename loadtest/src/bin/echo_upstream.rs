@@ -25,6 +25,9 @@ struct Args {
     /// Benchmark mode: answer every request with 200 and `hello, world`.
     #[arg(long)]
     small: bool,
+    /// Benchmark mode: wait this many milliseconds before each answer.
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
     /// Worker threads; 1 runs everything on the main thread, which is fastest on one core.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -56,6 +59,7 @@ async fn run(args: Args) -> ExitCode {
     let options = EchoOptions {
         name: args.name,
         small: args.small,
+        small_delay: std::time::Duration::from_millis(args.delay_ms),
     };
     let mut servers = JoinSet::new();
     for address in &args.listen {
