@@ -5,7 +5,9 @@
 #![allow(dead_code)]
 
 pub mod idp;
+pub mod load;
 pub mod pg;
+pub mod target;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
