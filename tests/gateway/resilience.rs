@@ -727,6 +727,15 @@ routes:
         "p99 {p99:?} beyond per_try_timeout + 0.6 s"
     );
     assert!(timeouts.unwrap_or(0.0) >= 10.0, "{timeouts:?}");
+    // Attempts cut short by their deadline give their place back: a count that leaked would
+    // tilt `least_requests` and `peak_ewma` away from the target for good.
+    let in_flight: Vec<Value> = pool_report(&gateway, "api")["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|target| target["in_flight"].clone())
+        .collect();
+    assert!(in_flight.iter().all(|count| *count == 0), "{in_flight:?}");
 }
 
 /// Every target is slow: the answer is a 504 at the route's
@@ -1092,6 +1101,35 @@ fn max_requests_caps_the_concurrency_a_target_sees() {
         slowest_refusal < Duration::from_millis(100),
         "a refusal took {slowest_refusal:?}"
     );
+
+    // A client that hangs up while its request is under way gives its place back too: places
+    // that leaked would refuse every request once `max_requests` of them are gone.
+    let before_hangups = target.requests();
+    for _ in 0..6 {
+        let mut stream = std::net::TcpStream::connect(gateway.addr).unwrap();
+        std::io::Write::write_all(
+            &mut stream,
+            b"GET /orders HTTP/1.1\r\nHost: gatehouse.test\r\n\r\n",
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_for(Duration::from_secs(3), "the target idle", || {
+        target.in_flight() == 0
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let circuit_in_flight = pool_report(&gateway, "api")["circuit"]["in_flight"].clone();
+    let after = at_once(gateway.addr, 5);
+    println!(
+        "after 6 clients hung up: the breaker counts {circuit_in_flight} in flight; 5 new clients got {:?}",
+        after.iter().map(|(_, reply)| reply.status).collect::<Vec<_>>()
+    );
+    assert!(
+        target.requests() - before_hangups >= 5 + 5,
+        "the requests of the clients that hung up did not reach the target"
+    );
+    assert_eq!(circuit_in_flight, 0);
+    assert!(after.iter().all(|(_, reply)| reply.status == 200));
 }
 
 /// Every primary target killed under 100 requests a second; once the health
