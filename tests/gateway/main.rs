@@ -13,5 +13,6 @@ mod login;
 mod postgres;
 mod rate_limit;
 mod reload;
+mod resilience;
 mod routing;
 mod tls;

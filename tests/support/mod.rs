@@ -6,7 +6,9 @@
 
 pub mod dns;
 pub mod idp;
+pub mod load;
 pub mod pg;
+pub mod target;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
