@@ -175,7 +175,7 @@ fn send(ctx: &mut RequestCtx, connector: &Arc<Connector>) {
             return;
         };
         let pool = &snapshot.upstreams[mirror.pool];
-        let outcome = match pool.select(None, &[], clock::now()) {
+        let outcome = match pool.select(None, &[], false, clock::now()) {
             Some(pick) => {
                 let peer = pick.peer;
                 let limit = pool.connect_timeout + pool.read_timeout;

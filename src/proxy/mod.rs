@@ -157,6 +157,7 @@ impl ProxyHttp for Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
+        ctx.upstream.proxying = true;
         if ctx.upstream.count > 0 {
             // Pingora replays the body read so far through `request_body_filter`.
             admit::restart_body(ctx);

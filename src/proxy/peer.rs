@@ -1,6 +1,7 @@
 //! Upstream choice and the life of each attempt. A request goes to its route's pool (or one of
 //! its split's), or to the backup when that pool has no usable target or its breaker refuses.
-//! The pool's balancer picks a target the request has not tried yet; the attempt holds the
+//! The pool's balancer picks a target the request has not tried yet (a retry tries the backup's
+//! before going back to one tried already); the attempt holds the
 //! target's in-flight count and the breaker's permit until it ends, and its outcome feeds the
 //! target's passive checks, latency and the breaker.
 
@@ -41,6 +42,9 @@ pub struct Attempts {
     /// The failure being handled is a retry decided from the response status: it was counted
     /// already.
     pub status_retry: bool,
+    /// The request reached Pingora's proxy phase (`upstream_peer`): a failure from here on
+    /// closes the client's connection whatever `fail_to_proxy` says.
+    pub proxying: bool,
 }
 
 /// One attempt at one target.
@@ -96,10 +100,18 @@ pub fn choose(request: &RequestHeader, ctx: &mut RequestCtx, may_wait: bool) -> 
         deadline.saturating_duration_since(started)
     });
     let mut refusal = None;
-    for pool_index in std::iter::once(primary).chain(route.backup) {
+    // A retry goes to a target not tried yet, in the route's pool and then in its backup, and
+    // only then to one tried before.
+    let pools = std::iter::once(primary).chain(route.backup);
+    let passes = if upstream.tried.is_empty() { 1 } else { 2 };
+    let order = [false, true]
+        .into_iter()
+        .take(passes)
+        .flat_map(|again| pools.clone().map(move |pool| (pool, again)));
+    for (pool_index, again) in order {
         let pool = &snapshot.upstreams[pool_index];
         let key = hash_key(pool, request, shared.client_addr);
-        let Some(pick) = pool.select(key.as_deref(), &upstream.tried, now) else {
+        let Some(pick) = pool.select(key.as_deref(), &upstream.tried, again, now) else {
             if may_wait && pool_index == primary {
                 if let Some(record) = pool.awaiting_name() {
                     return Ok(Choice::AwaitingName(record.clone()));

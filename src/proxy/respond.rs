@@ -91,6 +91,12 @@ fn problem_for(error: &Error) -> Problem {
 
 /// Answers a request the proxy failed: with the problem a phase deferred, or the one the error
 /// maps to. Nothing is written to a client that is gone or already has a response head.
+///
+/// The client's connection stays open when the request was read whole, the failure was not the
+/// client's and it came before the proxy phase (a filter's error): the next request may use it.
+/// Otherwise the answer says `Connection: close`, and the connection is closed, as it says:
+/// after a failure in the proxy phase (an upstream that refused, timed out or broke off, an
+/// open breaker, no healthy target) Pingora does not keep the client's connection.
 pub async fn fail(session: &mut Session, error: &Error, ctx: &mut RequestCtx) -> FailToProxy {
     let problem = ctx.problem.take().unwrap_or_else(|| problem_for(error));
     let client_gone = matches!(
@@ -98,13 +104,26 @@ pub async fn fail(session: &mut Session, error: &Error, ctx: &mut RequestCtx) ->
         ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed
     ) && error.esource() == &ErrorSource::Downstream;
     let status = problem.status;
-    if !client_gone && session.response_written().is_none() {
+    let unanswered = session.response_written().is_none();
+    let reusable = !client_gone
+        && unanswered
+        && error.esource() != &ErrorSource::Downstream
+        && session.is_body_done()
+        && !ctx.upstream.proxying;
+    if !reusable {
+        session.set_keepalive(None);
+    }
+    if !client_gone && unanswered {
         if let Err(write_error) = self::problem(session, ctx, problem).await {
             tracing::debug!(error = %write_error, "could not write the error response");
+            return FailToProxy {
+                error_code: status,
+                can_reuse_downstream: false,
+            };
         }
     }
     FailToProxy {
         error_code: if client_gone { 0 } else { status },
-        can_reuse_downstream: false,
+        can_reuse_downstream: reusable,
     }
 }

@@ -459,9 +459,14 @@ impl UpstreamPool {
 
     /// Picks a target for an attempt, by the pool's balancer, among the usable ones (healthy
     /// and not ejected; all of them when fewer than `panic_threshold` are usable) that the
-    /// request has not tried yet, or has tried when that is all there is. `None` when no target
-    /// is usable at all.
-    pub fn select(&self, key: Option<HashKey<'_>>, tried: &[SocketAddr], now: u64) -> Option<Pick> {
+    /// request has not tried yet, or (`again`) may have tried. `None` when there is none.
+    pub fn select(
+        &self,
+        key: Option<HashKey<'_>>,
+        tried: &[SocketAddr],
+        again: bool,
+        now: u64,
+    ) -> Option<Pick> {
         let set = self.set.load();
         let targets = &set.targets;
         let checked = self.health_check.is_some();
@@ -476,12 +481,11 @@ impl UpstreamPool {
         };
         let allowed = |index: usize| !watched || panic || usable(index);
         let untried = |index: usize| !tried.contains(&targets[index].state.address);
-        let index = if tried.is_empty() {
+        let index = if tried.is_empty() || again {
             set.balancer.pick(targets, key, allowed)
         } else {
             set.balancer
                 .pick(targets, key, |index| allowed(index) && untried(index))
-                .or_else(|| set.balancer.pick(targets, key, allowed))
         }?;
         let target = &targets[index];
         Some(Pick {

@@ -156,7 +156,22 @@ impl TargetState {
             let first = self.awaiting_first_pass.swap(false, Ordering::Relaxed);
             if !self.healthy.load(Ordering::Relaxed) && (first || passes >= healthy_threshold) {
                 self.healthy.store(true, Ordering::Relaxed);
-                self.set_reason(format!("healthy: {passes} passing probe(s) in a row"));
+                // The probes saw it go down and come back: an ejection from the same outage is
+                // over too (a target that stays healthy by its probes keeps its ejection).
+                let now = clock::now();
+                let lifted = self.ejected(now);
+                if lifted {
+                    self.ejected_until.store(now, Ordering::Relaxed);
+                    self.request_failures_in_a_row.store(0, Ordering::Relaxed);
+                }
+                self.set_reason(format!(
+                    "healthy: {passes} passing probe(s) in a row{}",
+                    if lifted {
+                        "; its ejection is lifted"
+                    } else {
+                        ""
+                    }
+                ));
                 return Some(true);
             }
         } else {

@@ -886,29 +886,49 @@ fn an_open_breaker_answers_503_at_once() {
 
 /// The route's backup takes the requests while the primary pool's
 /// breaker is open.
+/// Route `orders` to pool `api` (with `pool_extra` keys) backed by `api-backup` (with
+/// `backup_extra`); `route_extra` adds keys to the route.
+fn backup_gateway(
+    primary: &[SocketAddr],
+    pool_extra: &str,
+    backup: &[SocketAddr],
+    backup_extra: &str,
+    route_extra: &str,
+) -> Gateway {
+    Gateway::start(&format!(
+        r#"
+upstreams:
+  - name: api
+    targets: {primary}
+    {pool_extra}
+  - name: api-backup
+    targets: {backup}
+    {backup_extra}
+routes:
+  - name: orders
+    upstream: api
+    backup: api-backup
+    match: {{ paths: [{{ prefix: / }}] }}
+    {route_extra}
+"#,
+        primary = targets_yaml(primary, None),
+        backup = targets_yaml(backup, None),
+    ))
+}
+
 #[test]
 fn an_open_breaker_sends_requests_to_the_backup() {
     let _serial = one_at_a_time();
     let primary = Target::start("primary");
     let backup = Target::start("backup");
     primary.set_status(500);
-    let gateway = Gateway::start(&format!(
-        r#"
-upstreams:
-  - name: api
-    targets: {primary}
-    circuit_breaker: {{ failure_rate: {{ threshold: 50%, min_requests: 5, window: 10s }}, open_duration: 30s }}
-  - name: api-backup
-    targets: {backup}
-routes:
-  - name: orders
-    upstream: api
-    backup: api-backup
-    match: {{ paths: [{{ prefix: / }}] }}
-"#,
-        primary = targets_yaml(&[primary.address], None),
-        backup = targets_yaml(&[backup.address], None),
-    ));
+    let gateway = backup_gateway(
+        &[primary.address],
+        "circuit_breaker: { failure_rate: { threshold: 50%, min_requests: 5, window: 10s }, open_duration: 30s }",
+        &[backup.address],
+        "",
+        "",
+    );
     for _ in 0..5 {
         assert_eq!(gateway.get("/orders").status, 500);
     }
@@ -919,6 +939,25 @@ routes:
         assert_eq!(reply.header("x-target"), Some("backup"));
     }
     assert_eq!(primary.requests(), 5);
+}
+
+/// A retry goes to a target the request has not tried, the backup's before the primary's again:
+/// with the primary's only target answering 503 and nothing yet ejecting it, every request is
+/// answered by the backup, and the primary sees each request once.
+#[test]
+fn a_retry_tries_the_backup_before_a_target_it_tried_already() {
+    let _serial = one_at_a_time();
+    let primary = Target::start("primary");
+    primary.set_status(503);
+    let backup = Target::start("backup");
+    let gateway = backup_gateway(&[primary.address], "", &[backup.address], "", RETRY);
+    for _ in 0..10 {
+        let reply = gateway.get("/orders");
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.header("x-target"), Some("backup"));
+    }
+    assert_eq!(primary.requests(), 10, "the primary was tried again");
+    assert_eq!(backup.requests(), 10);
 }
 
 /// The answers the gateway gives for its upstreams (502, 503, 504) on a kept-alive connection:
@@ -968,29 +1007,63 @@ routes:
         "the checked target unhealthy",
         || target_report(&gateway, "checked", refused)["healthy"] == false,
     );
-    let mut broken = Vec::new();
+    // A GET read whole: whatever the answer says about the connection holds. After a failure in
+    // the proxy phase Pingora closes the client's connection, so these say close; were one to
+    // say keep-alive, the next request on it must be served.
     for (path, status) in [("/dead", 502), ("/checked", 503), ("/slow", 504)] {
-        let mut connection = Connection::new(gateway.addr);
-        let reply = connection.get(path).expect("an answer");
+        let mut raw = std::net::TcpStream::connect(gateway.addr).unwrap();
+        raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n");
+        std::io::Write::write_all(&mut raw, request.as_bytes()).unwrap();
+        let (reply, rest) = read_one_response(&mut raw);
         assert_eq!(reply.status, status, "{path}: {}", reply.text());
-        let promised = reply
+        let closes = reply
             .header("connection")
-            .is_none_or(|value| !value.eq_ignore_ascii_case("close"));
-        std::thread::sleep(Duration::from_millis(20));
-        let next = connection.get_on_the_same_connection("/good");
-        println!(
-            "{path}: {} with connection: {:?}; the next request on it: {:?}",
-            reply.status,
-            reply.header("connection"),
-            next.as_ref().map(|reply| reply.status)
-        );
-        if promised && next.is_err() {
-            broken.push(format!("{path} ({status})"));
+            .is_some_and(|value| value.eq_ignore_ascii_case("close"));
+        if closes {
+            // Closed, as it said: no more bytes, and an end rather than a wait.
+            let mut after = rest;
+            let mut buffer = [0u8; 512];
+            loop {
+                match std::io::Read::read(&mut raw, &mut buffer) {
+                    Ok(0) => break,
+                    Ok(read) => after.extend_from_slice(&buffer[..read]),
+                    Err(error) => {
+                        panic!("{path} ({status}) said close, then kept the connection: {error}")
+                    }
+                }
+            }
+            assert!(
+                after.is_empty(),
+                "{path}: bytes after a closing answer: {after:?}"
+            );
+        } else {
+            std::io::Write::write_all(&mut raw, b"GET /good HTTP/1.1\r\nHost: test\r\n\r\n")
+                .unwrap();
+            let (next, _) = read_one_response(&mut raw);
+            assert_eq!(
+                next.status,
+                200,
+                "{path} ({status}) said keep-alive, then: {}",
+                next.text()
+            );
         }
     }
-    assert!(
-        broken.is_empty(),
-        "these answers said keep-alive, then the gateway closed the connection: {broken:?}"
+    // A body the gateway did not read (a 502 before it was sent on): the answer says close.
+    let mut raw = std::net::TcpStream::connect(gateway.addr).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    std::io::Write::write_all(
+        &mut raw,
+        b"POST /dead HTTP/1.1\r\nHost: test\r\nContent-Length: 100000\r\n\r\npartial",
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut raw, &mut answer);
+    let reply = crate::support::parse_response(&answer).expect("an answer");
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    assert_eq!(
+        reply.header("connection").map(str::to_ascii_lowercase),
+        Some("close".to_string())
     );
 }
 
@@ -1139,26 +1212,13 @@ fn a_dead_pool_fails_over_to_its_backup_once_detected() {
     let _serial = one_at_a_time();
     let primaries = Target::start_many("primary", 2);
     let backup = Target::start("backup");
-    let gateway = Gateway::start(&format!(
-        r#"
-upstreams:
-  - name: api
-    targets: {primaries}
-    {health_check}
-  - name: api-backup
-    targets: {backup}
-routes:
-  - name: orders
-    upstream: api
-    backup: api-backup
-    match: {{ paths: [{{ prefix: / }}] }}
-    timeout: 10s
-    {RETRY}
-"#,
-        primaries = targets_yaml(&addresses(&primaries), None),
-        backup = targets_yaml(&[backup.address], None),
-        health_check = health_check("healthy"),
-    ));
+    let gateway = backup_gateway(
+        &addresses(&primaries),
+        &health_check("healthy"),
+        &[backup.address],
+        "",
+        &format!("timeout: 10s\n    {RETRY}"),
+    );
     let load = OpenLoop::start(gateway.addr, "/orders", 100.0, Duration::from_secs(3), 16);
     std::thread::sleep(
         (load.started + Duration::from_secs(1)).saturating_duration_since(Instant::now()),
@@ -1217,28 +1277,13 @@ routes:
 fn with_no_target_anywhere_the_answer_is_a_fast_503() {
     let _serial = one_at_a_time();
     let holes: Vec<Blackhole> = (0..3).map(|_| Blackhole::start()).collect();
-    let gateway = Gateway::start(&format!(
-        r#"
-upstreams:
-  - name: api
-    targets: {primaries}
-    {health_check}
-  - name: api-backup
-    targets: {backup}
-    {tcp_check}
-routes:
-  - name: orders
-    upstream: api
-    backup: api-backup
-    match: {{ paths: [{{ prefix: / }}] }}
-    timeout: 10s
-    {RETRY}
-"#,
-        primaries = targets_yaml(&[holes[0].address, holes[1].address], None),
-        backup = targets_yaml(&[holes[2].address], None),
-        health_check = health_check("healthy"),
-        tcp_check = health_check("healthy").replace("kind: http", "kind: tcp"),
-    ));
+    let gateway = backup_gateway(
+        &[holes[0].address, holes[1].address],
+        &health_check("healthy"),
+        &[holes[2].address],
+        &health_check("healthy").replace("kind: http", "kind: tcp"),
+        &format!("timeout: 10s\n    {RETRY}"),
+    );
     wait_for(Duration::from_secs(3), "every target unhealthy", || {
         ["api", "api-backup"].iter().all(|pool| {
             pool_report(&gateway, pool)["targets"]
@@ -1572,4 +1617,191 @@ routes:
         (8.0..=12.0).contains(&share),
         "{share:.2} % went to the canary"
     );
+}
+
+/// A route whose requests are copied to `shadow`.
+fn mirror_gateway(main: &Target, shadow: SocketAddr, shadow_timeouts: &str) -> Gateway {
+    Gateway::start(&format!(
+        r#"
+upstreams:
+  - name: api
+    targets: {main}
+  - name: shadow
+    targets: {shadow}
+    {shadow_timeouts}
+routes:
+  - name: orders
+    upstream: api
+    mirror: {{ upstream: shadow, percent: 100 }}
+    match: {{ paths: [{{ prefix: / }}] }}
+"#,
+        main = targets_yaml(&[main.address], None),
+        shadow = targets_yaml(&[shadow], None),
+    ))
+}
+
+fn mirror_count(gateway: &Gateway, result: &str) -> f64 {
+    metric(
+        &gateway.metrics(),
+        "gatehouse_mirror_requests_total",
+        &[("route", "orders"), ("result", result)],
+    )
+    .unwrap_or(0.0)
+}
+
+/// Every request reaches the mirror too: the same method, path and body (by SHA-256), and the
+/// client gets the primary's answer. A body over 1 MiB is not copied, and that is counted.
+#[test]
+fn the_mirror_receives_a_copy_of_each_request() {
+    let _serial = one_at_a_time();
+    let main = Target::start("main");
+    let shadow = Target::start("shadow");
+    let gateway = mirror_gateway(&main, shadow.address, "");
+    let mut connection = Connection::new(gateway.addr);
+    let mut sums = Vec::new();
+    for index in 0..20 {
+        let body = format!("order {index} ").repeat(100 * (index + 1));
+        sums.push(sha256_hex(body.as_bytes()));
+        let reply = connection
+            .send("POST", &format!("/orders/{index}"), &[], body.as_bytes())
+            .unwrap();
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.json()["target"], "main");
+    }
+    let bodiless = connection.get("/orders/get").unwrap();
+    assert_eq!(bodiless.status, 200);
+    wait_for(Duration::from_secs(5), "21 copies at the mirror", || {
+        shadow.requests() == 21
+    });
+    let seen = shadow.seen();
+    for (index, sum) in sums.iter().enumerate() {
+        let copy = seen
+            .iter()
+            .find(|seen| seen.path == format!("/orders/{index}"))
+            .unwrap_or_else(|| panic!("no copy of /orders/{index}"));
+        assert_eq!(copy.method, "POST");
+        assert_eq!(&copy.body_sha256, sum, "/orders/{index}");
+    }
+    assert_eq!(shadow.seen_at("/orders/get")[0].method, "GET");
+    assert_eq!(main.requests(), 21);
+    wait_for(Duration::from_secs(2), "the sent copies counted", || {
+        mirror_count(&gateway, "sent") == 21.0
+    });
+
+    let large = vec![b'x'; 1536 * 1024];
+    let reply = connection
+        .send("PUT", "/orders/large", &[], &large)
+        .unwrap();
+    assert_eq!(reply.status, 200);
+    wait_for(
+        Duration::from_secs(2),
+        "the large copy counted as dropped",
+        || mirror_count(&gateway, "dropped") == 1.0,
+    );
+    assert!(shadow.seen_at("/orders/large").is_empty());
+    assert_eq!(main.seen_at("/orders/large")[0].body_bytes, large.len());
+}
+
+/// A mirror that takes 2 s to answer adds nothing to the client's wait: each request is
+/// answered long before its copy is.
+#[test]
+fn a_slow_mirror_adds_nothing_to_client_latency() {
+    let _serial = one_at_a_time();
+    let main = Target::start("main");
+    let shadow = Target::start("shadow");
+    shadow.set_delay(Duration::from_secs(2));
+    let gateway = mirror_gateway(
+        &main,
+        shadow.address,
+        "timeouts: { connect: 1s, read: 5s, write: 5s, idle: 60s }",
+    );
+    let mut connection = Connection::new(gateway.addr);
+    let mut latencies = Vec::new();
+    for index in 0..10 {
+        let started = Instant::now();
+        let reply = connection
+            .send("POST", &format!("/orders/{index}"), &[], b"{\"item\":1}")
+            .unwrap();
+        latencies.push(started.elapsed());
+        assert_eq!(reply.status, 200);
+    }
+    let slowest = latencies.iter().max().unwrap();
+    println!(
+        "slow mirror: slowest client answer {}",
+        milliseconds(*slowest)
+    );
+    // The copies are still at the mirror, waiting out its 2 s.
+    assert!(shadow.in_flight() > 0, "the copies were not sent");
+    assert!(
+        *slowest < Duration::from_secs(1),
+        "a client waited {} with a 2 s mirror",
+        milliseconds(*slowest)
+    );
+    wait_for(Duration::from_secs(10), "10 copies answered", || {
+        mirror_count(&gateway, "sent") == 10.0
+    });
+}
+
+/// A mirror that refuses connections, or answers 500, or hangs up, is invisible to clients;
+/// the failed copies are counted.
+#[test]
+fn mirror_failures_never_reach_the_client() {
+    let _serial = one_at_a_time();
+    let main = Target::start("main");
+    let refused: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let gateway = mirror_gateway(&main, refused, "");
+    for index in 0..10 {
+        let reply = request(
+            gateway.addr,
+            "POST",
+            &format!("/orders/{index}"),
+            &[],
+            b"{}",
+        );
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.json()["target"], "main");
+    }
+    wait_for(Duration::from_secs(5), "10 failed copies counted", || {
+        mirror_count(&gateway, "failed") == 10.0
+    });
+    drop(gateway);
+
+    let hanging_up = Target::start("shadow");
+    hanging_up.set_drop_after_body(true);
+    let gateway = mirror_gateway(&main, hanging_up.address, "");
+    for index in 0..10 {
+        let reply = request(gateway.addr, "PUT", &format!("/orders/{index}"), &[], b"{}");
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    wait_for(Duration::from_secs(5), "10 more failed copies", || {
+        mirror_count(&gateway, "failed") == 10.0
+    });
+    assert_eq!(hanging_up.requests(), 10);
+}
+
+/// Reads one response with a `content-length` from a raw connection: it and any bytes after it.
+fn read_one_response(stream: &mut std::net::TcpStream) -> (crate::support::Reply, Vec<u8>) {
+    let mut data = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        if let Some(head_end) = data.windows(4).position(|window| window == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&data[..head_end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length:"))
+                .map_or(0, |value| value.trim().parse().unwrap());
+            let total = head_end + 4 + length;
+            if data.len() >= total {
+                let rest = data.split_off(total);
+                let reply = crate::support::parse_response(&data).expect("a response");
+                return (reply, rest);
+            }
+        }
+        let read = std::io::Read::read(stream, &mut buffer).expect("the rest of the response");
+        assert!(
+            read > 0,
+            "the connection closed inside a response: {data:?}"
+        );
+        data.extend_from_slice(&buffer[..read]);
+    }
 }
