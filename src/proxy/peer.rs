@@ -146,13 +146,20 @@ pub fn choose(request: &RequestHeader, ctx: &mut RequestCtx, may_wait: bool) -> 
             permit,
             failed: None,
         });
-        peer.options.connection_timeout = Some(pool.connect_timeout.min(remaining));
+        // A half-open probe has its own deadline: the breaker's open period.
+        let limit = match (&permit, &pool.breaker) {
+            (Some(permit), Some(config)) if permit.is_probe() => {
+                remaining.min(config.open_duration.get())
+            }
+            _ => remaining,
+        };
+        peer.options.connection_timeout = Some(pool.connect_timeout.min(limit));
         peer.options.read_timeout = Some(
             route
                 .retry
                 .per_try_timeout
                 .unwrap_or(pool.read_timeout)
-                .min(remaining),
+                .min(limit),
         );
         return Ok(Choice::Peer(peer));
     }

@@ -3,7 +3,9 @@
 //! threshold it opens, and every
 //! request gets a fast 503. After `open_duration` it is half-open: a few probe requests go
 //! through, one at a time per slot; a passing probe closes it, a failing one opens it again for
-//! twice as long (up to `max_open_duration`). The state is kept across config versions.
+//! twice as long (up to `max_open_duration`). Each probe has its own deadline, `open_duration`
+//! (its attempt's connect and read timeouts are cut to it): a probe that hangs fails and frees
+//! its slot rather than keeping the breaker half-open. The state is kept across config versions.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 
@@ -52,6 +54,13 @@ pub enum Refusal {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Permit {
     probe: bool,
+}
+
+impl Permit {
+    /// A half-open probe: its attempt's deadline is the breaker's `open_duration`.
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
 }
 
 /// The breaker's state, for metrics and `/config`.

@@ -1139,6 +1139,44 @@ fn a_half_open_breaker_lets_few_probes_through_and_backs_off() {
     assert_eq!(circuit_gauge(&gateway), Some(0.0));
 }
 
+/// A half-open probe has its own deadline, the open period: a probe to a target that now hangs
+/// fails at it (a 504 to its client, not a wait for the pool's 60 s read timeout) and opens the
+/// breaker again, rather than keeping it half-open with its slot taken.
+#[test]
+fn a_half_open_probe_that_hangs_fails_at_its_own_deadline() {
+    let _serial = one_at_a_time();
+    let target = Target::start("t");
+    target.set_status(500);
+    let gateway = breaker_gateway(
+        &target,
+        "{ consecutive_failures: 2, open_duration: 300ms, max_open_duration: 10s, half_open_probes: 1 }",
+    );
+    for _ in 0..2 {
+        assert_eq!(gateway.get("/orders").status, 500);
+    }
+    assert_eq!(circuit(&gateway), "open");
+    wait_for(Duration::from_secs(2), "half-open", || {
+        circuit(&gateway) == "half_open"
+    });
+    target.set_status(200);
+    target.set_delay(Duration::from_secs(30));
+    let started = Instant::now();
+    let probe = crate::support::try_get(gateway.addr, "/orders");
+    let took = started.elapsed();
+    let probe = probe.expect("an answer to the probe");
+    println!("a hanging probe: {} after {took:?}", probe.status);
+    assert_eq!(probe.status, 504, "{}", probe.text());
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(2),
+        "the probe took {took:?}; its deadline is open_duration (300 ms)"
+    );
+    assert_eq!(
+        circuit(&gateway),
+        "open",
+        "a failed probe opens the breaker again"
+    );
+}
+
 /// `max_requests: 5`: 20 clients at once on a target that takes 500 ms; it never
 /// sees more than 5 at once, and the other clients get a fast 503.
 #[test]
