@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use pingora_http::{RequestHeader, ResponseHeader};
 
-use crate::{Consumer, Decision, Filter, Phases, Problem, RequestContext};
+use crate::{Consumer, Decision, Filter, Phases, Problem, RequestContext, Stage};
 
 /// A route's `auth` setting, checked once every filter that identifies callers has run.
 #[derive(Clone, Debug)]
@@ -43,7 +43,8 @@ enum Step {
     Gate(AuthGate),
 }
 
-/// The filters of a route (the global ones, then its own), ready for the request path.
+/// The filters of a route (the global ones, then its own, ordered by stage), ready for the
+/// request path.
 pub struct Chain {
     filters: Vec<Arc<dyn Filter>>,
     steps: Vec<Step>,
@@ -62,9 +63,12 @@ impl Default for Chain {
 }
 
 impl Chain {
-    /// A chain of `filters` in request order. `auth` is checked right after the last filter
-    /// that identifies callers (before the first filter when there is none).
-    pub fn new(filters: Vec<Arc<dyn Filter>>, auth: Option<AuthGate>) -> Chain {
+    /// A chain of `filters` in request order, each [`Stage`] before the next (the sort is
+    /// stable: within a stage the given order holds). `auth` is checked right after the last
+    /// filter that identifies callers (before the first filter of the main stage when there is
+    /// none), so CORS preflights and admission checks never wait for credentials.
+    pub fn new(mut filters: Vec<Arc<dyn Filter>>, auth: Option<AuthGate>) -> Chain {
+        filters.sort_by_key(|filter| filter.stage());
         let declared: Vec<Phases> = filters.iter().map(|filter| filter.phases()).collect();
         let taking_part = |phase: Phases| -> Vec<usize> {
             (0..filters.len())
@@ -74,7 +78,15 @@ impl Chain {
         let gate_at = filters
             .iter()
             .rposition(|filter| filter.is_auth())
-            .map_or(0, |last| last + 1);
+            .map_or_else(
+                || {
+                    filters
+                        .iter()
+                        .position(|filter| filter.stage() >= Stage::Main)
+                        .unwrap_or(filters.len())
+                },
+                |last| last + 1,
+            );
         let mut steps = Vec::new();
         let mut auth = auth;
         for (index, phases) in declared.iter().enumerate() {
@@ -101,7 +113,7 @@ impl Chain {
         }
     }
 
-    /// The filters, in request order.
+    /// The filters, in request order (by stage, then as listed).
     pub fn filters(&self) -> &[Arc<dyn Filter>] {
         &self.filters
     }
@@ -217,6 +229,7 @@ mod tests {
         name: &'static str,
         phases: Phases,
         auth: Option<&'static str>,
+        stage: Stage,
         calls: Arc<std::sync::Mutex<Vec<String>>>,
         bodies: AtomicUsize,
     }
@@ -231,6 +244,7 @@ mod tests {
                 name,
                 phases,
                 auth: None,
+                stage: Stage::Main,
                 calls: calls.clone(),
                 bodies: AtomicUsize::new(0),
             }
@@ -256,6 +270,10 @@ mod tests {
 
         fn is_auth(&self) -> bool {
             self.auth.is_some()
+        }
+
+        fn stage(&self) -> Stage {
+            self.stage
         }
 
         async fn request(
@@ -469,5 +487,84 @@ mod tests {
         assert!(matches!(decision, Decision::Reject(problem) if problem.status == 403));
         assert_eq!(reached, 1);
         assert_eq!(*calls.lock().unwrap(), ["refuse.request"]);
+    }
+
+    #[test]
+    fn earlier_stages_run_first_and_the_gate_comes_after_them() {
+        let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let staged = |name, stage| {
+            let mut probe = Probe::new(name, Phases::REQUEST | Phases::RESPONSE, &calls);
+            probe.stage = stage;
+            probe
+        };
+        let mut jwt = staged("jwt", Stage::Main);
+        jwt.auth = Some("nobody");
+        let chain = Chain::new(
+            vec![
+                Arc::new(staged("limit", Stage::Main)),
+                Arc::new(jwt),
+                Arc::new(staged("ip", Stage::Admission)),
+                Arc::new(staged("cors", Stage::Preflight)),
+                Arc::new(staged("id", Stage::Identify)),
+                Arc::new(staged("methods", Stage::Admission)),
+            ],
+            Some(AuthGate::Required),
+        );
+        let kinds: Vec<_> = chain
+            .filters()
+            .iter()
+            .map(|filter| filter.stage())
+            .collect();
+        assert!(kinds.is_sorted(), "{kinds:?}");
+        let (decision, reached, mut ctx) = run(&chain);
+        assert!(matches!(decision, Decision::Reject(problem) if problem.status == 401));
+        assert_eq!(
+            *calls.lock().unwrap(),
+            [
+                "id.request",
+                "cors.request",
+                "ip.request",
+                "methods.request",
+                "limit.request",
+                "jwt.request"
+            ]
+        );
+        calls.lock().unwrap().clear();
+        let mut response = ResponseHeader::build(401, None).unwrap();
+        chain.response(&mut response, &mut ctx, reached);
+        assert_eq!(
+            *calls.lock().unwrap(),
+            [
+                "jwt.response",
+                "limit.response",
+                "methods.response",
+                "ip.response",
+                "cors.response",
+                "id.response"
+            ]
+        );
+
+        // No auth filter: the gate comes after the early stages, not before them.
+        calls.lock().unwrap().clear();
+        let chain = Chain::new(
+            vec![
+                Arc::new(staged("limit", Stage::Main)),
+                Arc::new(staged("cors", Stage::Preflight)),
+            ],
+            Some(AuthGate::Required),
+        );
+        let (decision, reached, _) = run(&chain);
+        assert!(matches!(decision, Decision::Reject(problem) if problem.status == 401));
+        assert_eq!(reached, 1);
+        assert_eq!(*calls.lock().unwrap(), ["cors.request"]);
+        // Only early stages: the gate runs last.
+        calls.lock().unwrap().clear();
+        let chain = Chain::new(
+            vec![Arc::new(staged("cors", Stage::Preflight))],
+            Some(AuthGate::Required),
+        );
+        let (decision, _, _) = run(&chain);
+        assert!(matches!(decision, Decision::Reject(problem) if problem.status == 401));
+        assert_eq!(*calls.lock().unwrap(), ["cors.request"]);
     }
 }

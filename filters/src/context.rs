@@ -50,6 +50,9 @@ pub struct RequestContext {
     pub auth_failure: Option<(&'static str, &'static str)>,
     /// The response status, once known.
     pub status: Option<u16>,
+    /// Request body bytes received so far, counted by the proxy before any filter's body phase
+    /// sees a piece. A retry replays the body from its start, and the count with it.
+    pub request_body_bytes: u64,
     /// The header the request id travels in, when a `request_id` filter named one; the
     /// gateway's own answers carry the id there.
     pub request_id_header: Option<http::HeaderName>,
@@ -71,6 +74,7 @@ impl RequestContext {
             claims: None,
             auth_failure: None,
             status: None,
+            request_body_bytes: 0,
             request_id_header: None,
             state: http::Extensions::new(),
         }

@@ -56,6 +56,24 @@ impl std::ops::BitOr for Phases {
     }
 }
 
+/// Where a filter's request phase runs in its chain. Every filter of an earlier stage runs before
+/// any filter of a later one, whatever their positions in the global and the route's lists (a
+/// CORS preflight must be answered before an auth filter the config lists first); within a
+/// stage, the lists' order holds. Response phases run in the reverse of that order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Stage {
+    /// Gives the request its identity (its request id), so every answer can carry it.
+    Identify,
+    /// Answers CORS preflights, before any check a preflight cannot pass.
+    Preflight,
+    /// Admission checks that need no caller identity (client address, method, size), before
+    /// authentication spends any work on the request.
+    Admission,
+    /// Authentication, rate limits, transforms: everything else, in list order. The route's
+    /// `auth` gate runs among these, after the last auth filter.
+    Main,
+}
+
 /// A filter, built once per configuration snapshot and shared by all requests.
 ///
 /// Request phases run in chain order; response phases run in reverse (onion order). Per-request
@@ -75,6 +93,11 @@ pub trait Filter: Send + Sync + 'static {
     /// last of these has run.
     fn is_auth(&self) -> bool {
         false
+    }
+
+    /// Where the filter runs in its chain, whatever its position in the config's lists.
+    fn stage(&self) -> Stage {
+        Stage::Main
     }
 
     /// Whether the filter can serve (e.g. its keys have been fetched). `/readyz` waits for all.
@@ -149,6 +172,9 @@ pub struct BuildCtx {
     pub metrics: Metrics,
     /// The route the filter belongs to; `None` for the global chain, which serves every route.
     pub route: Option<Arc<str>>,
+    /// The server's `limits.max_body_bytes`, which a filter's own body limit must not exceed
+    /// (`None`: no server limit known, as in unit tests).
+    pub server_max_body_bytes: Option<u64>,
 }
 
 impl BuildCtx {

@@ -13,21 +13,26 @@ pub mod metrics;
 mod problem;
 mod registry;
 pub mod template;
+pub mod units;
 pub mod util;
 
 pub mod api_key;
+pub mod cors;
+pub mod ip_restriction;
 pub mod jwt;
 mod login;
 pub mod oauth2;
 pub mod rate_limit;
 pub mod request_id;
+pub mod request_limits;
 pub mod response_headers;
 pub mod shared;
 
 pub use chain::{AuthGate, Chain};
 pub use context::{Consumer, RequestContext};
 pub use filter::{
-    BuildCtx, BuildError, BuildErrorKind, Decision, Filter, FilterKind, Phases, GLOBAL_ROUTE_LABEL,
+    BuildCtx, BuildError, BuildErrorKind, Decision, Filter, FilterKind, Phases, Stage,
+    GLOBAL_ROUTE_LABEL,
 };
 pub use metrics::Metrics;
 pub use problem::{Problem, ProblemType, Response};

@@ -42,9 +42,13 @@ pub enum ProblemType {
     Unauthorized,
     LoginFailed,
     Forbidden,
+    AddressNotAllowed,
+    OriginNotAllowed,
     RouteNotFound,
+    MethodNotAllowed,
     ContentTooLarge,
     UriTooLong,
+    UnsupportedMediaType,
     RateLimited,
     HeaderFieldsTooLarge,
     /// A failure Pingora reported with its own status; the problem carries that status.
@@ -67,9 +71,13 @@ impl ProblemType {
         ProblemType::Unauthorized,
         ProblemType::LoginFailed,
         ProblemType::Forbidden,
+        ProblemType::AddressNotAllowed,
+        ProblemType::OriginNotAllowed,
         ProblemType::RouteNotFound,
+        ProblemType::MethodNotAllowed,
         ProblemType::ContentTooLarge,
         ProblemType::UriTooLong,
+        ProblemType::UnsupportedMediaType,
         ProblemType::RateLimited,
         ProblemType::HeaderFieldsTooLarge,
         ProblemType::Error,
@@ -91,11 +99,31 @@ impl ProblemType {
             ProblemType::Unauthorized => ("unauthorized", 401, "Authentication failed"),
             ProblemType::LoginFailed => ("login-failed", 401, "The login could not be completed"),
             ProblemType::Forbidden => ("forbidden", 403, "Not allowed"),
+            ProblemType::AddressNotAllowed => (
+                "address-not-allowed",
+                403,
+                "The client address is not allowed",
+            ),
+            ProblemType::OriginNotAllowed => (
+                "origin-not-allowed",
+                403,
+                "The origin is not allowed to make cross-origin requests",
+            ),
             ProblemType::RouteNotFound => ("route-not-found", 404, "No route matches this request"),
+            ProblemType::MethodNotAllowed => (
+                "method-not-allowed",
+                405,
+                "The method is not allowed on this route",
+            ),
             ProblemType::ContentTooLarge => {
                 ("content-too-large", 413, "The request body is too large")
             }
             ProblemType::UriTooLong => ("uri-too-long", 414, "The request target is too long"),
+            ProblemType::UnsupportedMediaType => (
+                "unsupported-media-type",
+                415,
+                "The request body's content type is not accepted",
+            ),
             ProblemType::RateLimited => ("rate-limited", 429, "Too many requests"),
             ProblemType::HeaderFieldsTooLarge => (
                 "header-fields-too-large",

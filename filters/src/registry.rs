@@ -40,10 +40,13 @@ impl Registry {
         let mut registry = Registry::empty();
         registry
             .register::<crate::api_key::ApiKey>()
+            .register::<crate::cors::Cors>()
+            .register::<crate::ip_restriction::IpRestriction>()
             .register::<crate::jwt::Jwt>()
             .register::<crate::oauth2::OAuth2>()
             .register::<crate::rate_limit::RateLimit>()
             .register::<crate::request_id::RequestId>()
+            .register::<crate::request_limits::RequestLimits>()
             .register::<crate::response_headers::ResponseHeaders>();
         registry
     }

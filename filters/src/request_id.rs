@@ -6,7 +6,7 @@ use http::{HeaderName, HeaderValue};
 use pingora_http::{RequestHeader, ResponseHeader};
 use serde::Deserialize;
 
-use crate::{BuildCtx, BuildError, Decision, Filter, FilterKind, Phases, RequestContext};
+use crate::{BuildCtx, BuildError, Decision, Filter, FilterKind, Phases, RequestContext, Stage};
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -97,6 +97,11 @@ impl RequestId {
 impl Filter for RequestId {
     fn kind(&self) -> &'static str {
         Self::KIND
+    }
+
+    /// First of all, so every answer, an early refusal's too, carries the request's own id.
+    fn stage(&self) -> Stage {
+        Stage::Identify
     }
 
     fn phases(&self) -> Phases {

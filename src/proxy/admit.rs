@@ -45,7 +45,7 @@ pub fn count_body(received: &mut u64, chunk: usize, limits: &Limits) -> Result<(
 /// A new attempt: Pingora replays the body read so far, which is counted again (and copied
 /// again for a mirror).
 pub fn restart_body(ctx: &mut super::RequestCtx) {
-    ctx.body_bytes = 0;
+    ctx.shared.request_body_bytes = 0;
     super::mirror::restart_body(ctx);
 }
 

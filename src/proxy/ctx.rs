@@ -23,7 +23,6 @@ pub struct RequestCtx {
     /// How many filters of the chain the request reached: an answer of our own runs their
     /// response phases (and only theirs).
     pub(super) reached: usize,
-    pub(super) body_bytes: u64,
     /// A copy of the request on its way to the route's mirror.
     pub(super) mirror: Option<Box<super::mirror::Copy>>,
     /// A problem to answer with when the proxy fails on our own decision (a body phase).
@@ -41,7 +40,6 @@ impl RequestCtx {
             route: None,
             upstream: Attempts::default(),
             reached: 0,
-            body_bytes: 0,
             mirror: None,
             problem: None,
             peer: None,

@@ -118,7 +118,7 @@ pub fn finish(
     let Some(copy) = ctx.mirror.as_mut() else {
         return;
     };
-    let bodiless = body_done && copy.body_len == 0 && ctx.body_bytes == 0;
+    let bodiless = body_done && copy.body_len == 0 && ctx.shared.request_body_bytes == 0;
     if !copy.complete && !bodiless {
         ctx.mirror = None;
         dropped(ctx);

@@ -134,9 +134,11 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if let Some(chunk) = body {
-            if let Err(refusal) =
-                admit::count_body(&mut ctx.body_bytes, chunk.len(), &ctx.snapshot.limits)
-            {
+            if let Err(refusal) = admit::count_body(
+                &mut ctx.shared.request_body_bytes,
+                chunk.len(),
+                &ctx.snapshot.limits,
+            ) {
                 return Err(respond::defer(ctx, refusal));
             }
         }

@@ -53,7 +53,7 @@ pub fn finish(
             "route": ctx.shared.route.as_deref(),
             "upstream": ctx.shared.upstream.as_deref(),
             "duration_ms": (elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
-            "bytes_in": ctx.body_bytes,
+            "bytes_in": ctx.shared.request_body_bytes,
             "error": error.map(|error| error.etype().as_str()),
         });
         access_log::write(line.to_string());

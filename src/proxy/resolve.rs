@@ -2,11 +2,16 @@
 //! that is forwarded), the host as routing reads it, the route matched on the pinned Snapshot,
 //! and the target forwarded upstream (the normalised or rewritten path, the query kept).
 //! `/explain` runs these same steps, so it names the route live traffic takes.
+//!
+//! A CORS preflight is routed as the request it asks about when that route answers preflights
+//! (it has a `cors` filter): a route that matches only `[GET, POST]` still gets its preflights,
+//! and a catch-all route does not take them.
 
 use std::borrow::Cow;
 
-use gatehouse_filters::{Problem, ProblemType};
+use gatehouse_filters::{Chain, FilterKind, Problem, ProblemType};
 use http::uri::PathAndQuery;
+use http::Method;
 use pingora_http::RequestHeader;
 
 use crate::config::Snapshot;
@@ -24,6 +29,8 @@ pub struct Resolution<'a> {
     pub matched: Option<RouteMatch>,
     /// The request target sent upstream.
     pub forward: Forward,
+    /// For a CORS preflight routed as the request it asks about: that request's method.
+    routed_method: Option<Method>,
 }
 
 /// The request target the upstream receives.
@@ -46,7 +53,7 @@ impl Resolution<'_> {
     /// The request as the router sees it.
     pub fn view<'v>(&'v self, request: &'v RequestHeader) -> RequestView<'v> {
         RequestView {
-            method: &request.method,
+            method: self.routed_method.as_ref().unwrap_or(&request.method),
             host: self.host.as_deref(),
             path: self.path(),
             query: self.query,
@@ -83,8 +90,19 @@ pub fn resolve<'a>(
         query: request.uri.query(),
         matched: None,
         forward: Forward::Unchanged,
+        routed_method: preflight_method(request),
     };
-    resolution.matched = snapshot.router.find(&resolution.view(request));
+    if resolution.routed_method.is_some() {
+        match snapshot.router.find(&resolution.view(request)) {
+            Some(matched) if answers_preflights(&snapshot.routes[matched.route].chain) => {
+                resolution.matched = Some(matched);
+            }
+            _ => resolution.routed_method = None,
+        }
+    }
+    if resolution.matched.is_none() {
+        resolution.matched = snapshot.router.find(&resolution.view(request));
+    }
     let Some(matched) = &resolution.matched else {
         return Ok(resolution);
     };
@@ -108,4 +126,24 @@ pub fn resolve<'a>(
         resolution.forward = uri.map_or(Forward::Invalid, Forward::To);
     }
     Ok(resolution)
+}
+
+/// The method a CORS preflight asks about: `OPTIONS` with `Origin` and a valid
+/// `Access-Control-Request-Method`.
+fn preflight_method(request: &RequestHeader) -> Option<Method> {
+    if request.method != Method::OPTIONS || !request.headers.contains_key(http::header::ORIGIN) {
+        return None;
+    }
+    let asked = request
+        .headers
+        .get(http::header::ACCESS_CONTROL_REQUEST_METHOD)?;
+    Method::from_bytes(asked.as_bytes()).ok()
+}
+
+/// Whether a chain answers CORS preflights.
+fn answers_preflights(chain: &Chain) -> bool {
+    chain
+        .filters()
+        .iter()
+        .any(|filter| filter.kind() == gatehouse_filters::cors::Cors::KIND)
 }

@@ -18,7 +18,10 @@ pub async fn respond(
     for (name, value) in response.headers {
         header.append_header(name, value)?;
     }
-    header.insert_header(http::header::CONTENT_LENGTH, response.body.len())?;
+    // A 204 has no body and must not say how long it is (RFC 9110, section 8.6).
+    if response.status != 204 {
+        header.insert_header(http::header::CONTENT_LENGTH, response.body.len())?;
+    }
     ctx.shared.status = Some(response.status);
     let RequestCtx {
         snapshot,

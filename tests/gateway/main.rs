@@ -6,6 +6,7 @@ mod support;
 mod auth;
 mod balancing;
 mod discovery;
+mod edge;
 mod introspection;
 mod lifecycle;
 mod limits;

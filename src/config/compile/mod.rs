@@ -84,6 +84,7 @@ pub fn compile(
         redis: redis_client(&config, env, &mut errors),
         metrics: env.metrics.clone(),
         route: None,
+        server_max_body_bytes: Some(limits.max_body_bytes),
     };
     let global_filters = routes::build_filters(
         "filters",
