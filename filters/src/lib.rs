@@ -16,12 +16,14 @@ pub mod template;
 pub mod util;
 
 pub mod api_key;
+pub mod headers;
 pub mod jwt;
 mod login;
 pub mod oauth2;
 pub mod rate_limit;
 pub mod request_id;
 pub mod response_headers;
+pub mod rewrite;
 pub mod shared;
 
 pub use chain::{AuthGate, Chain};

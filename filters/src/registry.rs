@@ -44,7 +44,9 @@ impl Registry {
             .register::<crate::oauth2::OAuth2>()
             .register::<crate::rate_limit::RateLimit>()
             .register::<crate::request_id::RequestId>()
-            .register::<crate::response_headers::ResponseHeaders>();
+            .register::<crate::response_headers::ResponseHeaders>()
+            .register::<crate::headers::Headers>()
+            .register::<crate::rewrite::Rewrite>();
         registry
     }
 

@@ -16,3 +16,4 @@ mod reload;
 mod resilience;
 mod routing;
 mod tls;
+mod transform;
