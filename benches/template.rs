@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use gatehouse_filters::template::Template;
-use gatehouse_filters::{BuildCtx, Consumer, Filter, Registry, RequestContext};
+use gatehouse_filters::{BuildCtx, Consumer, Registry, RequestContext};
 use pingora_http::{RequestHeader, ResponseHeader};
 use serde_json::json;
 
