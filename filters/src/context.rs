@@ -40,6 +40,11 @@ pub struct RequestContext {
     pub route: Option<Arc<str>>,
     /// The upstream pool the route sends to.
     pub upstream: Option<Arc<str>>,
+    /// The named captures of the route's regex path that matched, for templates.
+    pub path_captures: Vec<(String, String)>,
+    /// The `Host` of the upstream target of the current attempt: its configured host name or
+    /// address, with the port unless it is the scheme's default.
+    pub target_host: Option<http::HeaderValue>,
     /// The caller, once an authentication filter identified one.
     pub consumer: Option<Consumer>,
     /// The authenticated subject (e.g. a JWT's `sub`), for upstream identity headers.
@@ -69,6 +74,8 @@ impl RequestContext {
             client_tls: false,
             route: None,
             upstream: None,
+            path_captures: Vec::new(),
+            target_host: None,
             consumer: None,
             subject: None,
             claims: None,

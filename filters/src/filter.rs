@@ -175,12 +175,26 @@ pub struct BuildCtx {
     /// The server's `limits.max_body_bytes`, which a filter's own body limit must not exceed
     /// (`None`: no server limit known, as in unit tests).
     pub server_max_body_bytes: Option<u64>,
+    /// The named captures of the route's regex paths, which templates may read as
+    /// `${path.NAME}`; `None` for the global chain (any name).
+    pub path_captures: Option<Arc<[String]>>,
+    /// Headers the gateway sets itself besides the forwarding ones (the configured identity
+    /// headers and the request id header), which a filter may not set or remove.
+    pub gateway_headers: Arc<[http::HeaderName]>,
 }
 
 impl BuildCtx {
     /// The `route` label of the filter's metric rows: its route, or `(global)`.
     pub fn route_label(&self) -> &str {
         self.route.as_deref().unwrap_or(GLOBAL_ROUTE_LABEL)
+    }
+
+    /// The names templates of this filter may use besides the built-in variables.
+    pub fn template_scope(&self) -> crate::template::Scope<'_> {
+        crate::template::Scope {
+            path_captures: self.path_captures.as_deref(),
+            locals: &[],
+        }
     }
 }
 

@@ -18,6 +18,7 @@ pub mod util;
 
 pub mod api_key;
 pub mod cors;
+pub mod headers;
 pub mod ip_restriction;
 pub mod jwt;
 mod login;
@@ -26,6 +27,7 @@ pub mod rate_limit;
 pub mod request_id;
 pub mod request_limits;
 pub mod response_headers;
+pub mod rewrite;
 pub mod shared;
 
 pub use chain::{AuthGate, Chain};

@@ -47,7 +47,9 @@ impl Registry {
             .register::<crate::rate_limit::RateLimit>()
             .register::<crate::request_id::RequestId>()
             .register::<crate::request_limits::RequestLimits>()
-            .register::<crate::response_headers::ResponseHeaders>();
+            .register::<crate::response_headers::ResponseHeaders>()
+            .register::<crate::headers::Headers>()
+            .register::<crate::rewrite::Rewrite>();
         registry
     }
 

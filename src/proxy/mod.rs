@@ -80,15 +80,14 @@ impl ProxyHttp for Gateway {
             return respond::problem(session, ctx, refusal).await;
         }
         forwarded::identify(session, ctx);
-        let (route, forward) = match resolve::resolve(&ctx.snapshot, session.req_header()) {
-            Ok(resolution) => (
-                resolution.matched.map(|matched| matched.route),
-                resolution.forward,
-            ),
+        let (matched, forward) = match resolve::resolve(&ctx.snapshot, session.req_header()) {
+            Ok(resolution) => (resolution.matched, resolution.forward),
             Err(refusal) => return respond::problem(session, ctx, refusal).await,
         };
-        if let Some(route) = route {
-            ctx.enter(route);
+        let route = matched.as_ref().map(|matched| matched.route);
+        if let Some(matched) = matched {
+            ctx.enter(matched.route);
+            ctx.shared.path_captures = matched.captures;
             match forward {
                 resolve::Forward::Unchanged => {}
                 resolve::Forward::To(uri) => session.req_header_mut().set_uri(uri),

@@ -133,7 +133,12 @@ pub fn choose(request: &RequestHeader, ctx: &mut RequestCtx, may_wait: bool) -> 
         if upstream.count == 0 {
             pool.shared.budget.request(now);
         }
-        let Pick { state, mut peer } = pick;
+        let Pick {
+            state,
+            mut peer,
+            host,
+        } = pick;
+        shared.target_host = Some(host);
         state
             .in_flight
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

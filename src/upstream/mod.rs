@@ -179,6 +179,8 @@ pub struct Target {
     pub weight: u32,
     /// The peer template; cloned per attempt.
     peer: HttpPeer,
+    /// The target's `Host`, for routes that send it (the `rewrite` filter's `host: target`).
+    host: http::HeaderValue,
 }
 
 /// How probes reach a pool's targets: its TLS and protocol.
@@ -208,10 +210,28 @@ enum TargetSpec {
     },
 }
 
+/// The `Host` a target is asked with: its host name (or its address), with the port unless it
+/// is the scheme's default.
+fn target_host(name: Option<&str>, address: SocketAddr, tls: bool) -> http::HeaderValue {
+    let default_port = if tls { 443 } else { 80 };
+    let mut text = match (name, address.ip()) {
+        (Some(name), _) => name.to_string(),
+        (None, IpAddr::V4(ip)) => ip.to_string(),
+        (None, IpAddr::V6(ip)) => format!("[{ip}]"),
+    };
+    if address.port() != default_port {
+        text.push_str(&format!(":{}", address.port()));
+    }
+    http::HeaderValue::from_str(&text).unwrap_or_else(|_| http::HeaderValue::from_static(""))
+}
+
 /// A target a request picked: its state (held until the attempt ends) and its peer.
 pub struct Pick {
     pub state: Arc<TargetState>,
     pub peer: Box<HttpPeer>,
+    /// The target's host name (or address) as configured, with its port unless it is the
+    /// scheme's default.
+    pub host: http::HeaderValue,
 }
 
 /// A named pool of targets with its balancing and resilience settings.
@@ -399,7 +419,9 @@ impl UpstreamPool {
                     peer.sni = host.to_string();
                 }
             }
+            let host = target_host(host, address, peer.is_tls());
             targets.push(Target {
+                host,
                 state: self.registry.target(
                     &self.name,
                     address,
@@ -491,6 +513,7 @@ impl UpstreamPool {
         Some(Pick {
             state: target.state.clone(),
             peer: Box::new(target.peer.clone()),
+            host: target.host.clone(),
         })
     }
 

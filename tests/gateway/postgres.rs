@@ -557,3 +557,93 @@ fn tls_require_never_falls_back_to_plaintext() {
         "{stderr}"
     );
 }
+
+/// A route with the `headers` and `rewrite` kinds; its upstream is `UPSTREAM`.
+const TRANSFORM_ROUTE: &str = r#"version: 1
+upstreams: [{ name: up, targets: [{ address: "UPSTREAM" }] }]
+routes:
+  - name: transform
+    match: { paths: [{ regex: "^/shop/(?P<item>[a-z]+)$" }] }
+    upstream: up
+    filters:
+      - kind: rewrite
+        config:
+          path: { regex: "^/shop/(?P<item>[a-z]+)$", replacement: "/items/${item}" }
+          query: { set: { source: gateway }, remove: [debug] }
+          host: { set: items.internal }
+      - kind: headers
+        config:
+          request: { set: { x-item: "${path.item}" }, append: { x-list: gatehouse }, rename: { x-old: x-new } }
+          response: { remove: [x-internal], set: { x-served-by: gatehouse } }
+"#;
+
+/// The `headers` and `rewrite` kinds go into the store and come out unchanged (push, pull,
+/// and the pulled file pushed again), and a node reading the store applies them.
+#[test]
+fn headers_and_rewrite_filters_survive_the_store() {
+    let database = TestDatabase::create();
+    let upstream = crate::support::recorder::Recorder::start(&[("X-Internal", "secret")], "ok");
+    let yaml = TRANSFORM_ROUTE.replace("UPSTREAM", &upstream.address.to_string());
+    database.push(&yaml);
+    let stored = |database: &TestDatabase| -> Vec<(String, serde_json::Value)> {
+        database
+            .client()
+            .query(
+                "SELECT kind, config::text FROM filters WHERE route = 'transform' ORDER BY position",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|row| {
+                let config: String = row.get(1);
+                (row.get(0), serde_json::from_str(&config).unwrap())
+            })
+            .collect()
+    };
+    let written: serde_yaml::Value = serde_yaml::from_str(&yaml).unwrap();
+    let written_filters: Vec<(String, serde_json::Value)> = written["routes"][0]["filters"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|filter| {
+            (
+                filter["kind"].as_str().unwrap().to_string(),
+                serde_json::to_value(&filter["config"]).unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(stored(&database), written_filters);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (code, pulled, stderr) = run_cli(
+        &["config", "pull", "--database-url", &database.url],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let pulled_value: serde_yaml::Value = serde_yaml::from_str(&pulled).unwrap();
+    assert_eq!(
+        pulled_value["routes"][0]["filters"], written["routes"][0]["filters"],
+        "{pulled}"
+    );
+    // The pulled file, pushed again, stores the same rows.
+    database.push(&pulled);
+    assert_eq!(stored(&database), written_filters);
+
+    let gateway = Gateway::start(&source(&database.url, ""));
+    let reply = crate::support::request(
+        gateway.addr,
+        "GET",
+        "/shop/lamp?debug=1&colour=red",
+        &[("X-Old", "o"), ("X-List", "a")],
+        b"",
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.header("x-internal"), None);
+    assert_eq!(reply.header("x-served-by"), Some("gatehouse"));
+    let received = upstream.last();
+    assert_eq!(received.target, "/items/lamp?colour=red&source=gateway");
+    assert_eq!(received.header("host"), Some("items.internal"));
+    assert_eq!(received.header("x-item"), Some("lamp"));
+    assert_eq!(received.header("x-list"), Some("a, gatehouse"));
+    assert_eq!(received.header("x-new"), Some("o"));
+}

@@ -8,6 +8,7 @@ pub mod dns;
 pub mod idp;
 pub mod load;
 pub mod pg;
+pub mod recorder;
 pub mod target;
 
 use std::io::{Read, Write};

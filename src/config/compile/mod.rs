@@ -79,12 +79,19 @@ pub fn compile(
     let dns = crate::upstream::discovery::DnsSettings::build(&config.server.dns, &mut errors);
     let consumers = consumers::build(&config, &mut errors);
     let identity_headers = consumers::identity_headers(&config, &mut errors);
+    let request_id_header = server::request_id_header(&config);
     let build_ctx = BuildCtx {
         consumers: Arc::new(consumers),
         redis: redis_client(&config, env, &mut errors),
         metrics: env.metrics.clone(),
         route: None,
         server_max_body_bytes: Some(limits.max_body_bytes),
+        path_captures: None,
+        gateway_headers: identity_headers
+            .names()
+            .chain([&request_id_header])
+            .cloned()
+            .collect(),
     };
     let global_filters = routes::build_filters(
         "filters",
@@ -118,7 +125,7 @@ pub fn compile(
         limits,
         trusted_proxies: config.server.trusted_proxies.clone(),
         identity_headers,
-        request_id_header: server::request_id_header(&config),
+        request_id_header,
         redis: build_ctx.redis.clone(),
         serving: true,
         database_version: None,

@@ -101,6 +101,7 @@ pub(super) fn build_routes(
         let rewrite = rewrite(&path, route, errors);
         let route_ctx = BuildCtx {
             route: Some(route.name.as_str().into()),
+            path_captures: Some(capture_names(route).into()),
             ..ctx.clone()
         };
         let mut filters = global_filters.to_vec();
@@ -249,10 +250,9 @@ fn retry_policy(path: &str, route: &RouteConfig, errors: &mut Vec<ConfigError>) 
     }
 }
 
-/// The route's `strip_prefix` or `rewrite`, whose `${name}`s must be named captures of its
-/// regex paths.
-fn rewrite(path: &str, route: &RouteConfig, errors: &mut Vec<ConfigError>) -> Option<PathRewrite> {
-    let capture_names: Vec<String> = route
+/// The named captures of the route's regex paths.
+fn capture_names(route: &RouteConfig) -> Vec<String> {
+    route
         .matcher
         .paths
         .iter()
@@ -267,7 +267,13 @@ fn rewrite(path: &str, route: &RouteConfig, errors: &mut Vec<ConfigError>) -> Op
                 .map(str::to_string)
                 .collect::<Vec<_>>()
         })
-        .collect();
+        .collect()
+}
+
+/// The route's `strip_prefix` or `rewrite`, whose `${name}`s must be named captures of its
+/// regex paths.
+fn rewrite(path: &str, route: &RouteConfig, errors: &mut Vec<ConfigError>) -> Option<PathRewrite> {
+    let capture_names = capture_names(route);
     match PathRewrite::build(
         path,
         route.strip_prefix.as_deref(),
