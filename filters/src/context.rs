@@ -58,6 +58,10 @@ pub struct RequestContext {
     /// Request body bytes received so far, counted by the proxy before any filter's body phase
     /// sees a piece. A retry replays the body from its start, and the count with it.
     pub request_body_bytes: u64,
+    /// Whether a filter rewrites the request body whole (so its length changes). The proxy
+    /// then reads a body that fits its replay buffer before the upstream sees the head, and
+    /// sends it rewritten with its new `Content-Length`; a larger one goes chunked.
+    pub buffers_request_body: bool,
     /// The header the request id travels in, when a `request_id` filter named one; the
     /// gateway's own answers carry the id there.
     pub request_id_header: Option<http::HeaderName>,
@@ -82,6 +86,7 @@ impl RequestContext {
             auth_failure: None,
             status: None,
             request_body_bytes: 0,
+            buffers_request_body: false,
             request_id_header: None,
             state: http::Extensions::new(),
         }

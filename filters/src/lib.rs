@@ -6,6 +6,7 @@
 //! bytes, so every filter is unit-testable without starting a server.
 
 mod chain;
+pub mod codec;
 pub mod consumers;
 mod context;
 mod filter;
@@ -20,6 +21,7 @@ pub mod api_key;
 pub mod cors;
 pub mod headers;
 pub mod ip_restriction;
+pub mod json_body;
 pub mod jwt;
 mod login;
 pub mod oauth2;

@@ -42,6 +42,7 @@ impl Registry {
             .register::<crate::api_key::ApiKey>()
             .register::<crate::cors::Cors>()
             .register::<crate::ip_restriction::IpRestriction>()
+            .register::<crate::json_body::JsonBody>()
             .register::<crate::jwt::Jwt>()
             .register::<crate::oauth2::OAuth2>()
             .register::<crate::rate_limit::RateLimit>()

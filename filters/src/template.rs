@@ -449,6 +449,22 @@ impl Reads {
         }
     }
 
+    /// Adds what `other` reads.
+    pub fn merge(&mut self, other: &Reads) {
+        for name in &other.headers {
+            if !self.headers.contains(name) {
+                self.headers.push(name.clone());
+            }
+        }
+        for name in &other.query {
+            if !self.query.contains(name) {
+                self.query.push(name.clone());
+            }
+        }
+        self.host |= other.host;
+        self.method |= other.method;
+    }
+
     /// Whether the templates read nothing from the request head.
     pub fn is_empty(&self) -> bool {
         self.headers.is_empty() && self.query.is_empty() && !self.host && !self.method

@@ -43,9 +43,12 @@ pub fn count_body(received: &mut u64, chunk: usize, limits: &Limits) -> Result<(
 }
 
 /// A new attempt: Pingora replays the body read so far, which is counted again (and copied
-/// again for a mirror).
+/// again for a mirror); a body read ahead and rewritten was counted once and is not replayed
+/// through the chain.
 pub fn restart_body(ctx: &mut super::RequestCtx) {
-    ctx.shared.request_body_bytes = 0;
+    if ctx.request_body.is_none() {
+        ctx.shared.request_body_bytes = 0;
+    }
     super::mirror::restart_body(ctx);
 }
 

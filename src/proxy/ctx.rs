@@ -27,6 +27,9 @@ pub struct RequestCtx {
     pub(super) mirror: Option<Box<super::mirror::Copy>>,
     /// A problem to answer with when the proxy fails on our own decision (a body phase).
     pub(super) problem: Option<Problem>,
+    /// The request body as rewritten by the chain, when it was read before the upstream saw
+    /// the head (see `body`).
+    pub(super) request_body: Option<bytes::Bytes>,
     /// The TCP peer, and whether it is a trusted proxy.
     pub(super) peer: Option<IpAddr>,
     pub(super) trusted_peer: bool,
@@ -42,6 +45,7 @@ impl RequestCtx {
             reached: 0,
             mirror: None,
             problem: None,
+            request_body: None,
             peer: None,
             trusted_peer: false,
         }

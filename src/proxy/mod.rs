@@ -3,6 +3,7 @@
 //!
 //! - `ctx`: the per-request state (the pinned Snapshot, the context shared with filters);
 //! - `admit`: our own limits on the request head and body;
+//! - `body`: request bodies a filter rewrites whole, read before the upstream sees the head;
 //! - `forwarded`: who the client is, and what the upstream is told about the caller;
 //! - `resolve`: normalise, route, rewrite (shared with `/explain`);
 //! - the route's filter chain (`gatehouse_filters::Chain`), run in each phase it is wanted;
@@ -14,6 +15,7 @@
 //! - `deadline`: the total deadline for a request head, around the whole connection.
 
 pub mod admit;
+pub mod body;
 pub mod ctx;
 pub mod deadline;
 pub mod forwarded;
@@ -121,6 +123,9 @@ impl ProxyHttp for Gateway {
             };
             return respond::problem(session, ctx, Problem::new(kind)).await;
         }
+        if let Some(refusal) = body::read_ahead(session, ctx).await? {
+            return respond::problem(session, ctx, refusal).await;
+        }
         mirror::draw(ctx);
         Ok(false)
     }
@@ -132,6 +137,12 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if body::replace(ctx, body, end_of_stream) {
+            if ctx.mirror.is_some() {
+                mirror::body(ctx, body.as_ref(), end_of_stream, &self.mirror);
+            }
+            return Ok(());
+        }
         if let Some(chunk) = body {
             if let Err(refusal) = admit::count_body(
                 &mut ctx.shared.request_body_bytes,
@@ -221,6 +232,7 @@ impl ProxyHttp for Gateway {
         if chain.wants(Phases::UPSTREAM_REQUEST) {
             chain.upstream_request(upstream_request, &mut ctx.shared);
         }
+        body::frame(upstream_request, ctx);
         mirror::head(ctx, upstream_request);
         Ok(())
     }

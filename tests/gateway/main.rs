@@ -8,6 +8,7 @@ mod balancing;
 mod discovery;
 mod edge;
 mod introspection;
+mod json_body;
 mod lifecycle;
 mod limits;
 mod login;

@@ -575,12 +575,20 @@ routes:
         config:
           request: { set: { x-item: "${path.item}" }, append: { x-list: gatehouse }, rename: { x-old: x-new } }
           response: { remove: [x-internal], set: { x-served-by: gatehouse } }
+      - kind: json_body
+        config:
+          max_body_bytes: 64KiB
+          request:
+            - { op: set, path: /item, value: "${path.item}" }
+            - { op: set, path: /meta, value: { zeta: 1, alpha: [true, null, "${method}"] } }
+            - { op: rename, from: /qty, path: /quantity }
+          response: [{ op: remove, path: /internal }]
 "#;
 
-/// The `headers` and `rewrite` kinds go into the store and come out unchanged (push, pull,
+/// The `headers`, `rewrite` and `json_body` kinds go into the store and come out unchanged (push, pull,
 /// and the pulled file pushed again), and a node reading the store applies them.
 #[test]
-fn headers_and_rewrite_filters_survive_the_store() {
+fn transform_filters_survive_the_store() {
     let database = TestDatabase::create();
     let upstream = crate::support::recorder::Recorder::start(&[("X-Internal", "secret")], "ok");
     let yaml = TRANSFORM_ROUTE.replace("UPSTREAM", &upstream.address.to_string());
@@ -646,4 +654,17 @@ fn headers_and_rewrite_filters_survive_the_store() {
     assert_eq!(received.header("x-item"), Some("lamp"));
     assert_eq!(received.header("x-list"), Some("a, gatehouse"));
     assert_eq!(received.header("x-new"), Some("o"));
+
+    let reply = crate::support::request(
+        gateway.addr,
+        "POST",
+        "/shop/lamp",
+        &[("Content-Type", "application/json")],
+        br#"{"qty":2,"colour":"red"}"#,
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(
+        String::from_utf8_lossy(&upstream.last().body),
+        r#"{"colour":"red","item":"lamp","meta":{"zeta":1,"alpha":[true,null,"POST"]},"quantity":2}"#
+    );
 }

@@ -350,6 +350,13 @@ fn validate_refuses_bad_transform_configs_with_their_paths() {
             remove: [transfer-encoding, x-consumer-id]
           response:
             rename: { x-a: keep-alive }
+      - kind: json_body
+        config:
+          request:
+            - { op: set, path: user/id, value: 1 }
+            - { op: rename, from: "/a~2b", path: /b }
+            - { op: set, path: /who, value: { name: "${consumer.nick}" } }
+          response: [{ op: remove, path: "" }]
 "#,
     );
     assert_eq!(code, 1, "{output}");
@@ -363,6 +370,10 @@ fn validate_refuses_bad_transform_configs_with_their_paths() {
         "routes[0].filters[1].config.request.remove[0]: \"transfer-encoding\" is a hop-by-hop header",
         "routes[0].filters[1].config.request.remove[1]: \"x-consumer-id\" is an identity or request id header",
         "routes[0].filters[1].config.response.rename.x-a: \"keep-alive\" is a hop-by-hop header",
+        "routes[0].filters[2].config.request[0].path: \"user/id\" is not a JSON Pointer",
+        "routes[0].filters[2].config.request[1].from: \"/a~2b\" is not a JSON Pointer",
+        "routes[0].filters[2].config.request[2].value: unknown variable \"${consumer.nick}\"",
+        "routes[0].filters[2].config.response[0].path: the empty pointer names the whole body",
     ] {
         assert!(output.contains(expected), "missing {expected:?} in:\n{output}");
     }
@@ -375,6 +386,10 @@ fn validate_refuses_bad_transform_configs_with_their_paths() {
         config:
           request: { set: { x-a: "${consumer.username}", x-b: "${path.id}" }, remove: [x-debug] }
           response: { rename: { x-a: x-b } }
+      - kind: json_body
+        config:
+          request: [{ op: set, path: /user/id, value: "${path.id}" }, { op: rename, from: "/a~1b", path: /b }]
+          response: [{ op: remove, path: /internal }]
 "#,
     );
     assert_eq!(code, 0, "{output}");

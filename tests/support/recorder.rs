@@ -46,14 +46,21 @@ pub struct Recorder {
 impl Recorder {
     /// Starts on a free port; every answer is `200`, the given header lines and `body`.
     pub fn start(headers: &[(&str, &str)], body: &str) -> Recorder {
+        Recorder::start_bytes(headers, body.as_bytes())
+    }
+
+    /// As [`Recorder::start`], with a body of any bytes (a compressed one, say).
+    pub fn start_bytes(headers: &[(&str, &str)], body: &[u8]) -> Recorder {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the recorder");
         let address = listener.local_addr().unwrap();
         let mut response = String::from("HTTP/1.1 200 OK\r\n");
         for (name, value) in headers {
             response.push_str(&format!("{name}: {value}\r\n"));
         }
-        response.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
-        let response: Arc<[u8]> = Arc::from(response.into_bytes());
+        response.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+        let mut response = response.into_bytes();
+        response.extend_from_slice(body);
+        let response: Arc<[u8]> = Arc::from(response);
         let seen = Arc::new(Mutex::new(Vec::new()));
         let shared = Arc::clone(&seen);
         std::thread::spawn(move || {
@@ -113,20 +120,37 @@ fn serve(mut stream: TcpStream, seen: &Mutex<Vec<Recorded>>, response: &[u8]) {
             .filter_map(|line| line.split_once(':'))
             .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_string()))
             .collect();
-        let length: usize = headers
+        let chunked = headers
             .iter()
-            .find(|(name, _)| name == "content-length")
-            .and_then(|(_, value)| value.parse().ok())
-            .unwrap_or(0);
-        while buffer.len() < head_end + length {
-            match stream.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(read) => buffer.extend_from_slice(&chunk[..read]),
+            .any(|(name, value)| name == "transfer-encoding" && value.contains("chunked"));
+        let (end, body) = if chunked {
+            // Read up to the last chunk (no trailers), then decode.
+            loop {
+                if let Some(body) = dechunk(&buffer[head_end..]) {
+                    break body;
+                }
+                match stream.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(read) => buffer.extend_from_slice(&chunk[..read]),
+                }
             }
-        }
-        let raw: Vec<u8> = buffer.drain(..head_end + length).collect();
+        } else {
+            let length: usize = headers
+                .iter()
+                .find(|(name, _)| name == "content-length")
+                .and_then(|(_, value)| value.parse().ok())
+                .unwrap_or(0);
+            while buffer.len() < head_end + length {
+                match stream.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(read) => buffer.extend_from_slice(&chunk[..read]),
+                }
+            }
+            (length, buffer[head_end..head_end + length].to_vec())
+        };
+        let raw: Vec<u8> = buffer.drain(..head_end + end).collect();
         seen.lock().unwrap().push(Recorded {
-            body: raw[head_end..].to_vec(),
+            body,
             raw,
             method,
             target,
@@ -135,5 +159,30 @@ fn serve(mut stream: TcpStream, seen: &Mutex<Vec<Recorded>>, response: &[u8]) {
         if stream.write_all(response).is_err() {
             return;
         }
+    }
+}
+
+/// A complete chunked body at the start of `bytes`: (its length on the wire, the data).
+fn dechunk(bytes: &[u8]) -> Option<(usize, Vec<u8>)> {
+    let mut at = 0;
+    let mut data = Vec::new();
+    loop {
+        let line_end = at
+            + bytes[at..]
+                .windows(2)
+                .position(|window| window == b"\r\n")?;
+        let size_text = std::str::from_utf8(&bytes[at..line_end]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        let start = line_end + 2;
+        if size == 0 {
+            return bytes[start..]
+                .starts_with(b"\r\n")
+                .then_some((start + 2, data));
+        }
+        if bytes.len() < start + size + 2 {
+            return None;
+        }
+        data.extend_from_slice(&bytes[start..start + size]);
+        at = start + size + 2;
     }
 }

@@ -45,10 +45,24 @@ impl Default for CompileEnv {
     }
 }
 
-/// Hash of the config as written.
+/// Hash of the config as written, whatever the order of its keys (a config stored in
+/// PostgreSQL comes back with its objects' keys sorted).
 pub fn config_hash(config: &Config) -> String {
-    let canonical = serde_json::to_vec(config).unwrap_or_default();
+    let mut value = serde_json::to_value(config).unwrap_or_default();
+    sort_keys(&mut value);
+    let canonical = serde_json::to_vec(&value).unwrap_or_default();
     hex::encode(Sha256::digest(&canonical))
+}
+
+fn sort_keys(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(members) => {
+            members.sort_keys();
+            members.values_mut().for_each(sort_keys);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(sort_keys),
+        _ => {}
+    }
 }
 
 /// Validate and build a Snapshot. Every error is reported, not only the first.
