@@ -14,6 +14,9 @@
 #   gatehouse-apikey     + api_key (one consumer, SHA-256 key), auth: required
 #   gatehouse-full       + jwt (as gatehouse-jwt) + rate_limit (local, keyed by consumer) +
 #                        response_headers (set, add, remove)
+#   gatehouse-headers    + headers: three request operations and three response operations
+#   gatehouse-json-plain the plain route in front of an upstream answering 1 KiB of JSON
+#   gatehouse-json       as gatehouse-json-plain, + json_body with one `set` on the response
 #   gatehouse-rl-local   + rate_limit, backend local, keyed by client_ip
 #   gatehouse-rl-redis   + rate_limit, backend redis (a private redis-server pinned to the load
 #                        core, or BENCH_REDIS_URL; fail_closed), keyed by
@@ -72,6 +75,7 @@ warmup=${BENCH_WARMUP:-2}
 all_contenders=direct,nginx,haproxy,envoy,bare,gatehouse,gatehouse-jwt,gatehouse-apikey
 all_contenders+=,gatehouse-full,gatehouse-rl-local,gatehouse-rl-redis,gatehouse-rl-lease
 all_contenders+=,gatehouse-resilient,gatehouse-rr-slow,gatehouse-ewma-slow
+all_contenders+=,gatehouse-headers,gatehouse-json-plain,gatehouse-json
 contenders_wanted=${BENCH_CONTENDERS:-$all_contenders}
 baseline_contenders=gatehouse-baseline,gatehouse-full-baseline
 baseline_dir=${BENCH_BASELINE_DIR:-}
@@ -103,7 +107,8 @@ for name in "${requested[@]}"; do
   case $name in
     direct | nginx | haproxy | envoy | bare | gatehouse | gatehouse-jwt | gatehouse-apikey | \
       gatehouse-full | gatehouse-rl-local | gatehouse-rl-redis | gatehouse-rl-lease | \
-      gatehouse-resilient | gatehouse-rr-slow | gatehouse-ewma-slow)
+      gatehouse-resilient | gatehouse-rr-slow | gatehouse-ewma-slow | gatehouse-headers | \
+      gatehouse-json-plain | gatehouse-json)
       contenders+=("$name")
       ;;
     gatehouse-baseline | gatehouse-full-baseline)
@@ -473,6 +478,11 @@ EOF
     circuit_breaker: { max_requests: 100000, failure_rate: { threshold: 50%, min_requests: 20, window: 10s } }
 EOF
         ;;
+      gatehouse-json-plain | gatehouse-json)
+        cat <<EOF
+    targets: [{ address: "127.0.0.1:$json_echo_port" }]
+EOF
+        ;;
       gatehouse-rr-slow | gatehouse-ewma-slow)
         local balance=round_robin
         [[ $variant == gatehouse-ewma-slow ]] && balance=peak_ewma
@@ -531,6 +541,23 @@ EOF
         config: { policies: [{ name: per-consumer, key: [consumer], capacity: 1000000000, refill: { tokens: 1000000000, every: 1s } }] }
       - kind: response_headers
         config: { set: { x-gateway: gatehouse }, add: { x-served-by: bench }, remove: [server] }
+EOF
+        ;;
+      gatehouse-headers)
+        cat <<EOF
+    filters:
+      - kind: headers
+        config:
+          request: { set: { x-tenant: "\${request.header.host}" }, add: { x-gateway: gatehouse }, remove: [x-debug] }
+          response: { set: { x-served-by: bench }, append: { x-route: "\${route}" }, remove: [server] }
+EOF
+        ;;
+      gatehouse-json)
+        cat <<EOF
+    filters:
+      - kind: json_body
+        config:
+          response: [{ op: set, path: /gateway, value: gatehouse }]
 EOF
         ;;
       gatehouse-rl-local)
@@ -684,6 +711,21 @@ start_contender() {
 # response header operations, and the redis variants leave their bucket in Redis.
 check_filters() {
   local name=${1%-baseline} headers header_args=()
+  if [[ $name == gatehouse-headers ]]; then
+    headers=$(curl -s -D - -o /dev/null --max-time 2 "$proxy_url" | tr -d '\r' | tr '[:upper:]' '[:lower:]')
+    if ! grep -q '^x-served-by: bench$' <<<"$headers" || ! grep -q '^x-route: all$' <<<"$headers"; then
+      echo "answered without x-served-by / x-route: the headers filter is not in the path"
+      return 1
+    fi
+    return 0
+  fi
+  if [[ $name == gatehouse-json ]]; then
+    if ! curl -s --max-time 2 "$proxy_url" | grep -q '"gateway":"gatehouse"}$'; then
+      echo "answered a body without \"gateway\":\"gatehouse\": the json_body filter is not in the path"
+      return 1
+    fi
+    return 0
+  fi
   [[ $name == gatehouse-full || $name == gatehouse-rl-* ]] || return 0
   [[ -n $proxy_header ]] && header_args=(-H "$proxy_header")
   headers=$(curl -s -D - -o /dev/null --max-time 2 "${header_args[@]}" "$proxy_url" | tr -d '\r' | tr '[:upper:]' '[:lower:]')
@@ -731,6 +773,14 @@ if wants gatehouse-rr-slow || wants gatehouse-ewma-slow; then
   start_pinned "$load_cpu" "$work/echo-slow.log" "$echo_bin" --small --delay-ms 5 --listen "127.0.0.1:$slow_echo_port"
   slow_echo_pid=$last_pid
   wait_ready "http://127.0.0.1:$slow_echo_port/" "$slow_echo_pid" || die "the slow echo upstream did not start: $(cat "$work/echo-slow.log")"
+fi
+
+json_echo_port=""
+if wants gatehouse-json || wants gatehouse-json-plain; then
+  json_echo_port=$(free_port)
+  start_pinned "$load_cpu" "$work/echo-json.log" "$echo_bin" --small --json-bytes 1024 --listen "127.0.0.1:$json_echo_port"
+  json_echo_pid=$last_pid
+  wait_ready "http://127.0.0.1:$json_echo_port/" "$json_echo_pid" || die "the JSON echo upstream did not start: $(cat "$work/echo-json.log")"
 fi
 
 runnable=()

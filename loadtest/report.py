@@ -29,6 +29,7 @@ UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0, "h": 3600000.0}
 ORDER = ["direct", "nginx", "haproxy", "envoy", "bare", "gatehouse", "gatehouse-baseline",
          "gatehouse-jwt", "gatehouse-apikey", "gatehouse-full", "gatehouse-full-baseline",
          "gatehouse-rl-local", "gatehouse-rl-redis", "gatehouse-rl-lease", "gatehouse-resilient",
+         "gatehouse-headers", "gatehouse-json-plain", "gatehouse-json",
          "gatehouse-rr-slow", "gatehouse-ewma-slow"]
 LABELS = {
     "direct": "direct to upstream",
@@ -46,14 +47,18 @@ LABELS = {
     "gatehouse-rl-redis": "Gatehouse + rate_limit (redis)",
     "gatehouse-rl-lease": "Gatehouse + rate_limit (redis, lease)",
     "gatehouse-resilient": "Gatehouse + health check, outlier detection, breaker",
+    "gatehouse-headers": "Gatehouse + headers (3 request, 3 response operations)",
+    "gatehouse-json-plain": "Gatehouse, 1 KiB JSON responses",
+    "gatehouse-json": "Gatehouse + json_body (one set on each 1 KiB JSON response)",
     "gatehouse-rr-slow": "Gatehouse, 2 targets (one 5 ms slower), round robin",
     "gatehouse-ewma-slow": "Gatehouse, 2 targets (one 5 ms slower), peak EWMA",
 }
 # The same route with and without its filters, in the same run: the price of the filters.
 VARIANTS = ["gatehouse-jwt", "gatehouse-apikey", "gatehouse-full", "gatehouse-rl-local",
-            "gatehouse-rl-redis", "gatehouse-rl-lease", "gatehouse-resilient"]
+            "gatehouse-rl-redis", "gatehouse-rl-lease", "gatehouse-resilient", "gatehouse-headers"]
 # Two balancers over the same targets, one slower: peak EWMA against round robin.
-PAIRS = {"gatehouse-ewma-slow": "gatehouse-rr-slow"}
+# The same route in front of the same JSON upstream, with and without a body rewrite.
+PAIRS = {"gatehouse-ewma-slow": "gatehouse-rr-slow", "gatehouse-json": "gatehouse-json-plain"}
 # The same config on this tree's binary and on an older one (BENCH_BASELINE_DIR), in the same
 # rounds: what the change between the two builds did to the plain route and to the full chain.
 BASELINES = {"gatehouse": "gatehouse-baseline", "gatehouse-full": "gatehouse-full-baseline"}

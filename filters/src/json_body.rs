@@ -505,30 +505,64 @@ pub struct JsonBody {
     skipped: Vec<Row<IntCounter>>,
 }
 
-/// A body being held: the pieces as they came (for a response that passes through after all)
-/// and the decoder of its coding.
+/// A body being held: the pieces as they came (for a response that passes through after all,
+/// and the body itself when it has no coding) and the decoder of its coding.
 struct Held {
     coding: Coding,
-    decoder: Decoder,
-    /// The coded pieces, kept for a response that may yet pass through unchanged.
+    /// The decoder of a coded body; `None` without a coding.
+    decoder: Option<Decoder>,
     pieces: Vec<Bytes>,
+    length: usize,
+    limit: usize,
 }
 
 impl Held {
     fn new(coding: Coding, limit: usize) -> Held {
         Held {
             coding,
-            decoder: Decoder::new(coding, limit),
+            decoder: (coding != Coding::Identity).then(|| Decoder::new(coding, limit)),
             pieces: Vec::new(),
+            length: 0,
+            limit,
         }
     }
 
+    /// Takes the next piece; an error once the body is over the limit or does not decode.
+    fn push(&mut self, piece: Bytes) -> Result<(), DecodeError> {
+        self.length += piece.len();
+        let result = if self.length > self.limit {
+            Err(DecodeError::TooLarge)
+        } else {
+            match &mut self.decoder {
+                Some(decoder) => decoder.push(&piece),
+                None => Ok(()),
+            }
+        };
+        self.pieces.push(piece);
+        result
+    }
+
+    /// The body as it came.
     fn original(&self) -> Bytes {
-        let mut all = BytesMut::with_capacity(self.pieces.iter().map(Bytes::len).sum());
-        for piece in &self.pieces {
-            all.extend_from_slice(piece);
+        match self.pieces.as_slice() {
+            [] => Bytes::new(),
+            [one] => one.clone(),
+            many => {
+                let mut all = BytesMut::with_capacity(self.length);
+                for piece in many {
+                    all.extend_from_slice(piece);
+                }
+                all.freeze()
+            }
         }
-        all.freeze()
+    }
+
+    /// The whole body, decoded.
+    fn decoded(&mut self) -> Result<Bytes, DecodeError> {
+        match self.decoder.take() {
+            Some(decoder) => decoder.finish().map(Bytes::from),
+            None => Ok(self.original()),
+        }
     }
 }
 
@@ -733,7 +767,7 @@ impl Filter for JsonBody {
             return Ok(());
         };
         if let Some(piece) = body.take() {
-            held.decoder.push(&piece).map_err(|error| match error {
+            held.push(piece).map_err(|error| match error {
                 DecodeError::TooLarge => too_large(limit),
                 DecodeError::Invalid => undecodable(held.coding),
             })?;
@@ -742,9 +776,9 @@ impl Filter for JsonBody {
             *body = Some(Bytes::new());
             return Ok(());
         }
-        let held = state.request.take().expect("held above");
+        let mut held = state.request.take().expect("held above");
         let coding = held.coding;
-        let decoded = held.decoder.finish().map_err(|error| match error {
+        let decoded = held.decoded().map_err(|error| match error {
             DecodeError::TooLarge => too_large(limit),
             DecodeError::Invalid => undecodable(coding),
         })?;
@@ -846,9 +880,7 @@ impl Filter for JsonBody {
             return;
         };
         if let Some(piece) = body.take() {
-            let pushed = held.decoder.push(&piece);
-            held.pieces.push(piece);
-            if let Err(error) = pushed {
+            if let Err(error) = held.push(piece) {
                 // Pass everything through as it came, this piece and the rest.
                 *body = Some(held.original());
                 state.response = None;
@@ -862,13 +894,12 @@ impl Filter for JsonBody {
         if !end_of_stream {
             return;
         }
-        let held = state.response.take().expect("held above");
-        let original = held.original();
+        let mut held = state.response.take().expect("held above");
         let coding = held.coding;
-        let decoded = match held.decoder.finish() {
+        let decoded = match held.decoded() {
             Ok(decoded) => decoded,
             Err(error) => {
-                *body = Some(original);
+                *body = Some(held.original());
                 self.skip(match error {
                     DecodeError::TooLarge => Skip::TooLarge,
                     DecodeError::Invalid => Skip::DecodeError,
@@ -878,9 +909,10 @@ impl Filter for JsonBody {
         };
         let captured = std::mem::take(&mut state.captured);
         match self.response.rewrite(&decoded, ctx, &captured) {
+            Ok(rewritten) if coding == Coding::Identity => *body = Some(Bytes::from(rewritten)),
             Ok(rewritten) => *body = Some(Bytes::from(codec::encode(coding, &rewritten))),
             Err(_) => {
-                *body = Some(original);
+                *body = Some(held.original());
                 self.skip(Skip::InvalidJson);
             }
         }

@@ -60,6 +60,9 @@ pub struct EchoOptions {
     pub small: bool,
     /// Benchmark mode: wait this long before each answer (a slower target of a pool).
     pub small_delay: Duration,
+    /// Benchmark mode: answer with a JSON object of this many bytes (`application/json`)
+    /// instead of [`SMALL_BODY`]; 0 for the plain text.
+    pub small_json_bytes: usize,
 }
 
 impl Default for EchoOptions {
@@ -68,6 +71,7 @@ impl Default for EchoOptions {
             name: "echo".to_owned(),
             small: false,
             small_delay: Duration::ZERO,
+            small_json_bytes: 0,
         }
     }
 }
@@ -121,12 +125,19 @@ pub async fn serve(listener: TcpListener, options: EchoOptions) -> io::Result<()
         let io = TokioIo::new(stream);
         if options.small {
             let delay = options.small_delay;
+            let json = (options.small_json_bytes > 0).then(|| json_body(options.small_json_bytes));
             tokio::spawn(async move {
-                let service = service_fn(move |_request: Request<Incoming>| async move {
-                    if !delay.is_zero() {
-                        tokio::time::sleep(delay).await;
+                let service = service_fn(move |_request: Request<Incoming>| {
+                    let json = json.clone();
+                    async move {
+                        if !delay.is_zero() {
+                            tokio::time::sleep(delay).await;
+                        }
+                        Ok::<_, Infallible>(match json {
+                            Some(body) => json_response(body),
+                            None => small_response(),
+                        })
                     }
-                    Ok::<_, Infallible>(small_response())
                 });
                 let _ = http1::Builder::new().serve_connection(io, service).await;
             });
@@ -209,6 +220,38 @@ fn is_per_connection(error: &io::Error) -> bool {
             | io::ErrorKind::ConnectionReset
             | io::ErrorKind::Interrupted
     )
+}
+
+/// A JSON object of exactly `size` bytes (at least 100): a few members of several types, then
+/// string members padding it out.
+pub fn json_body(size: usize) -> Bytes {
+    let mut body = String::from(
+        r#"{"id":12345,"status":"shipped","total":99.5,"paid":true,"items":["a","b"]"#,
+    );
+    let mut index = 0;
+    while body.len() + 2 < size {
+        let room = size - body.len() - 1;
+        let member = format!(r#","f{index}":""#);
+        if room < member.len() + 1 {
+            body.push_str(&" ".repeat(room));
+            break;
+        }
+        let pad = (room - member.len() - 1).min(40);
+        body.push_str(&member);
+        body.push_str(&"x".repeat(pad));
+        body.push('"');
+        index += 1;
+    }
+    body.push('}');
+    Bytes::from(body)
+}
+
+fn json_response(body: Bytes) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
 
 fn small_response() -> Response<Full<Bytes>> {
@@ -406,5 +449,25 @@ mod tests {
         assert!(response.contains("content-type: text/plain"));
         assert!(!response.contains("x-upstream-name"));
         assert_eq!(body_of(&response), "hello, world\n");
+
+        let json = spawn_echo_with(EchoOptions {
+            small: true,
+            small_json_bytes: 1024,
+            ..EchoOptions::default()
+        });
+        let response = exchange(
+            json,
+            "GET /anything HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
+        );
+        assert!(response.contains("content-type: application/json"));
+        let body = body_of(&response);
+        assert_eq!(body.len(), 1024);
+        let document: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(document["status"], "shipped");
+        for size in [100, 101, 1000, 1025, 65536] {
+            let body = json_body(size);
+            assert_eq!(body.len(), size);
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap();
+        }
     }
 }

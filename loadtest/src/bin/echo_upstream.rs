@@ -28,6 +28,9 @@ struct Args {
     /// Benchmark mode: wait this many milliseconds before each answer.
     #[arg(long, default_value_t = 0)]
     delay_ms: u64,
+    /// Benchmark mode: answer with a JSON object of this many bytes instead (0: plain text).
+    #[arg(long, default_value_t = 0)]
+    json_bytes: usize,
     /// Worker threads; 1 runs everything on the main thread, which is fastest on one core.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -60,6 +63,7 @@ async fn run(args: Args) -> ExitCode {
         name: args.name,
         small: args.small,
         small_delay: std::time::Duration::from_millis(args.delay_ms),
+        small_json_bytes: args.json_bytes,
     };
     let mut servers = JoinSet::new();
     for address in &args.listen {
