@@ -55,6 +55,9 @@ pub struct RequestContext {
     pub auth_failure: Option<(&'static str, &'static str)>,
     /// The response status, once known.
     pub status: Option<u16>,
+    /// Whether the response is the gateway's own (a filter's answer, a problem document),
+    /// written whole: response body phases do not see it.
+    pub own_answer: bool,
     /// Request body bytes received so far, counted by the proxy before any filter's body phase
     /// sees a piece. A retry replays the body from its start, and the count with it.
     pub request_body_bytes: u64,
@@ -85,6 +88,7 @@ impl RequestContext {
             claims: None,
             auth_failure: None,
             status: None,
+            own_answer: false,
             request_body_bytes: 0,
             buffers_request_body: false,
             request_id_header: None,

@@ -68,6 +68,23 @@ struct Value {
     literal: Option<HeaderValue>,
 }
 
+/// A header name to write: the name, and the same as written in the config (its case kept on
+/// the wire), made once so a request copies neither.
+#[derive(Clone)]
+struct Named {
+    name: HeaderName,
+    case: Bytes,
+}
+
+impl Named {
+    fn new(name: HeaderName, written: &str) -> Named {
+        Named {
+            name,
+            case: Bytes::from(written.to_string()),
+        }
+    }
+}
+
 /// The writing operations, in the order they run.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Write {
@@ -80,8 +97,8 @@ enum Write {
 #[derive(Default)]
 pub(crate) struct Operations {
     remove: Vec<HeaderName>,
-    rename: Vec<(HeaderName, HeaderName)>,
-    write: Vec<(Write, HeaderName, Value)>,
+    rename: Vec<(HeaderName, Named)>,
+    write: Vec<(Write, Named, Value)>,
     /// How many values are templates (rendered per request).
     templated: usize,
     /// What the templates read from the request head.
@@ -116,9 +133,11 @@ impl Operations {
         ] {
             for (header, text) in entries {
                 let entry = path(format!("{key}.{header}"));
+                let written = header.as_str();
                 let Some(header) = name(entry.clone(), header, errors) else {
                     continue;
                 };
+                let header = Named::new(header, written);
                 let template = match Template::parse_in(text, &scope) {
                     Ok(template) => template,
                     Err(message) => {
@@ -153,9 +172,9 @@ impl Operations {
         for (from, to) in &section.rename {
             let entry = path(format!("rename.{from}"));
             let from = name(entry.clone(), from, errors);
-            let to = name(entry, to, errors);
-            if let (Some(from), Some(to)) = (from, to) {
-                operations.rename.push((from, to));
+            let to_name = name(entry, to, errors);
+            if let (Some(from), Some(to_name)) = (from, to_name) {
+                operations.rename.push((from, Named::new(to_name, to)));
             }
         }
         operations
@@ -198,9 +217,9 @@ impl Operations {
             let values: SmallVec<[HeaderValue; 2]> =
                 head.map().get_all(from).iter().cloned().collect();
             head.remove(from);
-            head.remove(to);
+            head.remove(&to.name);
             for value in values {
-                head.append(to.clone(), value);
+                head.append(to.case.clone(), value);
             }
         }
         let mut rendered = rendered.into_iter();
@@ -213,11 +232,11 @@ impl Operations {
                 },
             };
             match write {
-                Write::Set => head.insert(name.clone(), value),
-                Write::Add => head.append(name.clone(), value),
+                Write::Set => head.insert(name.case.clone(), value),
+                Write::Add => head.append(name.case.clone(), value),
                 Write::Append => {
-                    let joined = joined(head.map(), name, &value);
-                    head.insert(name.clone(), joined.unwrap_or(value));
+                    let joined = joined(head.map(), &name.name, &value);
+                    head.insert(name.case.clone(), joined.unwrap_or(value));
                 }
             }
         }
@@ -241,8 +260,8 @@ fn joined(headers: &HeaderMap, name: &HeaderName, value: &HeaderValue) -> Option
 /// A request or response head; Pingora's own methods keep the header case map in step.
 trait Head {
     fn map(&self) -> &HeaderMap;
-    fn insert(&mut self, name: HeaderName, value: HeaderValue);
-    fn append(&mut self, name: HeaderName, value: HeaderValue);
+    fn insert(&mut self, name: Bytes, value: HeaderValue);
+    fn append(&mut self, name: Bytes, value: HeaderValue);
     fn remove(&mut self, name: &HeaderName);
 }
 
@@ -252,10 +271,10 @@ macro_rules! head {
             fn map(&self) -> &HeaderMap {
                 &self.headers
             }
-            fn insert(&mut self, name: HeaderName, value: HeaderValue) {
+            fn insert(&mut self, name: Bytes, value: HeaderValue) {
                 self.insert_header(name, value).ok();
             }
-            fn append(&mut self, name: HeaderName, value: HeaderValue) {
+            fn append(&mut self, name: Bytes, value: HeaderValue) {
                 self.append_header(name, value).ok();
             }
             fn remove(&mut self, name: &HeaderName) {

@@ -27,10 +27,11 @@ use http::{header, HeaderValue};
 use pingora_http::{RequestHeader, ResponseHeader};
 use prometheus::IntCounter;
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use smallvec::SmallVec;
 
 use crate::codec::{self, Coding, DecodeError, Decoder};
+use crate::json_doc::Node;
 use crate::metrics::Row;
 use crate::template::{Captured, Reads, RequestSource, Template};
 use crate::units::ByteSize;
@@ -139,120 +140,6 @@ impl Pointer {
             tokens.push(token);
         }
         Ok(Pointer(tokens))
-    }
-
-    fn split(&self) -> (&[String], &str) {
-        let (last, parents) = self.0.split_last().expect("a pointer has a token");
-        (parents, last)
-    }
-
-    /// What the pointer names in `document`.
-    fn get<'a>(&self, document: &'a Value) -> Option<&'a Value> {
-        let mut at = document;
-        for token in &self.0 {
-            at = step(at, token)?;
-        }
-        Some(at)
-    }
-
-    /// The parent container of what the pointer names, created where missing: as an array
-    /// when the next token is `-` (the end of an array), else as an object.
-    fn parent_mut<'a>(&self, document: &'a mut Value) -> Option<&'a mut Value> {
-        let (parents, _) = self.split();
-        let mut at = document;
-        for (position, token) in parents.iter().enumerate() {
-            let next_is_end = self.0[position + 1] == "-";
-            let empty = || {
-                if next_is_end {
-                    Value::Array(Vec::new())
-                } else {
-                    Value::Object(Map::new())
-                }
-            };
-            at = match at {
-                Value::Object(members) => members.entry(token.clone()).or_insert_with(empty),
-                Value::Array(items) => {
-                    let at = index(token, items.len())?;
-                    items.get_mut(at)?
-                }
-                _ => return None,
-            };
-            if at.is_null() {
-                *at = empty();
-            }
-        }
-        Some(at)
-    }
-
-    /// Writes `value`; with `replace` false, only where nothing is (an array index inserts).
-    fn write(&self, document: &mut Value, value: Value, replace: bool) {
-        let (_, last) = self.split();
-        match self.parent_mut(document) {
-            Some(Value::Object(members)) if replace || !members.contains_key(last) => {
-                members.insert(last.to_string(), value);
-            }
-            Some(Value::Array(items)) => {
-                if last == "-" {
-                    items.push(value);
-                } else if let Some(at) = index(last, items.len() + 1) {
-                    if at == items.len() {
-                        items.push(value);
-                    } else if replace {
-                        items[at] = value;
-                    } else {
-                        items.insert(at, value);
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-
-    /// Removes and returns what the pointer names.
-    fn take(&self, document: &mut Value) -> Option<Value> {
-        let (parents, last) = self.split();
-        let mut at = document;
-        for token in parents {
-            at = step_mut(at, token)?;
-        }
-        match at {
-            Value::Object(members) => members.shift_remove(last),
-            Value::Array(items) => {
-                let at = index(last, items.len())?;
-                Some(items.remove(at))
-            }
-            _ => None,
-        }
-    }
-}
-
-/// An array index token: digits without a leading zero, below `len`.
-fn index(token: &str, len: usize) -> Option<usize> {
-    if token.is_empty() || (token.len() > 1 && token.starts_with('0')) {
-        return None;
-    }
-    if !token.bytes().all(|byte| byte.is_ascii_digit()) {
-        return None;
-    }
-    token.parse::<usize>().ok().filter(|at| *at < len)
-}
-
-fn step<'a>(at: &'a Value, token: &str) -> Option<&'a Value> {
-    match at {
-        Value::Object(members) => members.get(token),
-        Value::Array(items) => items.get(index(token, items.len())?),
-        _ => None,
-    }
-}
-
-fn step_mut<'a>(at: &'a mut Value, token: &str) -> Option<&'a mut Value> {
-    match at {
-        Value::Object(members) => members.get_mut(token),
-        Value::Array(items) => {
-            let at = index(token, items.len())?;
-            items.get_mut(at)
-        }
-        _ => None,
     }
 }
 
@@ -414,7 +301,7 @@ impl Operations {
     /// (a member of a string, an index past an array's end) does nothing.
     pub fn apply(
         &self,
-        document: &mut Value,
+        document: &mut Node<'_>,
         ctx: &mut RequestContext,
         source: &dyn RequestSource,
     ) {
@@ -424,34 +311,37 @@ impl Operations {
                     path,
                     value,
                     replace,
-                } => path.write(document, value.render(ctx, source), *replace),
+                } => document.write(&path.0, Node::Value(value.render(ctx, source)), *replace),
                 Step::Remove(path) => {
-                    path.take(document);
+                    document.take(&path.0);
                 }
                 Step::Move { from, path, keep } => {
-                    let value = if *keep {
-                        from.get(document).cloned()
+                    let moved = if *keep {
+                        document.find(&from.0).map(|node| node.copy())
                     } else {
-                        from.take(document)
+                        document.take(&from.0)
                     };
-                    if let Some(value) = value {
-                        path.write(document, value, true);
+                    if let Some(moved) = moved {
+                        document.write(&path.0, moved, true);
                     }
                 }
             }
         }
     }
 
-    /// `body` rewritten; `Err` when it is not JSON.
+    /// `body` rewritten; `Err` when it is not JSON. Only the members on the operations' paths
+    /// are parsed; the rest is copied as it came (see [`crate::json_doc`]).
     pub fn rewrite(
         &self,
         body: &[u8],
         ctx: &mut RequestContext,
         source: &dyn RequestSource,
     ) -> Result<Vec<u8>, serde_json::Error> {
-        let mut document: Value = serde_json::from_slice(body)?;
+        let mut document = Node::parse(body)?;
         self.apply(&mut document, ctx, source);
-        serde_json::to_vec(&document)
+        let mut out = Vec::with_capacity(body.len() + 64);
+        document.write_to(&mut out);
+        Ok(out)
     }
 }
 
@@ -811,6 +701,9 @@ impl Filter for JsonBody {
     fn response(&self, response: &mut ResponseHeader, ctx: &mut RequestContext) {
         let limit = self.limit;
         let decode = self.decode;
+        if ctx.own_answer {
+            return;
+        }
         let Some(state) = self.state(ctx) else {
             return;
         };
@@ -972,6 +865,7 @@ mod tests {
         assert!(Pointer::parse("").is_err());
         assert!(Pointer::parse("/a~").is_err());
         assert!(Pointer::parse("/a~2").is_err());
+        use crate::json_doc::index;
         assert_eq!(index("01", 5), None);
         assert_eq!(index("1", 5), Some(1));
         assert_eq!(index("5", 5), None);

@@ -22,6 +22,7 @@ pub mod cors;
 pub mod headers;
 pub mod ip_restriction;
 pub mod json_body;
+pub mod json_doc;
 pub mod jwt;
 mod login;
 pub mod oauth2;

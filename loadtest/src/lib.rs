@@ -462,7 +462,7 @@ mod tests {
         assert!(response.contains("content-type: application/json"));
         let body = body_of(&response);
         assert_eq!(body.len(), 1024);
-        let document: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let document: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(document["status"], "shipped");
         for size in [100, 101, 1000, 1025, 65536] {
             let body = json_body(size);

@@ -23,6 +23,7 @@ pub async fn respond(
         header.insert_header(http::header::CONTENT_LENGTH, response.body.len())?;
     }
     ctx.shared.status = Some(response.status);
+    ctx.shared.own_answer = true;
     let RequestCtx {
         snapshot,
         shared,
