@@ -450,7 +450,7 @@ impl Source for PostgresSource {
     }
 
     fn report(&self, snapshot: &Snapshot) -> serde_json::Map<String, serde_json::Value> {
-        let mut database = self.state.report();
+        let mut database = self.state.report(snapshot.database_version);
         database["snapshot_built_from_version"] = snapshot.database_version.into();
         database["database"] = self.database.display.clone().into();
         let mut report = serde_json::Map::new();

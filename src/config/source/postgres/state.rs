@@ -54,19 +54,26 @@ impl SourceState {
     /// Versions in the database this node has not decided yet (a rejected one is decided: the
     /// node is in sync, serving the version before it).
     pub fn versions_behind(&self) -> i64 {
+        self.versions_behind_from(self.applied_version.load(Ordering::Relaxed))
+    }
+
+    fn versions_behind_from(&self, applied: i64) -> i64 {
         let latest = self.latest_version.load(Ordering::Relaxed);
-        let decided = self
-            .applied_version
-            .load(Ordering::Relaxed)
-            .max(self.last_rejected_version.load(Ordering::Relaxed));
+        let decided = applied.max(self.last_rejected_version.load(Ordering::Relaxed));
         (latest - decided).max(0)
     }
 
     /// What `/config` shows: versions, the lag behind the database and the connection state.
-    pub fn report(&self) -> serde_json::Value {
+    /// `served` is the version the live snapshot was built from: the state records a version
+    /// just after swapping it in, so a report read in between takes it from the snapshot and
+    /// never shows a version older than the one answering requests.
+    pub fn report(&self, served: Option<i64>) -> serde_json::Value {
         let latest = self.latest_version.load(Ordering::Relaxed);
-        let applied = self.applied_version.load(Ordering::Relaxed);
-        let behind = self.versions_behind();
+        let applied = self
+            .applied_version
+            .load(Ordering::Relaxed)
+            .max(served.unwrap_or(-1));
+        let behind = self.versions_behind_from(applied);
         let lag_seconds = if behind > 0 {
             now_millis().saturating_sub(self.latest_created_ms.load(Ordering::Relaxed)) as f64
                 / 1000.0
