@@ -61,6 +61,69 @@ fn change(client: &mut postgres::Client, upstream: &str, marker: &str) {
     transaction.commit().unwrap();
 }
 
+/// Whether the latest version's document in `config_snapshots` is what the gateway's own load
+/// query reads (the migration keeps a copy of that query's document part).
+fn snapshot_matches_load(database: &TestDatabase) -> bool {
+    let load = include_str!("../../sql/queries/load_config.sql")
+        .trim_end()
+        .trim_end_matches(';');
+    let query = format!(
+        "SELECT snapshot.document = loaded.config FROM ({load}) AS loaded \
+         JOIN config_snapshots AS snapshot ON snapshot.version_id = loaded.version_id"
+    );
+    database.client().query_one(&query, &[]).unwrap().get(0)
+}
+
+/// The kept document of `version`.
+fn snapshot(database: &TestDatabase, version: i64) -> serde_json::Value {
+    let text: String = database
+        .client()
+        .query_one(
+            "SELECT document::text FROM config_snapshots WHERE version_id = $1",
+            &[&version],
+        )
+        .unwrap()
+        .get(0);
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn every_version_keeps_the_document_it_committed() {
+    let (database, _, _) = seeded();
+    let first = database.latest_version();
+    let mut client = database.client();
+    // A change in plain SQL, as an operator would make it.
+    change(&mut client, "b", "b-1");
+    let second = database.latest_version();
+    assert!(second > first);
+    // A change rolled back leaves neither a version nor a document.
+    let mut transaction = client.transaction().unwrap();
+    transaction
+        .execute("UPDATE routes SET upstream = 'a' WHERE name = 'main'", &[])
+        .unwrap();
+    transaction.rollback().unwrap();
+    assert_eq!(database.latest_version(), second);
+
+    let main = |document: &serde_json::Value| document["routes"][0].clone();
+    let before = main(&snapshot(&database, first));
+    assert_eq!(before["upstream"], "a");
+    assert_eq!(before["filters"][0]["config"]["set"]["x-config"], "a-0");
+    let after = main(&snapshot(&database, second));
+    assert_eq!(after["upstream"], "b");
+    assert_eq!(after["filters"][0]["config"]["set"]["x-config"], "b-1");
+    assert!(snapshot_matches_load(&database));
+    let (versions, snapshots): (i64, i64) = {
+        let row = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM config_versions), (SELECT count(*) FROM config_snapshots)",
+                &[],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(versions, snapshots);
+}
+
 fn config_report(gateway: &Gateway) -> serde_json::Value {
     get(gateway.ops, "/config").json()
 }
@@ -79,7 +142,7 @@ fn migrations_are_idempotent_and_recorded() {
         .query_one("SELECT count(*) FROM schema_migrations", &[])
         .unwrap()
         .get(0);
-    assert_eq!(applied, 1);
+    assert_eq!(applied, 2);
     // A migration in a schema of its own: created, and kept apart from the public one.
     let (code, stdout, stderr) = run_cli(
         &[
@@ -92,16 +155,19 @@ fn migrations_are_idempotent_and_recorded() {
         std::path::Path::new("."),
     );
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("applied 0001_config_store"), "{stdout}");
+    assert!(
+        stdout.contains("applied 0001_config_store, 0002_config_history"),
+        "{stdout}"
+    );
     let tables: i64 = database
         .client()
         .query_one(
-            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'tenant_a' AND table_name IN ('routes', 'upstreams', 'config_versions')",
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'tenant_a' AND table_name IN ('routes', 'upstreams', 'config_versions', 'config_snapshots')",
             &[],
         )
         .unwrap()
         .get(0);
-    assert_eq!(tables, 3);
+    assert_eq!(tables, 4);
 }
 
 /// `gatehouse validate` of a file, with the secrets the examples read from the environment.
@@ -164,6 +230,12 @@ fn push_then_pull_gives_the_same_config() {
             validated_hash(&file),
             validated_hash(&pulled_file),
             "{} changed on the way through the database:\n{pulled}",
+            file.display()
+        );
+        // The version's kept document is the one the gateway loads.
+        assert!(
+            snapshot_matches_load(&database),
+            "{}: config_snapshots differs from load_config.sql",
             file.display()
         );
     }

@@ -6,10 +6,16 @@ use super::database::{quote_identifier, Database, DatabaseError};
 
 /// The schema migrations, in order. `gatehouse migrate` applies the ones not yet recorded in
 /// `schema_migrations`; the admin service reads the same files.
-pub const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_config_store",
-    include_str!("../../../../sql/migrations/0001_config_store.sql"),
-)];
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_config_store",
+        include_str!("../../../../sql/migrations/0001_config_store.sql"),
+    ),
+    (
+        "0002_config_history",
+        include_str!("../../../../sql/migrations/0002_config_history.sql"),
+    ),
+];
 
 /// Any advisory lock id will do as long as every node uses the same one.
 const MIGRATION_LOCK: i64 = 7315209;
