@@ -5,6 +5,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use smallvec::SmallVec;
+
 /// The caller identified by an authentication filter.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Consumer {
@@ -109,6 +111,57 @@ impl RequestContext {
     pub fn set_request_id(&mut self, id: String) {
         self.request_id = Some(id);
     }
+
+    /// What `filter` keeps about this request, if it kept anything. A chain may hold several
+    /// instances of one kind, so the state is the instance's own, told apart by its address.
+    pub fn instance_state<F, S: Send + Sync + 'static>(&mut self, filter: &F) -> Option<&mut S> {
+        let id = instance_id(filter);
+        self.state
+            .get_mut::<PerInstance<S>>()?
+            .0
+            .iter_mut()
+            .find(|(known, _)| *known == id)
+            .map(|(_, state)| state)
+    }
+
+    /// Keeps `state` for `filter` (replacing what it kept before).
+    pub fn set_instance_state<F, S: Send + Sync + 'static>(&mut self, filter: &F, state: S) {
+        let id = instance_id(filter);
+        match self.state.get_mut::<PerInstance<S>>() {
+            Some(all) => match all.0.iter_mut().find(|(known, _)| *known == id) {
+                Some((_, kept)) => *kept = state,
+                None => all.0.push((id, state)),
+            },
+            None => {
+                let mut all = PerInstance(SmallVec::new());
+                all.0.push((id, state));
+                self.state.insert(all);
+            }
+        }
+    }
+
+    /// Takes back what `filter` kept.
+    pub fn take_instance_state<F, S: Send + Sync + 'static>(&mut self, filter: &F) -> Option<S> {
+        let id = instance_id(filter);
+        let all = self.state.get_mut::<PerInstance<S>>()?;
+        let at = all.0.iter().position(|(known, _)| *known == id)?;
+        Some(all.0.swap_remove(at).1)
+    }
+}
+
+fn instance_id<F>(filter: &F) -> usize {
+    filter as *const F as usize
+}
+
+/// The per-request states of type `S` of every filter instance that kept one.
+struct PerInstance<S>(SmallVec<[(usize, S); 1]>);
+
+/// The context's state map asks for `Clone`; a filter's state belongs to its one request (and
+/// may hold a body being read), so a copy starts empty.
+impl<S> Clone for PerInstance<S> {
+    fn clone(&self) -> Self {
+        PerInstance(SmallVec::new())
+    }
 }
 
 /// A random 128-bit id in the textual form of a version 4 UUID.
@@ -140,6 +193,24 @@ mod tests {
         assert_eq!(first.len(), 36);
         assert_eq!(&first[14..15], "4");
         assert!(matches!(&first[19..20], "8" | "9" | "a" | "b"));
+    }
+
+    #[test]
+    fn each_filter_instance_keeps_its_own_state() {
+        let (first, second) = (1u8, 2u8);
+        let mut ctx = RequestContext::new(Instant::now());
+        assert_eq!(ctx.instance_state::<_, String>(&first), None);
+        ctx.set_instance_state(&first, "one".to_string());
+        ctx.set_instance_state(&second, "two".to_string());
+        ctx.set_instance_state(&first, "uno".to_string());
+        assert_eq!(ctx.instance_state::<_, String>(&first).unwrap(), "uno");
+        assert_eq!(ctx.instance_state::<_, u32>(&first), None);
+        assert_eq!(
+            ctx.take_instance_state::<_, String>(&second).unwrap(),
+            "two"
+        );
+        assert_eq!(ctx.take_instance_state::<_, String>(&second), None);
+        assert_eq!(ctx.instance_state::<_, String>(&first).unwrap(), "uno");
     }
 
     #[test]

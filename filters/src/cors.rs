@@ -100,17 +100,12 @@ pub struct Cors {
     varies: bool,
 }
 
-/// What the request phase found out for the response phase, per filter instance.
-#[derive(Clone)]
+/// What the request phase found out for the response phase (kept per filter instance).
 struct Granted {
-    filter: usize,
     origin: HeaderValue,
     /// For a preflight: the method and headers it asked for (reflected when configured so).
     preflight: Option<(Option<HeaderValue>, Option<HeaderValue>)>,
 }
-
-#[derive(Clone, Default)]
-struct CorsState(Vec<Granted>);
 
 /// `scheme`, `host` and `port` of an origin (`scheme://host[:port]`), when it has that form.
 fn split_origin(origin: &str) -> Option<(&str, &str, Option<&str>)> {
@@ -315,10 +310,6 @@ fn add_vary(response: &mut ResponseHeader, token: &'static str) {
 }
 
 impl Cors {
-    fn instance_id(&self) -> usize {
-        self as *const Self as usize
-    }
-
     /// Whether `origin` (an `Origin` header's value) may make cross-origin requests.
     pub fn allows(&self, origin: &str) -> bool {
         if self.any_origin {
@@ -365,7 +356,6 @@ impl Cors {
         }
         let asked = |name: HeaderName| request.headers.get(name).cloned();
         let granted = Granted {
-            filter: self.instance_id(),
             origin: origin.clone(),
             preflight: preflight.then(|| {
                 (
@@ -374,12 +364,7 @@ impl Cors {
                 )
             }),
         };
-        match ctx.state.get_mut::<CorsState>() {
-            Some(state) => state.0.push(granted),
-            None => {
-                ctx.state.insert(CorsState(vec![granted]));
-            }
-        }
+        ctx.set_instance_state(self, granted);
         if preflight {
             Decision::Respond(Response::new(204))
         } else {
@@ -421,12 +406,7 @@ impl Filter for Cors {
         if self.varies {
             add_vary(response, "Origin");
         }
-        let Some(granted) = ctx.state.get::<CorsState>().and_then(|state| {
-            state
-                .0
-                .iter()
-                .find(|granted| granted.filter == self.instance_id())
-        }) else {
+        let Some(granted) = ctx.instance_state::<_, Granted>(self) else {
             return;
         };
         let mut set = |name: HeaderName, value: HeaderValue| {

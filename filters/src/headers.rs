@@ -378,11 +378,6 @@ pub struct Headers {
     response: Operations,
 }
 
-/// Request values captured for the response phase, per filter instance (a chain may hold
-/// several).
-#[derive(Clone, Default)]
-struct CapturedRequests(SmallVec<[(usize, Captured); 1]>);
-
 impl Headers {
     /// The filter of `request` and `response` operations, reporting as `kind`.
     pub(crate) fn new(kind: &'static str, request: Operations, response: Operations) -> Headers {
@@ -391,10 +386,6 @@ impl Headers {
             request,
             response,
         }
-    }
-
-    fn instance_id(&self) -> usize {
-        self as *const Self as usize
     }
 }
 
@@ -453,14 +444,7 @@ impl Filter for Headers {
     ) -> Option<Decision> {
         if !self.response.reads.is_empty() {
             let captured = self.response.reads.capture(request);
-            match ctx.state.get_mut::<CapturedRequests>() {
-                Some(all) => all.0.push((self.instance_id(), captured)),
-                None => {
-                    let mut all = CapturedRequests::default();
-                    all.0.push((self.instance_id(), captured));
-                    ctx.state.insert(all);
-                }
-            }
+            ctx.set_instance_state(self, captured);
         }
         Some(Decision::Continue)
     }
@@ -474,11 +458,7 @@ impl Filter for Headers {
         let captured = if self.response.reads.is_empty() {
             None
         } else {
-            let id = self.instance_id();
-            ctx.state.get_mut::<CapturedRequests>().and_then(|all| {
-                let index = all.0.iter().position(|(known, _)| *known == id)?;
-                Some(all.0.swap_remove(index).1)
-            })
+            ctx.take_instance_state::<_, Captured>(self)
         };
         let source = captured.unwrap_or_default();
         let rendered = self.response.render(ctx, &source);

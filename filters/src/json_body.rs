@@ -28,7 +28,6 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use prometheus::IntCounter;
 use serde::Deserialize;
 use serde_json::Value;
-use smallvec::SmallVec;
 
 use crate::codec::{self, Coding, DecodeError, Decoder};
 use crate::json_doc::Node;
@@ -473,31 +472,9 @@ struct State {
     chunked_ok: bool,
 }
 
-/// The states of the `json_body` filters of a chain, by filter instance.
-#[derive(Default)]
-struct States(SmallVec<[(usize, State); 1]>);
-
-/// The context's state map asks for `Clone`; a body being held (and its decoder) belongs to
-/// its one request, so a copy starts with none.
-impl Clone for States {
-    fn clone(&self) -> Self {
-        States::default()
-    }
-}
-
 impl JsonBody {
-    fn instance_id(&self) -> usize {
-        self as *const Self as usize
-    }
-
     fn state<'a>(&self, ctx: &'a mut RequestContext) -> Option<&'a mut State> {
-        let id = self.instance_id();
-        ctx.state
-            .get_mut::<States>()?
-            .0
-            .iter_mut()
-            .find(|(known, _)| *known == id)
-            .map(|(_, state)| state)
+        ctx.instance_state(self)
     }
 
     fn skip(&self, reason: Skip) {
@@ -631,15 +608,7 @@ impl Filter for JsonBody {
             state.request_decoded = coding != Coding::Identity;
             ctx.buffers_request_body = true;
         }
-        let id = self.instance_id();
-        match ctx.state.get_mut::<States>() {
-            Some(states) => states.0.push((id, state)),
-            None => {
-                let mut states = States::default();
-                states.0.push((id, state));
-                ctx.state.insert(states);
-            }
-        }
+        ctx.set_instance_state(self, state);
         Some(Decision::Continue)
     }
 

@@ -92,17 +92,6 @@ struct Outcome {
     reset_seconds: u64,
 }
 
-/// The outcomes of the rate-limit filters a request passed, by filter (a chain may hold more
-/// than one, e.g. a global one and a route's own).
-#[derive(Clone, Debug, Default)]
-struct Outcomes(smallvec::SmallVec<[(usize, Outcome); 1]>);
-
-impl RateLimit {
-    fn instance_id(&self) -> usize {
-        self as *const Self as usize
-    }
-}
-
 impl FilterKind for RateLimit {
     const KIND: &'static str = "rate_limit";
     type Config = Config;
@@ -398,9 +387,7 @@ impl RateLimit {
     /// Every policy admitted the request: keep the tightest one's numbers for the response.
     fn settle(&self, ctx: &mut RequestContext, tightest: Option<Outcome>) -> Decision {
         if let Some(outcome) = tightest {
-            let mut outcomes = ctx.state.remove::<Outcomes>().unwrap_or_default();
-            outcomes.0.push((self.instance_id(), outcome));
-            ctx.state.insert(outcomes);
+            ctx.set_instance_state(self, outcome);
         }
         Decision::Continue
     }
@@ -470,13 +457,7 @@ impl Filter for RateLimit {
     }
 
     fn response(&self, response: &mut ResponseHeader, ctx: &mut RequestContext) {
-        let outcome = ctx.state.get::<Outcomes>().and_then(|outcomes| {
-            outcomes
-                .0
-                .iter()
-                .find(|(id, _)| *id == self.instance_id())
-                .map(|(_, outcome)| outcome)
-        });
+        let outcome = ctx.instance_state::<_, Outcome>(self);
         if let Some(outcome) = outcome {
             self.policies[outcome.policy].headers.emit(
                 outcome.remaining,
