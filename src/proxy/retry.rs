@@ -1,14 +1,8 @@
-//! Whether a failed attempt is tried again, and when. Pingora calls `upstream_peer` again while
-//! the error says retry; Gatehouse decides, counting attempts itself:
-//!
-//! - a failed connection (nothing reached the upstream) may be retried for any method;
-//! - a reset or a timeout, or a retryable status, only for the route's `retry.methods`, and only
-//!   while the request body can still be replayed (Pingora keeps its first 64 KiB);
-//! - never past `attempts`, past the route's deadline, or beyond the pool's retry budget;
-//! - each retry waits a random backoff (full jitter) and goes to another target when the pool
-//!   has one.
+//! The proxy's side of retries: Pingora calls `upstream_peer` again while the error says retry,
+//! and Gatehouse decides, counting attempts itself. These hooks tell the route's policy
+//! (`upstream::retry`) what Pingora reported, release the failed attempt, and wait the backoff.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use gatehouse_filters::{Problem, ProblemType};
 use pingora_core::{Error, ErrorType, Result};
@@ -16,37 +10,8 @@ use pingora_proxy::Session;
 
 use super::ctx::RequestCtx;
 use super::{peer, respond};
-use crate::upstream::clock;
-
-/// Why an attempt is tried again; the `reason` label of `gatehouse_retries_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reason {
-    ConnectFailure,
-    Reset,
-    Timeout,
-    GatewayError,
-    Status,
-}
-
-impl Reason {
-    pub const ALL: [Reason; 5] = [
-        Reason::ConnectFailure,
-        Reason::Reset,
-        Reason::Timeout,
-        Reason::GatewayError,
-        Reason::Status,
-    ];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Reason::ConnectFailure => "connect_failure",
-            Reason::Reset => "reset",
-            Reason::Timeout => "timeout",
-            Reason::GatewayError => "gateway_error",
-            Reason::Status => "status",
-        }
-    }
-}
+use crate::upstream::retry::Failed;
+pub use crate::upstream::retry::Reason;
 
 /// Before an attempt: past the deadline, a 504; before a retry, its backoff.
 pub async fn before_attempt(ctx: &mut RequestCtx) -> Result<()> {
@@ -65,20 +30,10 @@ pub async fn before_attempt(ctx: &mut RequestCtx) -> Result<()> {
     let Some(route) = ctx.route() else {
         return Ok(());
     };
-    let policy = &route.retry;
-    if policy.backoff_max.is_zero() {
-        return Ok(());
-    }
-    let retries = ctx.upstream.count.saturating_sub(1).min(16);
-    let ceiling = policy
-        .backoff_base
-        .saturating_mul(1 << retries)
-        .min(policy.backoff_max);
-    let mut wait = ceiling.mul_f64(fastrand::f64());
-    if let Some(deadline) = ctx.upstream.deadline {
-        wait = wait.min(deadline.saturating_duration_since(now));
-    }
-    if wait > Duration::ZERO {
+    let wait = route
+        .retry
+        .backoff(ctx.upstream.count, now, ctx.upstream.deadline);
+    if !wait.is_zero() {
         tokio::time::sleep(wait).await;
     }
     Ok(())
@@ -139,12 +94,7 @@ pub fn response_head(session: &Session, status: u16, ctx: &mut RequestCtx) -> Re
     let Some(route) = ctx.route() else {
         return Ok(());
     };
-    let policy = &route.retry;
-    let reason = if policy.on_gateway_error && matches!(status, 502..=504) {
-        Reason::GatewayError
-    } else if policy.statuses.contains(&status) {
-        Reason::Status
-    } else {
+    let Some(reason) = route.retry.status_reason(status) else {
         return Ok(());
     };
     let pool = ctx.upstream.current.as_ref().map(|attempt| attempt.pool);
@@ -166,56 +116,22 @@ fn may_retry(session: &Session, ctx: &mut RequestCtx, reason: Reason, pool: Opti
     let Some(route) = ctx.route() else {
         return false;
     };
-    let policy = &route.retry;
-    let enabled = match reason {
-        Reason::ConnectFailure => policy.on_connect_failure,
-        Reason::Reset => policy.on_reset,
-        Reason::Timeout => policy.on_timeout,
-        Reason::GatewayError => policy.on_gateway_error,
-        Reason::Status => true,
+    let failed = Failed {
+        reason,
+        attempts: ctx.upstream.count,
+        method: &session.req_header().method,
+        replayable: !session.as_ref().retry_buffer_truncated(),
+        deadline: ctx.upstream.deadline,
     };
-    if !enabled || ctx.upstream.count >= policy.attempts {
-        return false;
-    }
-    if reason != Reason::ConnectFailure
-        && (!policy.methods.contains(&session.req_header().method)
-            || session.as_ref().retry_buffer_truncated())
-    {
-        return false;
-    }
-    if ctx
-        .upstream
-        .deadline
-        .is_some_and(|deadline| Instant::now() >= deadline)
-    {
+    if !route.retry.allows(&failed, Instant::now()) {
         return false;
     }
     if let Some(pool) = pool.map(|pool| &ctx.snapshot.upstreams[pool]) {
-        let budget = match policy.budget_percent {
-            None => std::borrow::Cow::Borrowed(&pool.retry_budget),
-            Some(share) => std::borrow::Cow::Owned(crate::config::model::RetryBudgetConfig {
-                percent: crate::config::units::Percent(share),
-                ..pool.retry_budget.clone()
-            }),
-        };
-        if !pool.shared.budget.try_retry(&budget, clock::now()) {
-            pool.shared.budget_exhausted.inc();
+        if !route.retry.take_budget(pool) {
             return false;
         }
     }
     route.metrics.retried(reason.label());
     ctx.upstream.retrying = true;
     true
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Reason;
-    use crate::telemetry::metrics::RETRY_REASONS;
-
-    #[test]
-    fn every_reason_has_its_metric_label() {
-        let labels: Vec<_> = Reason::ALL.iter().map(|reason| reason.label()).collect();
-        assert_eq!(labels, RETRY_REASONS);
-    }
 }

@@ -1,7 +1,8 @@
 //! Upstream pools: their targets and the state kept about them across config versions, load
 //! balancing over the targets a request may use, active health checks (`health`), passive
-//! ejection (`target`), circuit breakers (`breaker`), retry budgets (`budget`), targets found
-//! by DNS (`discovery`), and the Pingora peer each target is reached through.
+//! ejection (`target`), circuit breakers (`breaker`), the retry policy (`retry`) and retry
+//! budgets (`budget`), targets found by DNS (`discovery`), and the Pingora peer each target is
+//! reached through.
 //!
 //! A pool's target set is swapped whole when a host name's addresses change; a request keeps
 //! the target it picked (an `Arc` of its state) whatever set comes next.
@@ -11,6 +12,7 @@ pub mod breaker;
 pub mod budget;
 pub mod discovery;
 pub mod health;
+pub mod retry;
 mod target;
 
 use std::collections::HashMap;
