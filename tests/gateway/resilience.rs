@@ -397,20 +397,7 @@ fn a_post_reaches_the_targets_at_most_once() {
     for target in &targets {
         target.set_drop_after_body(true);
     }
-    let gateway = Gateway::start(&format!(
-        r#"
-upstreams:
-  - name: api
-    targets: {targets}
-routes:
-  - name: orders
-    upstream: api
-    match: {{ paths: [{{ prefix: / }}] }}
-    timeout: 10s
-    {RETRY}
-"#,
-        targets = targets_yaml(&addresses(&targets), None),
-    ));
+    let gateway = retry_gateway(&addresses(&targets), "", RETRY);
     let copies = |path: &str| -> usize {
         targets
             .iter()
@@ -437,21 +424,7 @@ routes:
 
     let good = Target::start("good");
     let refused = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let gateway = Gateway::start(&format!(
-        r#"
-upstreams:
-  - name: api
-    balance: round_robin
-    targets: {targets}
-routes:
-  - name: orders
-    upstream: api
-    match: {{ paths: [{{ prefix: / }}] }}
-    timeout: 10s
-    {RETRY}
-"#,
-        targets = targets_yaml(&[refused, good.address], None),
-    ));
+    let gateway = retry_gateway(&[refused, good.address], "balance: round_robin", RETRY);
     for index in 0..4 {
         let path = format!("/pay/{index}");
         let body = format!("payment {index}");
@@ -477,21 +450,11 @@ routes:
     // A 503 means the target saw the POST: it is not sent again, 503 or not.
     let failing = Target::start("failing");
     failing.set_status(503);
-    let gateway = Gateway::start(&format!(
-        r#"
-upstreams:
-  - name: api
-    balance: round_robin
-    targets: {targets}
-routes:
-  - name: orders
-    upstream: api
-    match: {{ paths: [{{ prefix: / }}] }}
-    timeout: 10s
-    {RETRY}
-"#,
-        targets = targets_yaml(&[failing.address, good.address], None),
-    ));
+    let gateway = retry_gateway(
+        &[failing.address, good.address],
+        "balance: round_robin",
+        RETRY,
+    );
     let mut answered_503 = 0;
     for index in 0..4 {
         let path = format!("/refund/{index}");
@@ -515,21 +478,11 @@ fn a_retried_body_is_replayed_whole_and_a_large_one_is_not_retried() {
     let failing = Target::start("failing");
     let good = Target::start("good");
     failing.set_status(503);
-    let gateway = Gateway::start(&format!(
-        r#"
-upstreams:
-  - name: api
-    balance: round_robin
-    targets: {targets}
-routes:
-  - name: orders
-    upstream: api
-    match: {{ paths: [{{ prefix: / }}] }}
-    timeout: 10s
-    {RETRY}
-"#,
-        targets = targets_yaml(&[failing.address, good.address], None),
-    ));
+    let gateway = retry_gateway(
+        &[failing.address, good.address],
+        "balance: round_robin",
+        RETRY,
+    );
     let body = |size: usize, seed: u8| -> Vec<u8> {
         (0..size)
             .map(|index| (index as u8).wrapping_mul(31).wrapping_add(seed))
@@ -584,21 +537,11 @@ fn retries_stay_within_the_budget_when_every_target_fails() {
     for target in &targets {
         target.set_status(503);
     }
-    let gateway = Gateway::start(&format!(
-        r#"
-upstreams:
-  - name: api
-    targets: {targets}
-    retry_budget: {{ percent: 20, min_per_second: 10 }}
-routes:
-  - name: orders
-    upstream: api
-    match: {{ paths: [{{ prefix: / }}] }}
-    timeout: 10s
-    {RETRY}
-"#,
-        targets = targets_yaml(&addresses(&targets), None),
-    ));
+    let gateway = retry_gateway(
+        &addresses(&targets),
+        "retry_budget: { percent: 20, min_per_second: 10 }",
+        RETRY,
+    );
     // The budget counts by whole seconds of the gateway's clock, which starts with its first
     // use; `/config` uses it, so the run below starts half-way through one of its seconds, as
     // any run may.
@@ -669,22 +612,11 @@ fn a_sleeping_target_costs_at_most_one_per_try_timeout() {
     let _serial = one_at_a_time();
     let targets = Target::start_many("t", 3);
     targets[0].set_delay(Duration::from_secs(5));
-    let gateway = Gateway::start(&format!(
-        r#"
-upstreams:
-  - name: api
-    targets: {targets}
-    retry_budget: {{ percent: 50, min_per_second: 10 }}
-routes:
-  - name: orders
-    upstream: api
-    match: {{ paths: [{{ prefix: / }}] }}
-    timeout: 10s
-    {retry}
-"#,
-        targets = targets_yaml(&addresses(&targets), None),
-        retry = RETRY.replace("per_try_timeout: 2s", "per_try_timeout: 300ms"),
-    ));
+    let gateway = retry_gateway(
+        &addresses(&targets),
+        "retry_budget: { percent: 50, min_per_second: 10 }",
+        &RETRY.replace("per_try_timeout: 2s", "per_try_timeout: 300ms"),
+    );
     let results = concurrent(gateway.addr, 9, 90, |_, connection| {
         connection.get("/orders")
     });
@@ -882,6 +814,26 @@ fn an_open_breaker_answers_503_at_once() {
         "requests reached the target while open"
     );
     assert!(median < Duration::from_millis(5), "median {median:?}");
+}
+
+/// A gateway with pool `api` (its `targets` and `pool_extra`, YAML at the pool's level) and
+/// route `orders` with a 10 s timeout and the `retry` section given.
+fn retry_gateway(targets: &[SocketAddr], pool_extra: &str, retry: &str) -> Gateway {
+    Gateway::start(&format!(
+        r#"
+upstreams:
+  - name: api
+    targets: {targets}
+    {pool_extra}
+routes:
+  - name: orders
+    upstream: api
+    match: {{ paths: [{{ prefix: / }}] }}
+    timeout: 10s
+    {retry}
+"#,
+        targets = targets_yaml(targets, None),
+    ))
 }
 
 /// The route's backup takes the requests while the primary pool's
