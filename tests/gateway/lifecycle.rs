@@ -71,9 +71,25 @@ fn sigquit_upgrade_hands_over_the_listeners_without_dropping_requests() {
     std::thread::sleep(Duration::from_millis(300));
     let old_pid = gateway.pid();
     let mut old = gateway.child.take().unwrap();
-    // The new process waits for the sockets; then the old one is told to hand them over.
+    // The new process waits for the sockets; once it has bound the upgrade socket, the old one
+    // is told to hand them over. (The old one retries its hand-over only for about 5 s, so a
+    // fixed pause could lose the race to a new process slow to start on a busy machine.)
+    let socket = gateway.dir.path().join("upgrade.sock");
+    assert!(
+        !socket.exists(),
+        "only an upgrading process binds the upgrade socket"
+    );
     gateway.spawn(true);
-    std::thread::sleep(Duration::from_millis(500));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the new process never bound {}:\n{}",
+            socket.display(),
+            gateway.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     crate::support::signal_pid(old_pid, "QUIT");
     let deadline = Instant::now() + Duration::from_secs(15);
     let old_status = loop {
