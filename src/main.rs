@@ -33,8 +33,12 @@ enum Command {
     },
     /// Check a config file; print every error with its path. Exit status 1 if any.
     Validate {
-        /// The config file.
+        /// The config file (YAML or JSON); `-` reads the document from standard input.
         file: PathBuf,
+        /// `text` for people; `json` for programs: one object on stdout, with `ok` and either
+        /// the counts and hash or every error's `path` and `message`.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        format: OutputFormat,
     },
     /// Print the JSON Schema of the config file.
     Schema,
@@ -70,6 +74,12 @@ enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OutputFormat {
+    Text,
+    Json,
 }
 
 #[derive(clap::Args)]
@@ -163,31 +173,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Validate { file } => {
-            match gatehouse::config::load::load_file(&file).and_then(|loaded| {
-                gatehouse::config::compile(
-                    loaded,
-                    &file.display().to_string(),
-                    0,
-                    &Default::default(),
-                )
-            }) {
-                Ok(snapshot) => {
-                    println!(
-                        "{}: ok ({} routes, {} upstreams, hash {})",
-                        file.display(),
-                        snapshot.routes.len(),
-                        snapshot.upstreams.len(),
-                        &snapshot.hash[..12]
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(errors) => {
-                    eprint!("{}: {errors}", file.display());
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Command::Validate { file, format } => validate(&file, format),
         Command::Keygen { hmac_secret_env } => {
             let mut random = [0u8; 32];
             if let Err(error) = getrandom::fill(&mut random) {
@@ -342,6 +328,65 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// `gatehouse validate`: compile the document at `file` (`-`: standard input) as a reload would.
+fn validate(file: &std::path::Path, format: OutputFormat) -> ExitCode {
+    let from_stdin = file.as_os_str() == "-";
+    let label = if from_stdin {
+        "stdin".to_string()
+    } else {
+        file.display().to_string()
+    };
+    let loaded = if from_stdin {
+        let mut text = String::new();
+        match std::io::Read::read_to_string(&mut std::io::stdin(), &mut text) {
+            Ok(_) => gatehouse::config::load::parse_yaml(&text),
+            Err(error) => Err(gatehouse::config::ConfigErrors(vec![
+                gatehouse::config::ConfigError::new("", format!("cannot read stdin: {error}")),
+            ])),
+        }
+    } else {
+        gatehouse::config::load::load_file(file)
+    };
+    let compiled = loaded
+        .and_then(|loaded| gatehouse::config::compile(loaded, &label, 0, &Default::default()));
+    match (compiled, format) {
+        (Ok(snapshot), OutputFormat::Text) => {
+            println!(
+                "{label}: ok ({} routes, {} upstreams, hash {})",
+                snapshot.routes.len(),
+                snapshot.upstreams.len(),
+                &snapshot.hash[..12]
+            );
+            ExitCode::SUCCESS
+        }
+        (Err(errors), OutputFormat::Text) => {
+            eprint!("{label}: {errors}");
+            ExitCode::FAILURE
+        }
+        (Ok(snapshot), OutputFormat::Json) => {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "ok": true,
+                    "routes": snapshot.routes.len(),
+                    "upstreams": snapshot.upstreams.len(),
+                    "hash": snapshot.hash,
+                })
+            );
+            ExitCode::SUCCESS
+        }
+        (Err(errors), OutputFormat::Json) => {
+            let errors: Vec<_> = errors
+                .0
+                .iter()
+                .map(|error| serde_json::json!({ "path": error.path, "message": error.message }))
+                .collect();
+            println!("{}", serde_json::json!({ "ok": false, "errors": errors }));
+            ExitCode::FAILURE
         }
     }
 }

@@ -120,7 +120,7 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
     }
     server.add_service(proxy_service);
 
-    if config.ops.address != "off" {
+    if let Some(address) = config.ops.listener_address() {
         let mut ops = Service::new(
             "gatehouse ops".to_string(),
             pingora_core::apps::http_app::HttpServer::new_app(OpsApp {
@@ -130,7 +130,7 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
             }),
         );
         ops.threads = Some(1);
-        ops.add_tcp(&config.ops.address);
+        ops.add_tcp(address);
         server.add_service(ops);
     }
 

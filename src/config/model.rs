@@ -169,6 +169,13 @@ pub struct OpsConfig {
     pub address: String,
 }
 
+impl OpsConfig {
+    /// The address the operations listener binds, or `None` when it is `off`.
+    pub fn listener_address(&self) -> Option<&str> {
+        (self.address != "off").then_some(self.address.as_str())
+    }
+}
+
 impl Default for OpsConfig {
     fn default() -> Self {
         OpsConfig {
@@ -231,7 +238,8 @@ pub struct PostgresSourceConfig {
     /// while PostgreSQL is unreachable serves it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_path: Option<String>,
-    /// This node's name in `config_versions.decided_by` (default: the host name).
+    /// This node's name in `config_versions.decided_by` and `config_nodes.node` (default: the
+    /// host name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
 }
@@ -601,6 +609,10 @@ impl Default for TimeoutsConfig {
 #[serde(deny_unknown_fields)]
 pub struct FilterConfig {
     pub kind: String,
+    /// A name for this filter instance; the admin API addresses the global chain's filters by
+    /// it (default: the kind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub config: serde_json::Value,
 }
@@ -617,7 +629,21 @@ impl JsonSchema for FilterConfig {
     }
 }
 
-/// One `{kind, config}` variant per kind of `registry`, each with its own config schema.
+/// What a filter's `name` may be: a letter or digit, then letters, digits, `_`, `.` and `-`.
+pub const FILTER_NAME_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9_.-]*$";
+
+/// Whether `name` matches [`FILTER_NAME_PATTERN`].
+pub fn is_filter_name(name: &str) -> bool {
+    let mut characters = name.chars();
+    characters
+        .next()
+        .is_some_and(|first| first.is_ascii_alphanumeric())
+        && characters.all(|character| {
+            character.is_ascii_alphanumeric() || matches!(character, '_' | '.' | '-')
+        })
+}
+
+/// One `{kind, name, config}` variant per kind of `registry`, each with its own config schema.
 pub fn filter_schema(
     registry: &gatehouse_filters::Registry,
     generator: &mut schemars::gen::SchemaGenerator,
@@ -633,11 +659,24 @@ pub fn filter_schema(
                 const_value: Some(serde_json::Value::String(kind.into())),
                 ..Default::default()
             };
+            let mut name_schema = SchemaObject {
+                instance_type: Some(schemars::schema::InstanceType::String.into()),
+                string: Some(Box::new(schemars::schema::StringValidation {
+                    pattern: Some(FILTER_NAME_PATTERN.into()),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            };
+            name_schema.metadata().description = Some(
+                "A name for this filter instance; the admin API addresses the global chain's filters by it (default: the kind)."
+                    .into(),
+            );
             let mut object = SchemaObject {
                 instance_type: Some(schemars::schema::InstanceType::Object.into()),
                 object: Some(Box::new(ObjectValidation {
                     properties: [
                         ("kind".to_string(), Schema::Object(kind_schema)),
+                        ("name".to_string(), Schema::Object(name_schema)),
                         ("config".to_string(), config),
                     ]
                     .into_iter()

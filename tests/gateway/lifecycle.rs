@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::support::{get, request, run_cli, spawn_echo, Gateway};
+use crate::support::{get, request, run_cli, run_cli_with_stdin, spawn_echo, Gateway};
 
 fn simple_routes(echo: std::net::SocketAddr) -> String {
     format!(
@@ -166,6 +166,201 @@ routes:
         stderr.contains("routes[0].matc: unknown field `matc`"),
         "{stderr}"
     );
+}
+
+/// A database config document: no `server`, `ops`, `config` or `telemetry` section, JSON.
+const DATABASE_DOCUMENT: &str = r#"{"version":1,"upstreams":[{"name":"users","targets":[{"address":"127.0.0.1:9001"}]}],"routes":[{"name":"users","match":{"paths":[{"prefix":"/users"}]},"upstream":"users","filters":[{"kind":"response_headers","name":"marker","config":{"set":{"x-a":"1"}}}]}],"filters":[{"kind":"request_id"}],"consumers":[]}"#;
+
+#[test]
+fn validate_reads_a_document_from_stdin_and_answers_in_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let validate = |input: &str| {
+        let (code, stdout, stderr) =
+            run_cli_with_stdin(&["validate", "--format", "json", "-"], dir.path(), input);
+        let answer: serde_json::Value = serde_json::from_str(&stdout)
+            .unwrap_or_else(|error| panic!("not JSON ({error}): {stdout}{stderr}"));
+        (code, answer)
+    };
+    // An empty database document is a valid config.
+    let (code, answer) =
+        validate(r#"{"version":1,"upstreams":[],"routes":[],"filters":[],"consumers":[]}"#);
+    assert_eq!(code, 0, "{answer}");
+    assert_eq!(answer["ok"], true);
+    assert_eq!(answer["routes"], 0);
+    assert_eq!(answer["upstreams"], 0);
+
+    let (code, answer) = validate(DATABASE_DOCUMENT);
+    assert_eq!(code, 0, "{answer}");
+    let keys: Vec<&str> = answer
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(keys, ["ok", "routes", "upstreams", "hash"]);
+    assert_eq!(answer["routes"], 1);
+    assert_eq!(answer["upstreams"], 1);
+    // The full hash, the same one the text format shortens, for the same document in a file.
+    let hash = answer["hash"].as_str().unwrap();
+    assert_eq!(hash.len(), 64);
+    let file = dir.path().join("database.json");
+    std::fs::write(&file, DATABASE_DOCUMENT).unwrap();
+    let (code, stdout, stderr) = run_cli(&["validate", file.to_str().unwrap()], dir.path());
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains(&format!("hash {})", &hash[..12])),
+        "{stdout}"
+    );
+    // YAML comes in the same way.
+    let (code, answer) = validate(
+        "version: 1
+routes: []
+",
+    );
+    assert_eq!((code, &answer["ok"]), (0, &serde_json::Value::Bool(true)));
+}
+
+#[test]
+fn validate_in_json_gives_each_error_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let document = r#"{"version":1,
+        "upstreams":[{"name":"users","targets":[]}],
+        "filters":[{"kind":"request_id","name":"auth"},{"kind":"no_such_filter"},
+                   {"kind":"request_id","name":"auth"}],
+        "routes":[{"name":"a","match":{"paths":[{"prefix":"/a"}]},"upstream":"billing"}],
+        "consumers":[]}"#;
+    let (code, stdout, stderr) =
+        run_cli_with_stdin(&["validate", "--format", "json", "-"], dir.path(), document);
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    let answer: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(answer["ok"], false);
+    let errors: Vec<(String, String)> = answer["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|error| {
+            (
+                error["path"].as_str().unwrap().to_string(),
+                error["message"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for (path, message) in [
+        (
+            "upstreams[0].targets",
+            "an upstream needs at least one target",
+        ),
+        ("filters[1].kind", "unknown filter kind \"no_such_filter\""),
+        (
+            "filters[2].name",
+            "duplicate filter name \"auth\" (filters[0] has it)",
+        ),
+        ("routes[0].upstream", "no upstream named \"billing\""),
+    ] {
+        assert!(
+            errors
+                .iter()
+                .any(|(got_path, got)| got_path == path && got.starts_with(message)),
+            "missing {path}: {message} in {errors:#?}"
+        );
+    }
+    // The message never repeats its path.
+    assert!(
+        errors
+            .iter()
+            .all(|(path, message)| !message.starts_with(&format!("{path}:"))),
+        "{errors:#?}"
+    );
+
+    // A document that does not parse: the error still has its path; one with no path has "".
+    let (code, stdout, _) = run_cli_with_stdin(
+        &["validate", "--format", "json", "-"],
+        dir.path(),
+        r#"{"version":1,"routes":[{"name":"a","upstream":"u","matc":{}}]}"#,
+    );
+    assert_eq!(code, 1);
+    let answer: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(answer["errors"][0]["path"], "routes[0].matc");
+    let (code, stdout, _) = run_cli_with_stdin(
+        &["validate", "--format", "json", "-"],
+        dir.path(),
+        "version: [1
+",
+    );
+    assert_eq!(code, 1);
+    let answer: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(answer["ok"], false);
+    assert_eq!(answer["errors"][0]["path"], "");
+    assert!(
+        answer["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not valid YAML"),
+        "{answer}"
+    );
+}
+
+#[test]
+fn validate_text_output_is_unchanged_by_the_json_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.yaml");
+    std::fs::write(&good, DATABASE_DOCUMENT).unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "version: 1
+routes: [{ name: a, upstream: billing, match: { paths: [{ prefix: /a }] } }]
+",
+    )
+    .unwrap();
+    for format in [&[][..], &["--format", "text"][..]] {
+        let args = |file: &str| {
+            let mut args = vec!["validate"];
+            args.extend_from_slice(format);
+            args.push(file);
+            args.iter().map(|arg| arg.to_string()).collect::<Vec<_>>()
+        };
+        let run = |file: &std::path::Path| {
+            let args = args(file.to_str().unwrap());
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_cli(&args, dir.path())
+        };
+        let (code, stdout, stderr) = run(&good);
+        assert_eq!(code, 0, "{stderr}");
+        let hash = stdout
+            .strip_prefix(&format!(
+                "{}: ok (1 routes, 1 upstreams, hash ",
+                good.display()
+            ))
+            .and_then(|rest| rest.strip_suffix(")\n"))
+            .unwrap_or_else(|| panic!("{stdout}"));
+        assert_eq!(hash.len(), 12, "{stdout}");
+        assert!(
+            hash.bytes().all(|byte| byte.is_ascii_hexdigit()),
+            "{stdout}"
+        );
+        assert_eq!(stderr, "");
+        let (code, stdout, stderr) = run(&bad);
+        assert_eq!(code, 1);
+        assert_eq!(stdout, "");
+        assert_eq!(
+            stderr,
+            format!(
+                "{}: 1 error in config:\n  routes[0].upstream: no upstream named \"billing\"\n",
+                bad.display()
+            )
+        );
+        // From stdin, the text names it so.
+        let args = args("-");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, stdout, stderr) =
+            run_cli_with_stdin(&args, dir.path(), &std::fs::read_to_string(&bad).unwrap());
+        assert_eq!(code, 1, "{stdout}");
+        assert!(
+            stderr.starts_with("stdin: 1 error in config:\n  routes[0].upstream:"),
+            "{stderr}"
+        );
+    }
 }
 
 #[test]

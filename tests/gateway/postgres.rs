@@ -142,7 +142,7 @@ fn migrations_are_idempotent_and_recorded() {
         .query_one("SELECT count(*) FROM schema_migrations", &[])
         .unwrap()
         .get(0);
-    assert_eq!(applied, 2);
+    assert_eq!(applied, 3);
     // A migration in a schema of its own: created, and kept apart from the public one.
     let (code, stdout, stderr) = run_cli(
         &[
@@ -156,18 +156,18 @@ fn migrations_are_idempotent_and_recorded() {
     );
     assert_eq!(code, 0, "{stderr}");
     assert!(
-        stdout.contains("applied 0001_config_store, 0002_config_history"),
+        stdout.contains("applied 0001_config_store, 0002_config_history, 0003_admin"),
         "{stdout}"
     );
     let tables: i64 = database
         .client()
         .query_one(
-            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'tenant_a' AND table_name IN ('routes', 'upstreams', 'config_versions', 'config_snapshots')",
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'tenant_a' AND table_name IN ('routes', 'upstreams', 'config_versions', 'config_snapshots', 'admin_tokens', 'admin_audit', 'config_nodes')",
             &[],
         )
         .unwrap()
         .get(0);
-    assert_eq!(tables, 4);
+    assert_eq!(tables, 7);
 }
 
 /// `gatehouse validate` of a file, with the secrets the examples read from the environment.
@@ -739,4 +739,209 @@ fn transform_filters_survive_the_store() {
         String::from_utf8_lossy(&upstream.last().body),
         r#"{"colour":"red","item":"lamp","meta":{"zeta":1,"alpha":[true,null,"POST"]},"quantity":2}"#
     );
+}
+
+/// This node's row in `config_nodes`: (applied_version, rejected_version, rejected_error,
+/// ops_address), or `None` before it wrote one.
+type NodeRow = (Option<i64>, Option<i64>, Option<String>, Option<String>);
+
+fn node_row(database: &TestDatabase, node: &str) -> Option<NodeRow> {
+    database
+        .client()
+        .query_opt(
+            "SELECT applied_version, rejected_version, rejected_error, ops_address FROM config_nodes WHERE node = $1",
+            &[&node],
+        )
+        .unwrap()
+        .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
+}
+
+/// Waits until the node's row satisfies `done`, and returns it.
+fn wait_for_node(
+    database: &TestDatabase,
+    node: &str,
+    what: &str,
+    done: impl Fn(&NodeRow) -> bool,
+) -> NodeRow {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let row = node_row(database, node);
+        if let Some(row) = row.as_ref().filter(|row| done(row)) {
+            return row.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: config_nodes has {row:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn each_node_records_what_it_serves_and_what_it_refused_in_config_nodes() {
+    let (database, _, _) = seeded();
+    let first = database.latest_version();
+    let gateway = Gateway::start(&source(&database.url, ", node_name: node-a"));
+    let ops = gateway.ops.to_string();
+    let (applied, rejected, error, ops_address) =
+        wait_for_node(&database, "node-a", "the first version", |row| {
+            row.0 == Some(first)
+        });
+    assert_eq!(applied, Some(first));
+    assert_eq!((rejected, error), (None, None));
+    assert_eq!(ops_address.as_deref(), Some(ops.as_str()));
+    assert_eq!(database.version_status(first).0, "applied");
+
+    // A version that does not compile: refused, and the node still serves the one it had.
+    database.execute("INSERT INTO filters (route, kind) VALUES ('main', 'no_such_filter')");
+    let broken = database.latest_version();
+    assert!(broken > first);
+    let (applied, _, error, ops_address) =
+        wait_for_node(&database, "node-a", "the refused version", |row| {
+            row.1 == Some(broken)
+        });
+    assert_eq!(applied, Some(first));
+    let error = error.unwrap();
+    assert!(
+        error.contains("routes[0].filters[1].kind: unknown filter kind \"no_such_filter\""),
+        "{error}"
+    );
+    assert_eq!(ops_address.as_deref(), Some(ops.as_str()));
+    assert_eq!(database.version_status(broken).0, "rejected");
+    assert_eq!(get(gateway.addr, "/x").header("x-config"), Some("a-0"));
+
+    // A later good version is served, and the refusal is no longer news.
+    database.execute("DELETE FROM filters WHERE kind = 'no_such_filter'");
+    let fixed = database.latest_version();
+    assert!(fixed > broken);
+    let row = wait_for_node(&database, "node-a", "the fixed version", |row| {
+        row.0 == Some(fixed)
+    });
+    assert_eq!(row, (Some(fixed), None, None, Some(ops.clone())));
+}
+
+#[test]
+fn a_node_without_an_ops_listener_records_no_address() {
+    let (database, _, _) = seeded();
+    let version = database.latest_version();
+    let gateway = Gateway::start_without_ops(&source(&database.url, ", node_name: node-quiet"));
+    let row = wait_for_node(&database, "node-quiet", "the first version", |row| {
+        row.0 == Some(version)
+    });
+    assert_eq!(row, (Some(version), None, None, None));
+    // It serves all the same.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match crate::support::try_get(gateway.addr, "/x") {
+            Ok(reply) => {
+                assert_eq!(reply.header("x-config"), Some("a-0"));
+                break;
+            }
+            Err(error) => assert!(Instant::now() < deadline, "{error}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The document the load query reads (what the admin service validates before it commits).
+fn loaded_document(database: &TestDatabase) -> String {
+    let load = include_str!("../../sql/queries/load_config.sql")
+        .trim_end()
+        .trim_end_matches(';');
+    database
+        .client()
+        .query_one(&format!("SELECT config::text FROM ({load}) AS loaded"), &[])
+        .unwrap()
+        .get(0)
+}
+
+#[test]
+fn the_database_document_validates_from_stdin() {
+    let (database, _, _) = seeded();
+    let document = loaded_document(&database);
+    let dir = tempfile::tempdir().unwrap();
+    let (code, stdout, stderr) = crate::support::run_cli_with_stdin(
+        &["validate", "--format", "json", "-"],
+        dir.path(),
+        &document,
+    );
+    assert_eq!(code, 0, "{document}: {stdout}{stderr}");
+    let answer: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(answer["ok"], true);
+    assert_eq!(answer["routes"], 1);
+    assert_eq!(answer["upstreams"], 2);
+    // A change that would not compile is caught the same way, with its path.
+    database
+        .execute("UPDATE routes SET upstream = 'b', strip_prefix = 'no-slash' WHERE name = 'main'");
+    database.execute("INSERT INTO filters (route, kind) VALUES ('main', 'no_such_filter')");
+    let (code, stdout, _) = crate::support::run_cli_with_stdin(
+        &["validate", "--format", "json", "-"],
+        dir.path(),
+        &loaded_document(&database),
+    );
+    assert_eq!(code, 1);
+    let answer: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(answer["ok"], false);
+    assert!(
+        answer["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|error| error["path"] == "routes[0].filters[1].kind"),
+        "{answer}"
+    );
+}
+
+#[test]
+fn filter_names_are_kept_by_the_store() {
+    let database = TestDatabase::create();
+    let yaml = r#"version: 1
+upstreams: [{ name: up, targets: [{ address: "127.0.0.1:9001" }] }]
+filters:
+  - { kind: request_id, name: ids }
+  - { kind: response_headers, name: security-headers, config: { set: { x-frame-options: DENY } } }
+routes:
+  - name: main
+    match: { paths: [{ prefix: / }] }
+    upstream: up
+    filters: [{ kind: response_headers, name: route.marker, config: { set: { x-a: "1" } } }, { kind: request_limits, config: { max_body_bytes: 1KiB } }]
+"#;
+    database.push(yaml);
+    // No column of its own: the name is kept in `extra`.
+    let stored: Vec<(Option<String>, String, String)> = database
+        .client()
+        .query(
+            "SELECT route, kind, extra::text FROM filters ORDER BY route NULLS FIRST, position",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    let extra =
+        |index: usize| -> serde_json::Value { serde_json::from_str(&stored[index].2).unwrap() };
+    assert_eq!(stored.len(), 4, "{stored:?}");
+    assert_eq!(extra(0), serde_json::json!({ "name": "ids" }));
+    assert_eq!(extra(1), serde_json::json!({ "name": "security-headers" }));
+    assert_eq!(stored[2].0.as_deref(), Some("main"));
+    assert_eq!(extra(2), serde_json::json!({ "name": "route.marker" }));
+    assert_eq!(extra(3), serde_json::json!({}));
+
+    let dir = tempfile::tempdir().unwrap();
+    let (code, pulled, stderr) = run_cli(
+        &["config", "pull", "--database-url", &database.url],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let pulled: serde_yaml::Value = serde_yaml::from_str(&pulled).unwrap();
+    assert_eq!(pulled["filters"][0]["name"].as_str(), Some("ids"));
+    assert_eq!(
+        pulled["filters"][1]["name"].as_str(),
+        Some("security-headers")
+    );
+    assert_eq!(
+        pulled["routes"][0]["filters"][0]["name"].as_str(),
+        Some("route.marker")
+    );
+    assert!(pulled["routes"][0]["filters"][1].get("name").is_none());
 }

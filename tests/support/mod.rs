@@ -61,13 +61,35 @@ impl Gateway {
         gateway
     }
 
+    /// Start with the operations listener `off`, without waiting: without it nothing tells
+    /// when the process is ready (`ops` is then an address nothing listens on).
+    pub fn start_without_ops(rest: &str) -> Gateway {
+        let mut gateway = Gateway::unspawned("", "");
+        let text = gateway.render_config(rest).replace(
+            &format!("ops: {{ address: \"{}\" }}", gateway.ops),
+            "ops: { address: \"off\" }",
+        );
+        assert!(text.contains("address: \"off\""), "{text}");
+        std::fs::write(&gateway.config_path, text).unwrap();
+        gateway.spawn(false);
+        gateway
+    }
+
     /// Write the config on fresh ephemeral ports and start the process, without waiting.
     fn spawned(listeners_extra: &str, server_extra: &str, rest: &str) -> Gateway {
+        let mut gateway = Gateway::unspawned(listeners_extra, server_extra);
+        gateway.write_config(rest);
+        gateway.spawn(false);
+        gateway
+    }
+
+    /// A gateway on fresh ephemeral ports, with no config written and no process yet.
+    fn unspawned(listeners_extra: &str, server_extra: &str) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let ops: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config_path = dir.path().join("gatehouse.yaml");
-        let mut gateway = Gateway {
+        Gateway {
             child: None,
             addr,
             ops,
@@ -75,10 +97,7 @@ impl Gateway {
             config_path,
             server_extra: server_extra.to_string(),
             listeners_extra: listeners_extra.to_string(),
-        };
-        gateway.write_config(rest);
-        gateway.spawn(false);
-        gateway
+        }
     }
 
     /// Start without waiting for `/readyz` (for tests of readiness itself); waits only until the
@@ -405,6 +424,32 @@ pub fn run_cli(args: &[&str], dir: &Path) -> (i32, String, String) {
         .current_dir(dir)
         .output()
         .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Run `gatehouse` with arguments and `input` on its stdin; return (exit code, stdout, stderr).
+pub fn run_cli_with_stdin(args: &[&str], dir: &Path, input: &str) -> (i32, String, String) {
+    let mut child = Command::new(binary())
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_string();
+    // Written from a thread of its own, so a large input cannot block on a full pipe while
+    // the output is unread.
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(input.as_bytes());
+    });
+    let output = child.wait_with_output().unwrap();
+    writer.join().unwrap();
     (
         output.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&output.stdout).into_owned(),

@@ -265,6 +265,56 @@ routes:
     }
 
     #[test]
+    fn filter_names_are_unique_per_chain_and_well_formed() {
+        let errors = errors_of(
+            r#"
+version: 1
+server: { listeners: [{ name: public, address: "127.0.0.1:0" }] }
+upstreams: [{ name: users, targets: [{ address: "127.0.0.1:9001" }] }]
+filters:
+  - { kind: request_id, name: auth }
+  - { kind: response_headers, config: { set: { x-a: "1" } } }
+  - { kind: response_headers, name: auth, config: { set: { x-b: "2" } } }
+  - { kind: response_headers, name: "-bad name", config: { set: { x-c: "3" } } }
+routes:
+  - name: a
+    upstream: users
+    match: { paths: [{ prefix: /a }] }
+    filters:
+      - { kind: response_headers, name: auth, config: { set: { x-d: "4" } } }
+      - { kind: response_headers, name: headers.v2, config: { set: { x-e: "5" } } }
+      - { kind: response_headers, name: headers.v2, config: { set: { x-f: "6" } } }
+"#,
+        );
+        assert_eq!(
+            errors,
+            [
+                "filters[2].name: duplicate filter name \"auth\" (filters[0] has it)",
+                "filters[3].name: \"-bad name\" is not a valid filter name (it must match ^[A-Za-z0-9][A-Za-z0-9_.-]*$)",
+                "routes[0].filters[2].name: duplicate filter name \"headers.v2\" (routes[0].filters[1] has it)",
+            ],
+        );
+        // Unnamed filters of one kind, and one name in two chains, are fine.
+        assert!(errors_of(
+            r#"
+version: 1
+server: { listeners: [{ name: public, address: "127.0.0.1:0" }] }
+upstreams: [{ name: users, targets: [{ address: "127.0.0.1:9001" }] }]
+filters:
+  - { kind: response_headers, name: security, config: { set: { x-a: "1" } } }
+  - { kind: response_headers, config: { set: { x-b: "2" } } }
+  - { kind: response_headers, config: { set: { x-c: "3" } } }
+routes:
+  - name: a
+    upstream: users
+    match: { paths: [{ prefix: /a }] }
+    filters: [{ kind: response_headers, name: security, config: { set: { x-d: "4" } } }]
+"#,
+        )
+        .is_empty());
+    }
+
+    #[test]
     fn a_valid_config_compiles_with_a_stable_hash() {
         let yaml = r#"
 version: 1

@@ -7,12 +7,16 @@ use std::sync::Arc;
 use gatehouse_filters::{AuthGate, BuildCtx, BuildErrorKind, Chain, Filter, Registry};
 
 use super::super::error::ConfigError;
-use super::super::model::{AuthMode, Config, FilterConfig, PathMatch, RetryOn, RouteConfig};
+use super::super::model::{
+    is_filter_name, AuthMode, Config, FilterConfig, PathMatch, RetryOn, RouteConfig,
+    FILTER_NAME_PATTERN,
+};
 use super::super::snapshot::{Mirror, RetryPolicy, Route, MIRROR_SLOTS};
 use crate::router::{PathRewrite, Router};
 use crate::telemetry::metrics::RouteMetrics;
 
-/// The filters of one chain (`base` is its config path, e.g. `routes[2].filters`).
+/// The filters of one chain (`base` is its config path, e.g. `routes[2].filters`). Explicit
+/// filter names are well formed and unique within the chain.
 pub(super) fn build_filters(
     base: &str,
     specs: &[FilterConfig],
@@ -20,6 +24,7 @@ pub(super) fn build_filters(
     ctx: &BuildCtx,
     errors: &mut Vec<ConfigError>,
 ) -> Vec<Arc<dyn Filter>> {
+    check_filter_names(base, specs, errors);
     let mut filters = Vec::new();
     for (index, spec) in specs.iter().enumerate() {
         match registry.build(&spec.kind, &spec.config, ctx) {
@@ -39,6 +44,34 @@ pub(super) fn build_filters(
         }
     }
     filters
+}
+
+/// Each explicit `name` of one chain matches [`FILTER_NAME_PATTERN`] and is used once.
+fn check_filter_names(base: &str, specs: &[FilterConfig], errors: &mut Vec<ConfigError>) {
+    let mut positions: HashMap<&str, usize> = HashMap::new();
+    for (index, spec) in specs.iter().enumerate() {
+        let Some(name) = spec.name.as_deref() else {
+            continue;
+        };
+        let path = format!("{base}[{index}].name");
+        if !is_filter_name(name) {
+            errors.push(ConfigError::new(
+                path,
+                format!(
+                    "\"{name}\" is not a valid filter name (it must match {FILTER_NAME_PATTERN})"
+                ),
+            ));
+            continue;
+        }
+        if let Some(previous) = positions.get(name) {
+            errors.push(ConfigError::new(
+                path,
+                format!("duplicate filter name \"{name}\" ({base}[{previous}] has it)"),
+            ));
+        } else {
+            positions.insert(name, index);
+        }
+    }
 }
 
 /// The route matcher of all routes.

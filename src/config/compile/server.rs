@@ -99,7 +99,11 @@ pub(super) fn limits(config: &Config, errors: &mut Vec<ConfigError>) -> Limits {
 
 /// The ops listener, the config source's settings and telemetry.
 pub(super) fn check_node(config: &Config, errors: &mut Vec<ConfigError>) {
-    if config.ops.address != "off" && config.ops.address.parse::<std::net::SocketAddr>().is_err() {
+    if config
+        .ops
+        .listener_address()
+        .is_some_and(|address| address.parse::<std::net::SocketAddr>().is_err())
+    {
         errors.push(ConfigError::new(
             "ops.address",
             format!(

@@ -229,28 +229,33 @@ impl Database {
         })
     }
 
-    /// Records that this node applied `version`, or why it rejected it.
+    /// Records that this node applied `version`, or why it rejected it, in `config_versions`
+    /// and in the node's own `config_nodes` row, with the address of its operations listener
+    /// (`None` when it has none).
     pub(super) async fn record(
         &self,
         client: &Client,
         version: i64,
         outcome: Result<(), &str>,
         node: &str,
+        ops_address: Option<&str>,
     ) -> Result<(), DatabaseError> {
         match outcome {
             Ok(()) => {
-                self.within_timeout(client.execute(MARK_APPLIED, &[&version, &node]))
+                self.within_timeout(client.execute(MARK_APPLIED, &[&version, &node, &ops_address]))
                     .await?
             }
             Err(error) => {
-                self.within_timeout(client.execute(MARK_REJECTED, &[&version, &error, &node]))
-                    .await?
+                self.within_timeout(
+                    client.execute(MARK_REJECTED, &[&version, &error, &node, &ops_address]),
+                )
+                .await?
             }
         };
         Ok(())
     }
 
-    /// Applies the migrations not yet recorded, each in its own transaction. Returns their names.
+    /// Stores `document` as one new version, replacing the stored config. Returns its id.
     pub async fn push(
         &self,
         document: &serde_json::Value,

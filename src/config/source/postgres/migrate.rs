@@ -15,6 +15,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0002_config_history",
         include_str!("../../../../sql/migrations/0002_config_history.sql"),
     ),
+    (
+        "0003_admin",
+        include_str!("../../../../sql/migrations/0003_admin.sql"),
+    ),
 ];
 
 /// Any advisory lock id will do as long as every node uses the same one.

@@ -48,6 +48,9 @@ pub struct PostgresSource {
     store: Arc<ConfigStore>,
     /// The node's own file as written: its local sections replace the database's.
     bootstrap: serde_yaml::Value,
+    /// The address of this node's operations listener, recorded with each version's outcome
+    /// (`None` when it is `off`).
+    ops_address: Option<String>,
     /// The last version compiled (id, digest) and its errors if it was rejected.
     last_seen: Mutex<Option<(i64, String, Option<ConfigErrors>)>>,
     _metrics: Vec<SampledRow>,
@@ -118,6 +121,7 @@ impl PostgresSource {
             state,
             store: store.clone(),
             bootstrap,
+            ops_address: loaded.resolved.ops.listener_address().map(str::to_string),
             last_seen: Mutex::new(None),
         });
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -336,12 +340,18 @@ impl PostgresSource {
         });
         match self
             .database
-            .record(client, version, text.as_deref().map_or(Ok(()), Err), node)
+            .record(
+                client,
+                version,
+                text.as_deref().map_or(Ok(()), Err),
+                node,
+                self.ops_address.as_deref(),
+            )
             .await
         {
             Ok(()) => true,
             Err(error) => {
-                tracing::warn!(version, %error, "could not record the version's outcome in config_versions");
+                tracing::warn!(version, %error, "could not record the version's outcome in config_versions and config_nodes");
                 false
             }
         }
