@@ -10,6 +10,12 @@ CARGO ?= cargo
 SYSTEM_PACKAGES := cmake gcc g++ make pkg-config curl ca-certificates luajit
 # What the load runs add: the load generator and the proxies Gatehouse is measured against.
 BENCH_PACKAGES := wrk nginx haproxy
+# What the admin service's tests add: Chromium for the status page test, pg_dump to search the
+# database for secrets, and Python's venv for schemathesis.
+ADMIN_PACKAGES := chromium postgresql-client python3-venv
+# schemathesis (from PyPI) lives in a virtual environment outside the clone, like the build cache.
+ADMIN_VENV ?= /var/tmp/gatehouse-venv
+SCHEMATHESIS_VERSION := 4.32.5
 
 # Installs the Debian packages of $(1) that are missing (quiet when all are present).
 install_missing = missing=""; for package in $(1); do \
@@ -21,7 +27,7 @@ install_missing = missing=""; for package in $(1); do \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-.PHONY: help deps bench-deps services build run test lint unit bench smoke soak schema docker clean
+.PHONY: help deps bench-deps admin-deps services build run test lint unit admin admin-test bench smoke soak schema docker clean
 
 help:
 	@echo "make run    build (release) and run Gatehouse on conf/gatehouse.yaml with the echo upstream"
@@ -30,6 +36,7 @@ help:
 	@echo "make smoke  short benchmark that fails on a gross regression (run by CI after the tests)"
 	@echo "make soak   10 minutes of mixed load; RSS, fds and upstream connections must stay flat"
 	@echo "make schema regenerate conf/schema.json"
+	@echo "make admin  run the admin API and status page (admin-ts/) on GATEHOUSE_DATABASE_URL"
 
 # Install missing system packages and Rust components (idempotent; quiet when all present).
 deps:
@@ -73,7 +80,32 @@ lint: deps
 unit: deps
 	$(CARGO) test --workspace
 
-test: deps services lint unit
+test: deps services lint unit admin-test
+
+# The admin service: its npm packages exactly as package-lock.json pins them, Chromium and
+# schemathesis for its tests.
+admin-deps: deps
+	@$(call install_missing,$(ADMIN_PACKAGES))
+	npm --prefix admin-ts ci --no-audit --no-fund --loglevel=error
+	@[ -x "$(ADMIN_VENV)/bin/st" ] && "$(ADMIN_VENV)/bin/st" --version 2>/dev/null | grep -q "$(SCHEMATHESIS_VERSION)" || { \
+	  echo "installing: schemathesis $(SCHEMATHESIS_VERSION) in $(ADMIN_VENV)"; \
+	  python3 -m venv "$(ADMIN_VENV)" && "$(ADMIN_VENV)/bin/pip" install -q "schemathesis==$(SCHEMATHESIS_VERSION)"; }
+
+# The admin service's type check and tests (after `unit`, which builds the gateway binary the
+# end-to-end tests run).
+admin-test: admin-deps services
+	@target=$$($(CARGO) metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p'); \
+	$(CARGO) build --bin gatehouse -p gatehouse && \
+	GATEHOUSE_BIN="$$target/debug/gatehouse" SCHEMATHESIS="$(ADMIN_VENV)/bin/st" npm --prefix admin-ts test
+
+# The admin API and status page on 127.0.0.1:9080 (GATEHOUSE_ADMIN_ADDRESS), editing the store at
+# GATEHOUSE_DATABASE_URL; it applies the store's missing migrations first.
+admin: deps services
+	@[ -n "$$GATEHOUSE_DATABASE_URL" ] || { echo "set GATEHOUSE_DATABASE_URL, e.g. GATEHOUSE_DATABASE_URL=postgres://postgres@127.0.0.1:5432/gatehouse make admin"; exit 2; }
+	@[ -d admin-ts/node_modules ] || npm --prefix admin-ts ci --no-audit --no-fund --loglevel=error
+	@target=$$($(CARGO) metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p'); \
+	$(CARGO) build --release --bin gatehouse -p gatehouse && \
+	GATEHOUSE_BIN="$${GATEHOUSE_BIN:-$$target/release/gatehouse}" npm --prefix admin-ts start
 
 bench-deps: deps
 	@$(call install_missing,$(BENCH_PACKAGES))

@@ -61,7 +61,7 @@ const problemResponse = (description: string) => ({
 });
 const errors = (...codes: number[]) =>
   Object.fromEntries(
-    [...new Set([400, 401, ...codes])].map((code) => [
+    [...new Set([400, 401, 414, 431, ...codes])].map((code) => [
       code,
       problemResponse(
         {
@@ -72,6 +72,8 @@ const errors = (...codes: number[]) =>
           409: 'Conflict with the current config',
           412: 'If-Match names an older version',
           413: 'Body too large',
+          414: 'A path segment is too long',
+          431: 'The request head is too large',
           415: 'Unsupported body type',
           428: 'If-Match is required',
         }[code] ?? 'Error',
@@ -87,13 +89,13 @@ const ifMatchHeader = {
   properties: { 'if-match': { type: 'string', description: 'The ETag the change is based on, or `*`' } },
 };
 const commentQuery = {
-  comment: { type: 'string', maxLength: 1000, description: 'Recorded with the version it makes' },
+  comment: { type: 'string', maxLength: 500, description: 'Recorded with the version it makes' },
 };
 const listQuery = {
   type: 'object',
   properties: {
     limit: { type: 'integer', minimum: 1, maximum: 500, default: 100 },
-    cursor: { type: 'string', maxLength: 2000 },
+    cursor: { type: 'string', maxLength: 500 },
     tag: { type: 'string', maxLength: 200 },
   },
   additionalProperties: false,
@@ -202,6 +204,9 @@ function iso(value: unknown): string | null {
 
 function commentOf(request: FastifyRequest): string | undefined {
   const query = request.query as { comment?: string } | undefined;
+  if (query?.comment?.includes('\u0000')) {
+    throw new Problem(400, 'comment: contains a NUL character', { errors: [{ path: 'comment', message: 'contains a NUL character' }] });
+  }
   return query?.comment;
 }
 
@@ -235,6 +240,27 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
     },
     bodyLimit: settings.bodyLimit,
     trustProxy: false,
+    routerOptions: { maxParamLength: 1024 },
+    // What Node's HTTP parser refuses (a head over 16 KiB, a malformed request) is answered as
+    // problem+json too.
+    clientErrorHandler: (error: Error & { code?: string }, socket) => {
+      const status = error.code === 'HPE_HEADER_OVERFLOW' ? 431 : 400;
+      const body = JSON.stringify(new Problem(status, status === 431 ? 'the request head is larger than 16 KiB' : 'the request is malformed').body());
+      if (socket.writable) {
+        socket.end(`HTTP/1.1 ${status} ${status === 431 ? 'Request Header Fields Too Large' : 'Bad Request'}\r\ncontent-type: application/problem+json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`);
+      } else {
+        socket.destroy(error);
+      }
+    },
+    // Errors the router raises before a route runs (a path segment over 1024 bytes, a bad URL)
+    // are problem+json like every other error.
+    frameworkErrors: (error, _request, reply: FastifyReply) => {
+      const status = (error as { statusCode?: number }).statusCode ?? 400;
+      void reply
+        .code(status)
+        .header('content-type', 'application/problem+json')
+        .send(new Problem(status, status === 414 ? 'a path segment is longer than 1024 bytes' : 'the request URL is malformed').body());
+    },
     // Route schemas document the API. Parameters and queries are checked by Ajv; bodies are
     // checked as whole config documents (schema, then the gateway's compile step), so that every
     // error comes back with its path in the document.
@@ -284,6 +310,9 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
           ? 'send application/json (application/merge-patch+json for PATCH, application/yaml for a whole config)'
           : error.message;
       problem = new Problem(error.statusCode, detail);
+    } else if (['22P05', '22021', '54000'].includes(String((error as { code?: string }).code))) {
+      // Text PostgreSQL cannot store (a NUL, an invalid byte sequence) or a value too large.
+      problem = new Problem(400, 'the config store cannot keep this value (a NUL character, or too large)');
     } else if ((error as { code?: string }).code === '23503' || (error as { code?: string }).code === '23505' || (error as { code?: string }).code === '23514') {
       // A constraint of the store refused the write (a reference, a duplicate, a key in clear).
       const constraint = (error as { constraint_name?: string }).constraint_name;
@@ -636,15 +665,26 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
             raw.write(`event: version\ndata: ${JSON.stringify({ version: id })}\n\n`);
           }
         };
-        await send();
+        let closed = false;
+        let stop = () => {};
+        // The response's close: the client went away (the request's own close fires as soon as
+        // its head is read).
+        raw.on('close', () => {
+          closed = true;
+          stop();
+        });
+        // Listen first, then say where the store is: a version committed in between is in the
+        // first event or in a notification, never lost.
         const listener = await sql.listen('gatehouse_config', () => {
           send().catch(() => {});
         });
+        await send();
         const heartbeat = setInterval(() => raw.write(': keep-alive\n\n'), 15_000);
-        request.raw.on('close', () => {
+        stop = () => {
           clearInterval(heartbeat);
           void listener.unlisten();
-        });
+        };
+        if (closed) stop();
       });
 
       // ---- tokens and audit (admin) ----

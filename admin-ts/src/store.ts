@@ -105,9 +105,24 @@ export class Store {
 
   /** Refuses (400, with every error and its path) a document the gateway would not load. */
   async check(document: Json): Promise<void> {
+    const nul = nulPaths(document, '');
+    if (nul.length > 0) throw invalidConfig(nul.map((path) => ({ path, message: 'contains a NUL character, which the store cannot keep' })));
     const { errors } = await this.validator.validate(document);
     if (errors.length > 0) throw invalidConfig(errors);
   }
+}
+
+/** Where a string (or an object key) holds U+0000: PostgreSQL text cannot. */
+function nulPaths(value: Json, path: string): string[] {
+  if (typeof value === 'string') return value.includes('\u0000') ? [path] : [];
+  if (Array.isArray(value)) return value.flatMap((entry, index) => nulPaths(entry, `${path}[${index}]`));
+  if (value !== null && typeof value === 'object') {
+    return Object.entries(value).flatMap(([key, entry]) => {
+      const child = path === '' ? key : `${path}.${key}`;
+      return key.includes('\u0000') ? [child] : nulPaths(entry, child);
+    });
+  }
+  return [];
 }
 
 export async function audit(tx: Tx | Queryable, options: WriteOptions, version: number | null): Promise<void> {

@@ -118,14 +118,19 @@ export class Validator {
   }
 
   /**
-   * Every error of the document: the compile step's when it finds any (they are what the gateway
-   * would report), else the schema's.
+   * Every error of the document: first what the gateway's compile step reports (its exact
+   * words), then what the schema finds elsewhere. The gateway stops at the first error of
+   * shape (a wrong type, an unknown key) while the schema reports them all, so together they
+   * give every error, and always the ones `gatehouse validate` prints.
    */
   async validate(document: unknown): Promise<{ errors: FieldError[]; compiled: boolean }> {
     const schemaErrors = this.schemaErrors(document);
     const compiled = await this.compile(document);
-    if (!compiled.ok && compiled.errors.length > 0) return { errors: compiled.errors, compiled: compiled.ran };
-    return { errors: schemaErrors, compiled: compiled.ran };
+    if (compiled.ok) return { errors: schemaErrors, compiled: compiled.ran };
+    const related = (a: string, b: string) =>
+      a === b || a.startsWith(`${b}.`) || a.startsWith(`${b}[`) || b.startsWith(`${a}.`) || b.startsWith(`${a}[`);
+    const others = schemaErrors.filter((error) => !compiled.errors.some((gateway) => related(gateway.path, error.path)));
+    return { errors: [...compiled.errors, ...others], compiled: compiled.ran };
   }
 
   /** A copy of the document with every default of the schema filled in. */

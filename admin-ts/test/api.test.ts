@@ -134,7 +134,7 @@ describe('the whole document', () => {
     const loser = answers.find((answer) => answer.status === 412) as unknown;
     assert.ok(loser);
     const next = await api('GET', '/config');
-    const both = { ...next.body, upstreams: [...next.body.upstreams, { name: 'race-retry', targets: [] }] };
+    const both = { ...next.body, upstreams: [...next.body.upstreams, { name: 'race-retry', targets: [{ address: '127.0.0.1:9400' }] }] };
     assert.equal((await api('PUT', '/config', { body: both, headers: { 'if-match': next.headers.get('etag') as string } })).status, 200);
     const names = (await api('GET', '/config')).body.upstreams.map((u: { name: string }) => u.name);
     assert.ok(names.includes('race-retry') && names.some((name: string) => name.startsWith('race-') && name !== 'race-retry'));
@@ -214,10 +214,10 @@ describe('entries', () => {
   });
 
   it('creates with PUT, and refuses a body whose name differs from the URL', async () => {
-    const created = await api('PUT', '/upstreams/by-put', { body: { targets: [] } });
+    const created = await api('PUT', '/upstreams/by-put', { body: { targets: [{ address: '127.0.0.1:9400' }] } });
     assert.equal(created.status, 201);
     assert.equal(created.body.name, 'by-put');
-    const mismatch = await api('PUT', '/upstreams/by-put', { body: { name: 'other', targets: [] }, headers: { 'if-match': '*' } });
+    const mismatch = await api('PUT', '/upstreams/by-put', { body: { name: 'other', targets: [{ address: '127.0.0.1:9400' }] }, headers: { 'if-match': '*' } });
     assert.equal(mismatch.status, 400);
     assert.equal(mismatch.body.errors[0].path, 'name');
   });
@@ -321,7 +321,7 @@ describe('versions, diff and rollback', () => {
   });
 
   it('writes an audit row in the same transaction as each change, and none for a refused one', async () => {
-    const added = await api('POST', '/upstreams', { body: { name: 'audited', targets: [] } });
+    const added = await api('POST', '/upstreams', { body: { name: 'audited', targets: [{ address: '127.0.0.1:9400' }] } });
     const version = Number(added.headers.get('gatehouse-config-version'));
     const audit = await api('GET', '/audit?limit=5');
     const row = audit.body.items.find((item: { version_id: number | null }) => item.version_id === version);
@@ -332,7 +332,7 @@ describe('versions, diff and rollback', () => {
     assert.equal(row.source, '127.0.0.1');
     const count = async () => (await db.sql`SELECT count(*)::int AS n FROM admin_audit`)[0]?.n;
     const before = await count();
-    assert.equal((await api('POST', '/upstreams', { body: { name: 'audited', targets: [] } })).status, 409);
+    assert.equal((await api('POST', '/upstreams', { body: { name: 'audited', targets: [{ address: '127.0.0.1:9400' }] } })).status, 409);
     assert.equal((await api('POST', '/routes', { body: { name: 'x', upstream: 'users', priority: 'high' } })).status, 400);
     assert.equal(await count(), before);
   });
@@ -368,8 +368,9 @@ describe('nodes, events and the OpenAPI document', () => {
       return pattern.exec(text);
     };
     assert.ok(await readUntil(/event: version\ndata: \{"version":\d+\}/));
-    const added = await api('POST', '/upstreams', { body: { name: 'evented', targets: [] } });
+    const added = await api('POST', '/upstreams', { body: { name: 'evented', targets: [{ address: '127.0.0.1:9400' }] } });
     const version = added.headers.get('gatehouse-config-version');
+    assert.equal(added.status, 201, added.text);
     assert.ok(await readUntil(new RegExp(`"version":${version}\\}`)), text);
     controller.abort();
   });

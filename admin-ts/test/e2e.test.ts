@@ -1,16 +1,19 @@
 // End to end: gatehousectl and the admin API against a real gateway in `postgres` mode.
 
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
+import { parse as parseYaml } from 'yaml';
 import {
   bootstrapToken,
   call,
   createDatabase,
   ctl,
   eventually,
+  gatehouseBin,
   startAdmin,
   startGateway,
   upstream,
@@ -126,6 +129,14 @@ describe('gatehousectl with a running gateway', () => {
     assert.ok(viaApi.body.errors.some((error: { path: string; message: string }) => /^routes\[\d+\]\.upstream$/.test(error.path)), viaApi.text);
     assert.equal((await db.sql`SELECT max(id)::int AS id FROM config_versions`)[0]?.id, before);
     assert.equal((await through('/svc')).text, 'a');
+    // The API's errors are the ones `gatehouse validate` prints for the same document.
+    const document = parseYaml(broken.replace('upstream: a }', 'upstream: nowhere }'));
+    const answer = await call(admin.url, 'POST', '/api/v1/config/validate', { token, body: document });
+    assert.equal(answer.status, 400);
+    const cli = spawnSync(gatehouseBin(), ['validate', '--format', 'json', '-'], { input: JSON.stringify(document), encoding: 'utf8' });
+    assert.equal(cli.status, 1, cli.stderr);
+    assert.deepEqual(answer.body.errors, JSON.parse(cli.stdout).errors);
+    assert.ok(answer.body.errors.length >= 2, answer.text);
   });
 
   it('makes an API key through the API that the gateway accepts', async () => {
