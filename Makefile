@@ -27,7 +27,7 @@ install_missing = missing=""; for package in $(1); do \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-.PHONY: help deps bench-deps admin-deps services build run test lint unit admin admin-test bench smoke soak schema docker clean
+.PHONY: help deps bench-deps admin-deps services build run test lint unit admin admin-test ctl bench smoke soak schema docker clean
 
 help:
 	@echo "make run    build (release) and run Gatehouse on conf/gatehouse.yaml with the echo upstream"
@@ -37,6 +37,7 @@ help:
 	@echo "make soak   10 minutes of mixed load; RSS, fds and upstream connections must stay flat"
 	@echo "make schema regenerate conf/schema.json"
 	@echo "make admin  run the admin API and status page (admin-ts/) on GATEHOUSE_DATABASE_URL"
+	@echo "make ctl ARGS='versions'  gatehousectl (GATEHOUSE_ADMIN_URL, GATEHOUSE_ADMIN_TOKEN)"
 
 # Install missing system packages and Rust components (idempotent; quiet when all present).
 deps:
@@ -97,6 +98,11 @@ admin-test: admin-deps services
 	@target=$$($(CARGO) metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p'); \
 	$(CARGO) build --bin gatehouse -p gatehouse && \
 	GATEHOUSE_BIN="$$target/debug/gatehouse" SCHEMATHESIS="$(ADMIN_VENV)/bin/st" npm --prefix admin-ts test
+
+# gatehousectl, e.g. make ctl ARGS="apply -f conf/examples/routing.yaml --dry-run".
+ctl:
+	@[ -d admin-ts/node_modules ] || npm --prefix admin-ts ci --no-audit --no-fund --loglevel=error
+	@npx --prefix admin-ts gatehousectl $(ARGS)
 
 # The admin API and status page on 127.0.0.1:9080 (GATEHOUSE_ADMIN_ADDRESS), editing the store at
 # GATEHOUSE_DATABASE_URL; it applies the store's missing migrations first.
