@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CI smoke version of the side-by-side benchmark: Gatehouse (plain and full chain) against
-# nginx and the bare Pingora proxy, 3 alternating runs of 5 s each, about a minute and a half
+# nginx and the bare Pingora proxy, 5 alternating runs of 5 s each, about two minutes
 # of load in all. Prints the table. Fails only on a gross regression, Gatehouse / bare Pingora
 # under SMOKE_MIN (default 0.8) in median rps, or when Gatehouse or bare Pingora cannot be
 # measured at all: the CI machine is shared and noisy, so finer thresholds would flap.
@@ -12,7 +12,7 @@
 #   SMOKE_MIN            lowest acceptable Gatehouse / bare Pingora rps ratio (default 0.8)
 #   SMOKE_RESULTS_DIR    keep the JSON and SVG of the run there
 #   BENCH_*              passed to bench.sh; the defaults here are BENCH_CONTENDERS=
-#                        nginx,bare,gatehouse,gatehouse-full BENCH_SECONDS=5 BENCH_REPS=3
+#                        nginx,bare,gatehouse,gatehouse-full BENCH_SECONDS=5 BENCH_REPS=5
 #                        BENCH_WARMUP=1 BENCH_QUIET_WAIT=0 BENCH_NO_INSTALL=1 (a missing nginx
 #                        is skipped, not installed). Set BENCH_NO_BUILD=1 when the release
 #                        binaries are already built.
@@ -39,7 +39,7 @@ fi
 started=$(date +%s)
 BENCH_CONTENDERS=${BENCH_CONTENDERS:-nginx,bare,gatehouse,gatehouse-full} \
   BENCH_SECONDS=${BENCH_SECONDS:-5} \
-  BENCH_REPS=${BENCH_REPS:-3} \
+  BENCH_REPS=${BENCH_REPS:-5} \
   BENCH_WARMUP=${BENCH_WARMUP:-1} \
   BENCH_QUIET_WAIT=${BENCH_QUIET_WAIT:-0} \
   BENCH_NO_INSTALL=${BENCH_NO_INSTALL:-1} \
