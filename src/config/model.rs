@@ -279,6 +279,11 @@ fn default_postgres_connect_timeout() -> Duration {
 pub struct TelemetryConfig {
     pub log: LogConfig,
     pub access_log: AccessLogConfig,
+    /// Answer every response with `Server-Timing: gateway;dur=…, upstream;dur=…` (milliseconds
+    /// spent in Gatehouse and waiting for the upstream's response head). Off by default: it
+    /// tells clients how long the upstream took. A route's own `server_timing` overrides it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub server_timing: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
@@ -739,6 +744,9 @@ pub struct RouteConfig {
     /// A copy of the requests, sent without waiting, whose answers are dropped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror: Option<MirrorConfig>,
+    /// `Server-Timing` on this route's responses (default: `telemetry.server_timing`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_timing: Option<bool>,
     #[serde(default)]
     pub filters: Vec<FilterConfig>,
 }

@@ -29,6 +29,8 @@ pub struct Route {
     /// `auth` gate after the last filter that identifies callers.
     pub chain: Chain,
     pub metrics: RouteMetrics,
+    /// Whether responses carry `Server-Timing`.
+    pub server_timing: bool,
 }
 
 /// Where a route's requests are copied.

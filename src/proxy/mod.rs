@@ -25,6 +25,7 @@ pub mod peer;
 pub mod resolve;
 pub mod respond;
 pub mod retry;
+pub mod timing;
 
 use std::sync::Arc;
 
@@ -218,6 +219,7 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        ctx.upstream.answered = Some(std::time::Instant::now());
         retry::response_head(session, upstream_response.status.as_u16(), ctx)
     }
 
@@ -247,6 +249,9 @@ impl ProxyHttp for Gateway {
         let chain = ctx.snapshot.chain(ctx.route);
         if chain.wants(Phases::RESPONSE) {
             chain.response(response, &mut ctx.shared, ctx.reached);
+        }
+        if let Some(value) = timing::value(ctx, std::time::Instant::now()) {
+            response.insert_header(timing::HEADER, value)?;
         }
         Ok(())
     }

@@ -45,6 +45,10 @@ pub struct Attempts {
     /// The request reached Pingora's proxy phase (`upstream_peer`): a failure from here on
     /// closes the client's connection whatever `fail_to_proxy` says.
     pub proxying: bool,
+    /// When the first attempt started, and when an upstream's response head arrived: the
+    /// upstream's share of the request's time (`Server-Timing`).
+    pub first_started: Option<Instant>,
+    pub answered: Option<Instant>,
 }
 
 /// One attempt at one target.
@@ -144,6 +148,7 @@ pub fn choose(request: &RequestHeader, ctx: &mut RequestCtx, may_wait: bool) -> 
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         upstream.tried.push(state.address);
         upstream.count += 1;
+        upstream.first_started.get_or_insert(started);
         upstream.current = Some(Attempt {
             pool: pool_index,
             target: state,

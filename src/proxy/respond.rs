@@ -34,6 +34,9 @@ pub async fn respond(
     snapshot
         .chain(*route)
         .response(&mut header, shared, *reached);
+    if let Some(value) = super::timing::value(ctx, std::time::Instant::now()) {
+        header.insert_header(super::timing::HEADER, value)?;
+    }
     let end = response.body.is_empty();
     session.write_response_header(Box::new(header), end).await?;
     if !end {

@@ -15,6 +15,7 @@ fn route(name: &str, priority: i32, matcher: MatchConfig) -> RouteConfig {
         retry: None,
         split: Vec::new(),
         mirror: None,
+        server_timing: None,
         filters: Vec::new(),
     }
 }

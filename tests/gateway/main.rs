@@ -12,6 +12,7 @@ mod json_body;
 mod lifecycle;
 mod limits;
 mod login;
+mod observability;
 mod postgres;
 mod rate_limit;
 mod reload;

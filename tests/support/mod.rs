@@ -75,6 +75,22 @@ impl Gateway {
         gateway
     }
 
+    /// Start with `extra` added inside the generated `telemetry:` flow map (for example
+    /// `server_timing: true`), and wait until ready. A later `write_config` drops it.
+    pub fn start_with_telemetry(extra: &str, rest: &str) -> Gateway {
+        let mut gateway = Gateway::unspawned("", "");
+        let text = gateway.render_config(rest).replacen(
+            "access.log\" } }",
+            &format!("access.log\" }}, {extra} }}"),
+            1,
+        );
+        assert!(text.contains(extra), "{text}");
+        std::fs::write(&gateway.config_path, text).unwrap();
+        gateway.spawn(false);
+        gateway.wait_ready();
+        gateway
+    }
+
     /// Write the config on fresh ephemeral ports and start the process, without waiting.
     fn spawned(listeners_extra: &str, server_extra: &str, rest: &str) -> Gateway {
         let mut gateway = Gateway::unspawned(listeners_extra, server_extra);

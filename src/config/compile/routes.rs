@@ -210,6 +210,9 @@ pub(super) fn build_routes(
                     .with_mirror(&ctx.metrics, &route.name),
                 None => RouteMetrics::new(&ctx.metrics, &route.name),
             },
+            server_timing: route
+                .server_timing
+                .unwrap_or(config.telemetry.server_timing),
         });
     }
     routes
