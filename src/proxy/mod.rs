@@ -219,7 +219,9 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        ctx.upstream.answered = Some(std::time::Instant::now());
+        if timing::wanted(ctx) {
+            ctx.upstream.answered = Some(std::time::Instant::now());
+        }
         retry::response_head(session, upstream_response.status.as_u16(), ctx)
     }
 

@@ -8,16 +8,21 @@ use super::ctx::RequestCtx;
 /// The header's name.
 pub const HEADER: &str = "server-timing";
 
+/// Whether the request's route (or, unmatched, the global switch) asks for the header: a flag
+/// compiled once per config, so a request that does not ask reads no clock for it.
+pub fn wanted(ctx: &RequestCtx) -> bool {
+    match ctx.route() {
+        Some(route) => route.server_timing,
+        None => ctx.snapshot.config.telemetry.server_timing,
+    }
+}
+
 /// The header value at `now`, if the request's route wants one. The upstream's share runs from
 /// the first attempt's start to the response head that answered (retries and their backoff
 /// included); the gateway's share is the rest. An answer of Gatehouse's own has no upstream
 /// share.
 pub fn value(ctx: &RequestCtx, now: Instant) -> Option<String> {
-    let wanted = match ctx.route() {
-        Some(route) => route.server_timing,
-        None => ctx.snapshot.config.telemetry.server_timing,
-    };
-    if !wanted {
+    if !wanted(ctx) {
         return None;
     }
     let total = now.saturating_duration_since(ctx.shared.started);
