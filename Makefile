@@ -120,7 +120,7 @@ bench: bench-deps services
 	loadtest/bench.sh
 
 # The CI version: Gatehouse (plain and full chain) against nginx and bare Pingora, at most ~3
-# minutes; fails only when Gatehouse / bare Pingora falls under 0.8.
+# minutes; fails only when Gatehouse / bare Pingora falls under 0.7.
 smoke: bench-deps
 	$(CARGO) build --release --bin gatehouse -p gatehouse --bin echo-upstream --bin bare-pingora -p gatehouse-loadtest
 	BENCH_NO_BUILD=1 loadtest/smoke.sh

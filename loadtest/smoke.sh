@@ -2,14 +2,16 @@
 # CI smoke version of the side-by-side benchmark: Gatehouse (plain and full chain) against
 # nginx and the bare Pingora proxy, 5 alternating runs of 5 s each, about two minutes
 # of load in all. Prints the table. Fails only on a gross regression, Gatehouse / bare Pingora
-# under SMOKE_MIN (default 0.8) in median rps, or when Gatehouse or bare Pingora cannot be
+# under SMOKE_MIN (default 0.7) in median rps, or when Gatehouse or bare Pingora cannot be
 # measured at all: the CI machine is shared and noisy, so finer thresholds would flap.
 #
 # Writes nothing to the git tree: the JSON and chart go to a temporary directory (kept in
 # SMOKE_RESULTS_DIR when that is set), and loadtest/RESULTS.md is left alone.
 #
 # Environment:
-#   SMOKE_MIN            lowest acceptable Gatehouse / bare Pingora rps ratio (default 0.8)
+#   SMOKE_MIN            lowest acceptable Gatehouse / bare Pingora rps ratio (default 0.7: the
+#                        same binaries measured between 0.73 and 1.01 on one noisy machine, so
+#                        the floor only catches gross regressions)
 #   SMOKE_RESULTS_DIR    keep the JSON and SVG of the run there
 #   BENCH_*              passed to bench.sh; the defaults here are BENCH_CONTENDERS=
 #                        nginx,bare,gatehouse,gatehouse-full BENCH_SECONDS=5 BENCH_REPS=5
@@ -22,7 +24,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 say_prefix=smoke
 # shellcheck source=lib.sh
 source "$here/lib.sh"
-minimum=${SMOKE_MIN:-0.8}
+minimum=${SMOKE_MIN:-0.7}
 [[ $minimum =~ ^[0-9]+(\.[0-9]+)?$ ]] || { say "SMOKE_MIN must be a number"; exit 2; }
 
 # The chart is drawn only when it is kept.
