@@ -55,6 +55,11 @@
 #   BENCH_QUIET_WAIT   seconds to wait before each run for other work on the machine to use less
 #                      than BENCH_QUIET_PCT % of a core (defaults 15 and 25; 0 does not wait)
 #   BENCH_KEEP_WORKDIR=1  keep the configs, logs and raw outputs of the run
+#   BENCH_INSTRUCTIONS=1  also count user-space instructions per request under callgrind (valgrind)
+#                      for bare and every gatehouse contender: BENCH_INSTRUCTIONS_WARMUP requests
+#                      (default 1000), then the counters are zeroed and BENCH_INSTRUCTIONS_REQUESTS
+#                      (default 4000) are counted, one keep-alive connection (curl). Unlike rps,
+#                      this repeats to about 0.5 % on a noisy machine; kernel work is not counted
 #   BENCH_BASELINE_DIR a directory holding an older `gatehouse` binary (and optionally a file
 #                      COMMIT naming its commit; a relative path is taken from the repository
 #                      root): measures it as gatehouse-baseline and gatehouse-full-baseline in
@@ -88,10 +93,18 @@ quiet_wait=${BENCH_QUIET_WAIT:-15}
 quiet_threshold=${BENCH_QUIET_PCT:-25}
 proxy_cpu=${BENCH_PROXY_CPU:-1}
 load_cpu=${BENCH_LOAD_CPU:-0}
+instructions_pass=${BENCH_INSTRUCTIONS:-0}
+instructions_warmup=${BENCH_INSTRUCTIONS_WARMUP:-1000}
+instructions_requests=${BENCH_INSTRUCTIONS_REQUESTS:-4000}
+# A command put before the proxy's own (valgrind, in the instructions pass).
+proxy_wrapper=()
 
 require_whole_numbers "BENCH_SECONDS, BENCH_REPS, BENCH_CONNECTIONS, BENCH_WARMUP, BENCH_QUIET_WAIT, BENCH_QUIET_PCT, BENCH_LATENCY_RPS and BENCH_LATENCY_SECONDS must be whole numbers" \
   "$bench_seconds" "$reps" "$connections" "$warmup" "$quiet_wait" "$quiet_threshold" "$latency_rps" \
   "$latency_seconds"
+require_whole_numbers "BENCH_INSTRUCTIONS_WARMUP and BENCH_INSTRUCTIONS_REQUESTS must be whole numbers" \
+  "$instructions_warmup" "$instructions_requests"
+((instructions_requests >= 1)) || die "BENCH_INSTRUCTIONS_REQUESTS must be at least 1"
 ((reps >= 1)) || die "BENCH_REPS must be at least 1"
 
 if (($(nproc) < 2)); then
@@ -661,7 +674,7 @@ start_contender() {
       ;;
     bare)
       mkdir -p "$dir"
-      start_pinned "$proxy_cpu" "$dir/stdout.log" "$bare_bin" --listen "127.0.0.1:$port" \
+      start_pinned "$proxy_cpu" "$dir/stdout.log" "${proxy_wrapper[@]}" "$bare_bin" --listen "127.0.0.1:$port" \
         --upstream "127.0.0.1:$echo_port" --threads 1
       ;;
     gatehouse*)
@@ -676,7 +689,7 @@ start_contender() {
         say "$name: $start_failure"
         return 1
       fi
-      start_pinned "$proxy_cpu" "$dir/stdout.log" "$binary" run -c "$dir/gatehouse.yaml"
+      start_pinned "$proxy_cpu" "$dir/stdout.log" "${proxy_wrapper[@]}" "$binary" run -c "$dir/gatehouse.yaml"
       ;;
   esac
   proxy_pid=$last_pid
@@ -922,6 +935,67 @@ if [[ -n $oha_bin ]]; then
 fi
 
 # ---------------------------------------------------------------------------------------------
+# Instructions per request: each Pingora-based contender once more, under callgrind. Warm-up
+# requests first (connections, caches, allocator pages), then the counters are zeroed, the
+# measured requests sent on one keep-alive connection, and the counters dumped.
+instructions_file="$work/instructions.tsv"
+: >"$instructions_file"
+
+# Sends N requests to the running contender on one connection; prints how many did not get a
+# 2xx answer.
+send_requests() {
+  local n=$1 ok
+  ok=$(taskset -c "$load_cpu" curl -s --max-time 600 -o /dev/null -w '%{http_code}\n' "${header_argv[@]}" \
+    "${proxy_url}?n=[1-$n]" 2>/dev/null | grep -c '^2' || true)
+  echo $((n - ${ok:-0}))
+}
+
+# The instructions of callgrind's newest dump of PID (its "summary:" or "totals:" line).
+dumped_instructions() {
+  local dump
+  dump=$(ls -t "$1".* 2>/dev/null | head -n 1)
+  [[ -n $dump ]] && awk '$1 == "summary:" || $1 == "totals:" {print $2; exit}' "$dump"
+}
+
+if [[ $instructions_pass == 1 ]]; then
+  if ! command -v valgrind >/dev/null || ! command -v callgrind_control >/dev/null; then
+    say "instructions pass skipped: valgrind (callgrind_control) is not installed"
+    printf 'note\tvalgrind is not installed\n' >>"$instructions_file"
+  else
+    for name in "${runnable[@]}"; do
+      [[ $name == bare || $name == gatehouse* ]] || continue
+      [[ -n ${skipped[$name]:-} ]] && continue
+      out="$work/callgrind-$name.out"
+      proxy_wrapper=(valgrind --tool=callgrind --callgrind-out-file="$out" --dump-instr=no)
+      wait_seconds=120
+      started_ok=1
+      start_contender "$name" || started_ok=0
+      wait_seconds=15
+      proxy_wrapper=()
+      if ((started_ok == 0)); then
+        say "instructions pass: $name did not start under valgrind: ${start_failure:-}"
+        printf 'note\t%s did not start under valgrind\n' "$name" >>"$instructions_file"
+        continue
+      fi
+      header_args
+      failed=$(send_requests "$instructions_warmup")
+      callgrind_control -z "$proxy_pid" >/dev/null 2>&1 || say "callgrind_control -z failed for $name"
+      failed=$((failed + $(send_requests "$instructions_requests")))
+      callgrind_control -d "$proxy_pid" >/dev/null 2>&1 || say "callgrind_control -d failed for $name"
+      instructions=$(dumped_instructions "$out")
+      stop_contender "$name"
+      if [[ -z $instructions ]] || ((failed > 0)); then
+        say "instructions pass: $name gave no count (${failed} requests not 2xx)"
+        printf 'note\t%s: no count (%s requests not 2xx)\n' "$name" "$failed" >>"$instructions_file"
+        continue
+      fi
+      printf '%s\t%s\t%s\t%s\n' "$name" "$instructions_warmup" "$instructions_requests" "$instructions" >>"$instructions_file"
+      say "instructions pass: $name $((instructions / instructions_requests)) instructions per request"
+    done
+  fi
+fi
+
+# ---------------------------------------------------------------------------------------------
 # Report
 mkdir -p "$results_dir"
 stamp=$(date -u +%Y-%m-%dT%H%M%SZ)
@@ -955,7 +1029,7 @@ versions_file="$work/versions.tsv"
   printf 'load_average_at_start\t%s\n' "$load_at_start"
 } >"$versions_file" 2>/dev/null || true
 
-python3 "$here/report.py" "$runs_file" "$latency_file" "$skipped_file" "$versions_file" "$json_out" \
+python3 "$here/report.py" "$runs_file" "$latency_file" "$instructions_file" "$skipped_file" "$versions_file" "$json_out" \
   "$markdown_out" "$stamp" "$bench_seconds" "$reps" "$connections" "$warmup" "$proxy_cpu" "$load_cpu" \
   "$latency_rps" "$latency_seconds"
 

@@ -94,12 +94,12 @@ free_port() {
 # ---------------------------------------------------------------------------------------------
 # Readiness
 
-# Runs a check every 0.1 s, for up to 15 s, until it succeeds; gives up at once when PID exits,
-# since a server that died will never answer.
+# Runs a check every 0.1 s, for up to $wait_seconds (default 15) seconds, until it succeeds;
+# gives up at once when PID exits, since a server that died will never answer.
 wait_until() {
   local pid=$1 tries=0
   shift
-  while ((tries < 150)); do
+  while ((tries < ${wait_seconds:-15} * 10)); do
     kill -0 "$pid" 2>/dev/null || return 1
     "$@" && return 0
     sleep 0.1

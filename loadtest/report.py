@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
 """Turns the raw measurements of one bench.sh run into its JSON result and its markdown table.
 
-    python3 loadtest/report.py RUNS LATENCY SKIPPED VERSIONS JSON_OUT MARKDOWN_OUT STAMP \\
-        SECONDS REPS CONNECTIONS WARMUP PROXY_CPU LOAD_CPU LATENCY_RPS LATENCY_SECONDS
+    python3 loadtest/report.py RUNS LATENCY INSTRUCTIONS SKIPPED VERSIONS JSON_OUT MARKDOWN_OUT \\
+        STAMP SECONDS REPS CONNECTIONS WARMUP PROXY_CPU LOAD_CPU LATENCY_RPS LATENCY_SECONDS
 
-Reads four tab-separated files that bench.sh writes in its work directory, and the files they
+Reads five tab-separated files that bench.sh writes in its work directory, and the files they
 name:
     RUNS      one line per measured wrk run: contender, rep, path of wrk's output, peak RSS KiB,
               proxy CPU %, upstream CPU %, whole-machine CPU %, wrk CPU %
     LATENCY   one line per open-loop oha run: contender, mode (fixed, half, or half:OTHER for
               direct at OTHER's half rate), rate, path of oha's JSON output (may be empty)
+    INSTRUCTIONS  one line per callgrind count: contender, warm-up requests, counted requests,
+              instructions; or "note", why a contender has no count (may be empty)
     SKIPPED   contender, why it was not measured
     VERSIONS  key, value: tool versions, commit, kernel, CPU, cores, load average
 The remaining arguments describe the method (STAMP is the run's date, the rest are bench.sh's
@@ -62,7 +64,7 @@ PAIRS = {"gatehouse-ewma-slow": "gatehouse-rr-slow", "gatehouse-json": "gatehous
 # The same config on this tree's binary and on an older one (BENCH_BASELINE_DIR), in the same
 # rounds: what the change between the two builds did to the plain route and to the full chain.
 BASELINES = {"gatehouse": "gatehouse-baseline", "gatehouse-full": "gatehouse-full-baseline"}
-ARGUMENTS = ("RUNS LATENCY SKIPPED VERSIONS JSON_OUT MARKDOWN_OUT STAMP SECONDS REPS CONNECTIONS "
+ARGUMENTS = ("RUNS LATENCY INSTRUCTIONS SKIPPED VERSIONS JSON_OUT MARKDOWN_OUT STAMP SECONDS REPS CONNECTIONS "
              "WARMUP PROXY_CPU LOAD_CPU LATENCY_RPS LATENCY_SECONDS")
 
 
@@ -218,6 +220,31 @@ def compute_ratios(contenders):
     return ratios
 
 
+def read_instructions(path):
+    """Instructions per request by contender, and the notes of the contenders without a count."""
+    counts, notes = {}, []
+    for fields in lines(path, columns=4):
+        if fields[0] == "note":
+            notes.append(fields[1])
+            continue
+        name, warmup, requests, instructions = fields[0], int(fields[1]), int(fields[2]), int(fields[3])
+        counts[name] = {"warmup_requests": warmup, "requests": requests, "instructions": instructions,
+                        "per_request": round(instructions / requests)}
+    return counts, notes
+
+
+def instruction_ratios(counts):
+    """The same pairs as the rps ratios, in instructions per request (lower is cheaper)."""
+    pairs = []
+    if "gatehouse" in counts and "bare" in counts:
+        pairs.append(("gatehouse/bare-pingora", "gatehouse", "bare"))
+    pairs += [(f"{variant}/gatehouse", variant, "gatehouse") for variant in VARIANTS]
+    pairs += [(f"{name}/{baseline}", name, baseline) for name, baseline in BASELINES.items()]
+    pairs += [(f"{name}/{other}", name, other) for name, other in PAIRS.items()]
+    return {key: round(counts[name]["per_request"] / counts[other]["per_request"], 3)
+            for key, name, other in pairs if name in counts and other in counts}
+
+
 def added_p99_vs_direct(latency):
     """The p99 a contender adds to the upstream alone, at the same open-loop rate."""
     added_p99 = {}
@@ -308,6 +335,28 @@ def markdown(document, latency, settings):
             out.append(f"Warning: {row['label']} answered {row['errors']:,} of {row['requests']:,} requests "
                        f"({row['errors'] / row['requests']:.1%}) with a non-2xx status or a socket error: its rps "
                        "is not comparable with the others.")
+    instructions = document.get("instructions")
+    if instructions:
+        counts = instructions["per_contender"]
+        out.append("")
+        if counts:
+            first = next(iter(counts.values()))
+            out.append(f"User-space instructions per request (callgrind, {first['requests']:,} requests on one "
+                       f"keep-alive connection after {first['warmup_requests']:,} warm-up requests):")
+            out.append("")
+            out.append("| contender | instructions per request |")
+            out.append("|---|---:|")
+            for name, row in counts.items():
+                out.append(f"| {LABELS.get(name, name)} | {row['per_request']:,} |")
+            if instructions["ratios"]:
+                out.append("")
+                out.append("| ratio | instructions |")
+                out.append("|---|---:|")
+                for key, value in instructions["ratios"].items():
+                    out.append(f"| {key} | {value:.3f} |")
+        for note in instructions["notes"]:
+            out.append("")
+            out.append(f"Instructions: {note}.")
     for name, reason in skipped.items():
         out.append("")
         out.append(f"Skipped {LABELS.get(name, name)}: {reason}.")
@@ -315,10 +364,10 @@ def markdown(document, latency, settings):
 
 
 def main(argv):
-    if len(argv) != 16:
+    if len(argv) != 17:
         print(f"usage: report.py {ARGUMENTS}", file=sys.stderr)
         return 2
-    (runs_path, latency_path, skipped_path, versions_path, json_path, markdown_path, stamp,
+    (runs_path, latency_path, instructions_path, skipped_path, versions_path, json_path, markdown_path, stamp,
      seconds, reps, connections, warmup, proxy_cpu, load_cpu, latency_rps, latency_seconds) = argv[1:]
 
     runs = read_runs(runs_path)
@@ -339,6 +388,15 @@ def main(argv):
         "added_p99_vs_direct": added_p99_vs_direct(latency),
         "skipped": dict(lines(skipped_path)),
     }
+    counts, notes = read_instructions(instructions_path)
+    if counts or notes:
+        ordered = {name: counts[name] for name in ORDER if name in counts}
+        document["instructions"] = {"per_contender": ordered, "ratios": instruction_ratios(ordered),
+                                    "notes": notes}
+        document["method"]["instructions"] = {
+            "tool": "valgrind --tool=callgrind", "client": "curl, one keep-alive connection",
+            "counted": "user-space instructions of the proxy process between zeroing and dumping",
+        }
     if latency:
         document["method"]["latency"] = {
             "tool": "oha", "latency_correction": True, "connections": int(connections),
