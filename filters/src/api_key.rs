@@ -134,6 +134,7 @@ impl ApiKey {
         match self.consumers.api_key_consumer(&key, SystemTime::now()) {
             Ok(consumer) => {
                 ctx.consumer = Some(consumer.clone());
+                ctx.auth_method = Some(Self::KIND);
                 Decision::Continue
             }
             Err(refusal) => {

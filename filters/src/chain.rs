@@ -31,6 +31,9 @@ impl AuthGate {
             }
             AuthGate::Optional { anonymous } => {
                 ctx.consumer.clone_from(anonymous);
+                if ctx.consumer.is_some() {
+                    ctx.auth_method = Some("anonymous");
+                }
                 None
             }
         }

@@ -25,6 +25,33 @@ impl Consumer {
     }
 }
 
+/// A rate-limit decision on a request: the policy that refused it, or of those that admitted it
+/// the one with the fewest tokens left. For the access log and traces.
+#[derive(Clone, Debug)]
+pub struct RateLimitNote {
+    pub policy: Arc<str>,
+    pub result: RateLimitResult,
+    pub remaining: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RateLimitResult {
+    Allowed,
+    Limited,
+    /// Redis did not answer in time and the policy fails closed.
+    Unavailable,
+}
+
+impl RateLimitResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RateLimitResult::Allowed => "allowed",
+            RateLimitResult::Limited => "limited",
+            RateLimitResult::Unavailable => "unavailable",
+        }
+    }
+}
+
 /// State carried through every phase of one request.
 ///
 /// Filters are shared by all requests, so anything a filter learns about one request lives here,
@@ -55,6 +82,10 @@ pub struct RequestContext {
     pub claims: Option<Arc<serde_json::Value>>,
     /// Why authentication failed (method, reason), for the failure metric.
     pub auth_failure: Option<(&'static str, &'static str)>,
+    /// The filter kind that identified the caller (`jwt`, `api_key`, ...).
+    pub auth_method: Option<&'static str>,
+    /// The rate-limit decision, when a rate-limit filter ran.
+    pub rate_limit: Option<RateLimitNote>,
     /// The response status, once known.
     pub status: Option<u16>,
     /// Whether the response is the gateway's own (a filter's answer, a problem document),
@@ -89,6 +120,8 @@ impl RequestContext {
             subject: None,
             claims: None,
             auth_failure: None,
+            auth_method: None,
+            rate_limit: None,
             status: None,
             own_answer: false,
             request_body_bytes: 0,

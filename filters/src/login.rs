@@ -410,6 +410,8 @@ impl Login {
             }
         }
         ctx.consumer = Some(Consumer::new(&session.subject));
+        // A login session of the oauth2 filter's `login` mode.
+        ctx.auth_method = Some("oauth2");
         ctx.subject = Some(session.subject.into());
         Decision::Continue
     }

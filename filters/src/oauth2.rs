@@ -446,6 +446,7 @@ impl Filter for OAuth2 {
         }
         let subject = answer.subject.clone().unwrap_or_default();
         ctx.consumer = Some(Consumer::new(&subject));
+        ctx.auth_method = Some(Self::KIND);
         ctx.subject = answer.subject.as_deref().map(Arc::from);
         if !self
             .required_scopes

@@ -705,6 +705,23 @@ pub fn filter_schema(
     })
 }
 
+/// A route's optional metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RouteMetricsConfig {
+    /// Count requests by consumer too, in `gatehouse_consumer_requests_total{route,consumer,
+    /// status_class}`. The label takes at most 1000 consumers per route; later ones are counted
+    /// as `(other)`, and requests without a consumer as `(anonymous)`.
+    #[serde(default)]
+    pub per_consumer: bool,
+}
+
+impl RouteMetricsConfig {
+    fn is_default(&self) -> bool {
+        *self == RouteMetricsConfig::default()
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
@@ -747,6 +764,9 @@ pub struct RouteConfig {
     /// `Server-Timing` on this route's responses (default: `telemetry.server_timing`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_timing: Option<bool>,
+    /// What this route adds to `/metrics` beyond its default rows.
+    #[serde(default, skip_serializing_if = "RouteMetricsConfig::is_default")]
+    pub metrics: RouteMetricsConfig,
     #[serde(default)]
     pub filters: Vec<FilterConfig>,
 }

@@ -93,6 +93,8 @@ impl ConfigStore {
     /// Serves `snapshot` from now on. Requests already running finish on the one they started
     /// with.
     pub fn swap(&self, snapshot: Snapshot) {
+        // The log level first, so that a reload raising it shows this very line.
+        crate::telemetry::apply(&snapshot.config.telemetry);
         tracing::info!(
             version = snapshot.version,
             hash = %snapshot.hash,

@@ -219,9 +219,8 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if timing::wanted(ctx) {
-            ctx.upstream.answered = Some(std::time::Instant::now());
-        }
+        ctx.upstream.answered = Some(std::time::Instant::now());
+        ctx.upstream.status = Some(upstream_response.status.as_u16());
         retry::response_head(session, upstream_response.status.as_u16(), ctx)
     }
 
@@ -265,6 +264,9 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<std::time::Duration>> {
+        if end_of_stream && ctx.upstream.answered.is_some() {
+            ctx.upstream.finished = Some(std::time::Instant::now());
+        }
         let chain = ctx.snapshot.chain(ctx.route);
         if chain.wants(Phases::RESPONSE_BODY) {
             chain.response_body(body, end_of_stream, &mut ctx.shared);

@@ -45,10 +45,14 @@ pub struct Attempts {
     /// The request reached Pingora's proxy phase (`upstream_peer`): a failure from here on
     /// closes the client's connection whatever `fail_to_proxy` says.
     pub proxying: bool,
-    /// When the first attempt started, and when an upstream's response head arrived: the
-    /// upstream's share of the request's time (`Server-Timing`).
+    /// When the first attempt started, when an upstream's response head arrived, and when
+    /// its body ended: the upstream's share of the request's time (`Server-Timing` counts to
+    /// the head, `gatehouse_upstream_duration_seconds` to the end).
     pub first_started: Option<Instant>,
     pub answered: Option<Instant>,
+    pub finished: Option<Instant>,
+    /// The status of the last upstream response head.
+    pub status: Option<u16>,
 }
 
 /// One attempt at one target.

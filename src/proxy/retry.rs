@@ -47,6 +47,9 @@ pub fn connect_failed(
 ) -> Box<Error> {
     peer::record(ctx, true, false);
     let pool = ctx.upstream.current.as_ref().map(|attempt| attempt.pool);
+    if let Some(pool) = pool {
+        ctx.snapshot.upstreams[pool].shared.connect_errors.inc();
+    }
     peer::release(ctx);
     error.set_retry(may_retry(session, ctx, Reason::ConnectFailure, pool));
     error

@@ -16,6 +16,7 @@ fn route(name: &str, priority: i32, matcher: MatchConfig) -> RouteConfig {
         split: Vec::new(),
         mirror: None,
         server_timing: None,
+        metrics: Default::default(),
         filters: Vec::new(),
     }
 }

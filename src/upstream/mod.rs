@@ -141,6 +141,8 @@ pub struct PoolState {
     pub breaker: Breaker,
     pub budget: RetryBudget,
     pub budget_exhausted: Row<IntCounter>,
+    /// Attempts whose connection to a target failed (refused, timed out, TLS handshake).
+    pub connect_errors: Row<IntCounter>,
     circuit_row: OnceLock<SampledRow>,
 }
 
@@ -153,6 +155,13 @@ impl PoolState {
                 .counters(
                     "gatehouse_retry_budget_exhausted_total",
                     "Retries not made because the upstream's retry budget was spent",
+                    &["upstream"],
+                )
+                .row(&[name]),
+            connect_errors: metrics
+                .counters(
+                    "gatehouse_upstream_connect_errors_total",
+                    "Upstream attempts whose connection failed (refused, timed out, TLS handshake), by upstream",
                     &["upstream"],
                 )
                 .row(&[name]),

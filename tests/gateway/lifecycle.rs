@@ -460,7 +460,7 @@ fn ops_endpoints_and_explain() {
     gateway.get("/nothing-here-matches-root-though");
     let metrics = gateway.metrics();
     assert!(
-        metrics.contains("gatehouse_requests_total{route=\"users\",status_class=\"2xx\"} 1"),
+        metrics.contains("gatehouse_requests_total{route=\"users\",source=\"upstream\",status_class=\"2xx\",upstream=\"echo\"} 1"),
         "{metrics}"
     );
     assert!(

@@ -91,6 +91,26 @@ impl Gateway {
         gateway
     }
 
+    /// Start on the generated config as `edit` changes its text (the `telemetry:` line, say),
+    /// and wait until ready.
+    pub fn start_edited(rest: &str, edit: impl Fn(String) -> String) -> Gateway {
+        let mut gateway = Gateway::unspawned("", "");
+        gateway.write_config_edited(rest, edit);
+        gateway.spawn(false);
+        gateway.wait_ready();
+        gateway
+    }
+
+    /// As [`Gateway::write_config`], with the text changed by `edit`.
+    pub fn write_config_edited(&self, rest: &str, edit: impl Fn(String) -> String) {
+        let original = self.render_config(rest);
+        let text = edit(original.clone());
+        assert_ne!(text, original, "the edit changed nothing");
+        let temporary = self.dir.path().join(".gatehouse.yaml.new");
+        std::fs::write(&temporary, text).unwrap();
+        std::fs::rename(&temporary, &self.config_path).unwrap();
+    }
+
     /// Write the config on fresh ephemeral ports and start the process, without waiting.
     fn spawned(listeners_extra: &str, server_extra: &str, rest: &str) -> Gateway {
         let mut gateway = Gateway::unspawned(listeners_extra, server_extra);

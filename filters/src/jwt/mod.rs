@@ -693,6 +693,7 @@ impl Jwt {
             return Decision::Reject(Problem::forbidden());
         }
         ctx.consumer = Some(verified.consumer);
+        ctx.auth_method = Some(Self::KIND);
         ctx.subject = verified.subject;
         ctx.claims = Some(verified.claims);
         Decision::Continue

@@ -37,10 +37,11 @@ use crate::metrics::Row;
 use crate::util::duration;
 use crate::{
     BuildCtx, BuildError, Decision, Filter, FilterKind, Phases, Problem, ProblemType,
-    RequestContext,
+    RateLimitNote, RateLimitResult, RequestContext,
 };
 
 struct CompiledPolicy {
+    name: Arc<str>,
     namer: Namer,
     capacity: f64,
     /// Tokens per second.
@@ -236,6 +237,7 @@ impl FilterKind for RateLimit {
                 }
             };
             policies.push(CompiledPolicy {
+                name: policy.name.as_str().into(),
                 namer: Namer::new(route, &policy.name, parts, redis.is_some()),
                 capacity: policy.capacity as f64,
                 rate,
@@ -355,10 +357,16 @@ impl RateLimit {
         index: usize,
         (admitted, tokens, wait): Verdict,
         tightest: &mut Option<Outcome>,
+        ctx: &mut RequestContext,
     ) -> Result<(), Decision> {
         let policy = &self.policies[index];
         if !admitted {
             policy.limited.inc();
+            ctx.rate_limit = Some(RateLimitNote {
+                policy: policy.name.clone(),
+                result: RateLimitResult::Limited,
+                remaining: 0,
+            });
             let retry_after = wait.ceil().max(1.0) as u64;
             let mut problem = Problem::new(ProblemType::RateLimited).header(
                 http::header::RETRY_AFTER,
@@ -387,6 +395,18 @@ impl RateLimit {
     /// Every policy admitted the request: keep the tightest one's numbers for the response.
     fn settle(&self, ctx: &mut RequestContext, tightest: Option<Outcome>) -> Decision {
         if let Some(outcome) = tightest {
+            // Of several rate-limit filters on the request, the one with the fewest tokens left.
+            if ctx
+                .rate_limit
+                .as_ref()
+                .is_none_or(|note| outcome.remaining < note.remaining)
+            {
+                ctx.rate_limit = Some(RateLimitNote {
+                    policy: self.policies[outcome.policy].name.clone(),
+                    result: RateLimitResult::Allowed,
+                    remaining: outcome.remaining,
+                });
+            }
             ctx.set_instance_state(self, outcome);
         }
         Decision::Continue
@@ -420,7 +440,7 @@ impl Filter for RateLimit {
                 policy
                     .local
                     .take(&names.local, now, policy.capacity, policy.rate, policy.cost);
-            if let Err(refusal) = self.judge(index, verdict, &mut tightest) {
+            if let Err(refusal) = self.judge(index, verdict, &mut tightest, ctx) {
                 for (earlier, names) in &taken {
                     let earlier = &self.policies[*earlier];
                     earlier
@@ -445,9 +465,14 @@ impl Filter for RateLimit {
             let names = policy.namer.names(request, ctx);
             let Ok((verdict, how)) = policy.decide(&names, now).await else {
                 self.refund(&taken).await;
+                ctx.rate_limit = Some(RateLimitNote {
+                    policy: policy.name.clone(),
+                    result: RateLimitResult::Unavailable,
+                    remaining: 0,
+                });
                 return Decision::Reject(Problem::new(ProblemType::RateLimitUnavailable));
             };
-            if let Err(refusal) = self.judge(index, verdict, &mut tightest) {
+            if let Err(refusal) = self.judge(index, verdict, &mut tightest, ctx) {
                 self.refund(&taken).await;
                 return refusal;
             }

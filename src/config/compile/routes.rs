@@ -205,10 +205,34 @@ pub(super) fn build_routes(
             timeout: route.timeout.map(|timeout| timeout.get()),
             retry: retry_policy(&path, route, errors),
             chain: Chain::new(filters, gate),
-            metrics: match route.mirror {
-                Some(_) => RouteMetrics::new(&ctx.metrics, &route.name)
-                    .with_mirror(&ctx.metrics, &route.name),
-                None => RouteMetrics::new(&ctx.metrics, &route.name),
+            metrics: {
+                // The pools the route may send to, its own first: the rows of its requests.
+                let mut pools: Vec<(usize, &str)> = Vec::new();
+                if upstream != usize::MAX {
+                    pools.push((upstream, &route.upstream));
+                }
+                let others = backup.zip(route.backup.as_deref()).into_iter().chain(
+                    route.split.iter().filter_map(|part| {
+                        upstream_index
+                            .get(&part.upstream)
+                            .map(|&index| (index, part.upstream.as_str()))
+                    }),
+                );
+                for (index, name) in others {
+                    if !pools.iter().any(|(known, _)| *known == index) {
+                        pools.push((index, name));
+                    }
+                }
+                let metrics = RouteMetrics::new(
+                    &ctx.metrics,
+                    &route.name,
+                    &pools,
+                    route.metrics.per_consumer,
+                );
+                match route.mirror {
+                    Some(_) => metrics.with_mirror(&ctx.metrics, &route.name),
+                    None => metrics,
+                }
             },
             server_timing: route
                 .server_timing

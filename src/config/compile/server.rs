@@ -135,6 +135,12 @@ pub(super) fn check_node(config: &Config, errors: &mut Vec<ConfigError>) {
         }
         (SourceKind::File, _) => {}
     }
+    if let Err(error) = tracing_subscriber::EnvFilter::try_new(&config.telemetry.log.level) {
+        errors.push(ConfigError::new(
+            "telemetry.log.level",
+            format!("not a level (error, warn, info, debug, trace) or a filter like \"info,gatehouse=debug\": {error}"),
+        ));
+    }
     let sample = config.telemetry.access_log.sample;
     if !(0.0..=1.0).contains(&sample) {
         errors.push(ConfigError::new(
