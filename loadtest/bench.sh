@@ -22,6 +22,14 @@
 #                        core, or BENCH_REDIS_URL; fail_closed), keyed by
 #                        client_ip, one bucket name per bench run
 #   gatehouse-rl-lease   as gatehouse-rl-redis, with `lease: { tokens: 100, max_age: 1s }`
+#   gatehouse-traced     the plain route with OpenTelemetry tracing at 1 % (OTLP/HTTP to a
+#                        local sink, an echo-upstream on the load core) and the access log
+#                        written to a file
+#   gatehouse-traced-all the plain route with tracing at 100 % (no access log)
+#   gatehouse-traced-blackholed
+#                        as gatehouse-traced-all, the collector a socket that never answers: the
+#                        export queue stays full and spans are dropped
+
 #   gatehouse-resilient  the plain route, its upstream with an active health check (1s), outlier
 #                        detection and a circuit breaker (failure rate): the price of resilience
 #   gatehouse-rr-slow, gatehouse-ewma-slow
@@ -81,6 +89,7 @@ all_contenders=direct,nginx,haproxy,envoy,bare,gatehouse,gatehouse-jwt,gatehouse
 all_contenders+=,gatehouse-full,gatehouse-rl-local,gatehouse-rl-redis,gatehouse-rl-lease
 all_contenders+=,gatehouse-resilient,gatehouse-rr-slow,gatehouse-ewma-slow
 all_contenders+=,gatehouse-headers,gatehouse-json-plain,gatehouse-json
+all_contenders+=,gatehouse-traced,gatehouse-traced-all,gatehouse-traced-blackholed
 contenders_wanted=${BENCH_CONTENDERS:-$all_contenders}
 baseline_contenders=gatehouse-baseline,gatehouse-full-baseline
 baseline_dir=${BENCH_BASELINE_DIR:-}
@@ -121,7 +130,8 @@ for name in "${requested[@]}"; do
     direct | nginx | haproxy | envoy | bare | gatehouse | gatehouse-jwt | gatehouse-apikey | \
       gatehouse-full | gatehouse-rl-local | gatehouse-rl-redis | gatehouse-rl-lease | \
       gatehouse-resilient | gatehouse-rr-slow | gatehouse-ewma-slow | gatehouse-headers | \
-      gatehouse-json-plain | gatehouse-json)
+      gatehouse-json-plain | gatehouse-json | gatehouse-traced | gatehouse-traced-all | \
+      gatehouse-traced-blackholed)
       contenders+=("$name")
       ;;
     gatehouse-baseline | gatehouse-full-baseline)
@@ -522,6 +532,27 @@ EOF
 redis: { url: "$redis_url", command_timeout: 5ms }
 EOF
     fi
+    case $variant in
+      gatehouse-traced)
+        cat <<EOF
+telemetry:
+  access_log: { path: "$dir/access.log" }
+  tracing: { endpoint: "http://127.0.0.1:$trace_sink_port/v1/traces", sample_ratio: 0.01 }
+EOF
+        ;;
+      gatehouse-traced-all)
+        cat <<EOF
+telemetry:
+  tracing: { endpoint: "http://127.0.0.1:$trace_sink_port/v1/traces", sample_ratio: 1.0 }
+EOF
+        ;;
+      gatehouse-traced-blackholed)
+        cat <<EOF
+telemetry:
+  tracing: { endpoint: "http://127.0.0.1:$trace_blackhole_port/v1/traces", sample_ratio: 1.0 }
+EOF
+        ;;
+    esac
     cat <<EOF
 routes:
   - name: all
@@ -794,6 +825,28 @@ if wants gatehouse-json || wants gatehouse-json-plain; then
   start_pinned "$load_cpu" "$work/echo-json.log" "$echo_bin" --small --json-bytes 1024 --listen "127.0.0.1:$json_echo_port"
   json_echo_pid=$last_pid
   wait_ready "http://127.0.0.1:$json_echo_port/" "$json_echo_pid" || die "the JSON echo upstream did not start: $(cat "$work/echo-json.log")"
+fi
+
+# The OTLP endpoint of the traced contenders: an echo upstream answers 200 to every export.
+trace_sink_port=""
+if wants gatehouse-traced || wants gatehouse-traced-all; then
+  trace_sink_port=$(free_port)
+  start_pinned "$load_cpu" "$work/trace-sink.log" "$echo_bin" --small --listen "127.0.0.1:$trace_sink_port"
+  trace_sink_pid=$last_pid
+  wait_ready "http://127.0.0.1:$trace_sink_port/" "$trace_sink_pid" || die "the trace sink did not start: $(cat "$work/trace-sink.log")"
+fi
+
+# A collector that never answers: a socket that listens and never accepts.
+trace_blackhole_port=""
+if wants gatehouse-traced-blackholed; then
+  start_logged "$work/blackhole.port" python3 -c 'import socket, time
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(1)
+print(listener.getsockname()[1], flush=True)
+time.sleep(86400)'
+  wait_until "$last_pid" test -s "$work/blackhole.port" || die "the black-holed collector did not start"
+  trace_blackhole_port=$(head -n 1 "$work/blackhole.port")
 fi
 
 runnable=()

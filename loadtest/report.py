@@ -32,6 +32,7 @@ ORDER = ["direct", "nginx", "haproxy", "envoy", "bare", "gatehouse", "gatehouse-
          "gatehouse-jwt", "gatehouse-apikey", "gatehouse-full", "gatehouse-full-baseline",
          "gatehouse-rl-local", "gatehouse-rl-redis", "gatehouse-rl-lease", "gatehouse-resilient",
          "gatehouse-headers", "gatehouse-json-plain", "gatehouse-json",
+         "gatehouse-traced", "gatehouse-traced-all", "gatehouse-traced-blackholed",
          "gatehouse-rr-slow", "gatehouse-ewma-slow"]
 LABELS = {
     "direct": "direct to upstream",
@@ -52,12 +53,16 @@ LABELS = {
     "gatehouse-headers": "Gatehouse + headers (3 request, 3 response operations)",
     "gatehouse-json-plain": "Gatehouse, 1 KiB JSON responses",
     "gatehouse-json": "Gatehouse + json_body (one set on each 1 KiB JSON response)",
+    "gatehouse-traced": "Gatehouse + tracing at 1 % + access log",
+    "gatehouse-traced-all": "Gatehouse + tracing at 100 %",
+    "gatehouse-traced-blackholed": "Gatehouse + tracing at 100 %, collector never answers",
     "gatehouse-rr-slow": "Gatehouse, 2 targets (one 5 ms slower), round robin",
     "gatehouse-ewma-slow": "Gatehouse, 2 targets (one 5 ms slower), peak EWMA",
 }
 # The same route with and without its filters, in the same run: the price of the filters.
 VARIANTS = ["gatehouse-jwt", "gatehouse-apikey", "gatehouse-full", "gatehouse-rl-local",
-            "gatehouse-rl-redis", "gatehouse-rl-lease", "gatehouse-resilient", "gatehouse-headers"]
+            "gatehouse-rl-redis", "gatehouse-rl-lease", "gatehouse-resilient", "gatehouse-headers",
+            "gatehouse-traced", "gatehouse-traced-all", "gatehouse-traced-blackholed"]
 # Two balancers over the same targets, one slower: peak EWMA against round robin.
 # The same route in front of the same JSON upstream, with and without a body rewrite.
 PAIRS = {"gatehouse-ewma-slow": "gatehouse-rr-slow", "gatehouse-json": "gatehouse-json-plain"}

@@ -58,6 +58,7 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
             config.telemetry.access_log.path
         ))
     })?;
+    crate::telemetry::traces::init(config.telemetry.tracing.as_ref(), &metrics);
 
     let server_config = &config.server;
     let threads = server_config.threads.unwrap_or_else(|| {
@@ -162,5 +163,10 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
         "gatehouse starting"
     );
     drop(snapshot);
-    server.run_forever();
+    server.run(pingora_core::server::RunArgs::default());
+    // The spans still queued and the access log lines still buffered go out before the
+    // process ends.
+    crate::telemetry::traces::shutdown(std::time::Duration::from_secs(5));
+    crate::telemetry::access_log::flush(std::time::Duration::from_secs(2));
+    std::process::exit(0)
 }

@@ -86,6 +86,8 @@ pub struct RequestContext {
     pub auth_method: Option<&'static str>,
     /// The rate-limit decision, when a rate-limit filter ran.
     pub rate_limit: Option<RateLimitNote>,
+    /// Why a body transform let a body through unchanged (`too_large`, `encoded`, ...).
+    pub transform_skipped: Option<&'static str>,
     /// The response status, once known.
     pub status: Option<u16>,
     /// Whether the response is the gateway's own (a filter's answer, a problem document),
@@ -122,6 +124,7 @@ impl RequestContext {
             auth_failure: None,
             auth_method: None,
             rate_limit: None,
+            transform_skipped: None,
             status: None,
             own_answer: false,
             request_body_bytes: 0,
@@ -203,15 +206,20 @@ pub fn generate_request_id() -> String {
     let low = fastrand::u64(..);
     let high = (high & 0xffff_ffff_ffff_0fff) | 0x0000_0000_0000_4000;
     let low = (low & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
-    let hex = format!("{high:016x}{low:016x}");
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
+    // 8-4-4-4-12 hex digits, written straight into the string's bytes.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&high.to_be_bytes());
+    bytes[8..].copy_from_slice(&low.to_be_bytes());
+    let mut text = String::with_capacity(36);
+    for (index, byte) in bytes.iter().enumerate() {
+        if matches!(index, 4 | 6 | 8 | 10) {
+            text.push('-');
+        }
+        text.push(char::from(HEX[usize::from(byte >> 4)]));
+        text.push(char::from(HEX[usize::from(byte & 0xf)]));
+    }
+    text
 }
 
 #[cfg(test)]
@@ -226,6 +234,13 @@ mod tests {
         assert_eq!(first.len(), 36);
         assert_eq!(&first[14..15], "4");
         assert!(matches!(&first[19..20], "8" | "9" | "a" | "b"));
+        for (at, character) in first.char_indices() {
+            if matches!(at, 8 | 13 | 18 | 23) {
+                assert_eq!(character, '-', "{first}");
+            } else {
+                assert!(matches!(character, '0'..='9' | 'a'..='f'), "{first}");
+            }
+        }
     }
 
     #[test]

@@ -477,7 +477,8 @@ impl JsonBody {
         ctx.instance_state(self)
     }
 
-    fn skip(&self, reason: Skip) {
+    fn skip(&self, reason: Skip, ctx: &mut RequestContext) {
+        ctx.transform_skipped = Some(reason.label());
         let at = Skip::ALL
             .iter()
             .position(|known| *known == reason)
@@ -687,16 +688,16 @@ impl Filter for JsonBody {
         let coding = match Coding::from_header(response.headers.get(header::CONTENT_ENCODING)) {
             Some(coding) => coding,
             None => {
-                self.skip(Skip::UnsupportedEncoding);
+                self.skip(Skip::UnsupportedEncoding, ctx);
                 return;
             }
         };
         if coding != Coding::Identity && !decode {
-            self.skip(Skip::Encoded);
+            self.skip(Skip::Encoded, ctx);
             return;
         }
         if declared_length(&response.headers).is_some_and(|length| length > limit as u64) {
-            self.skip(Skip::TooLarge);
+            self.skip(Skip::TooLarge, ctx);
             return;
         }
         if let Some(state) = self.state(ctx) {
@@ -746,10 +747,13 @@ impl Filter for JsonBody {
                 // Pass everything through as it came, this piece and the rest.
                 *body = Some(held.original());
                 state.response = None;
-                self.skip(match error {
-                    DecodeError::TooLarge => Skip::TooLarge,
-                    DecodeError::Invalid => Skip::DecodeError,
-                });
+                self.skip(
+                    match error {
+                        DecodeError::TooLarge => Skip::TooLarge,
+                        DecodeError::Invalid => Skip::DecodeError,
+                    },
+                    ctx,
+                );
                 return;
             }
         }
@@ -762,10 +766,13 @@ impl Filter for JsonBody {
             Ok(decoded) => decoded,
             Err(error) => {
                 *body = Some(held.original());
-                self.skip(match error {
-                    DecodeError::TooLarge => Skip::TooLarge,
-                    DecodeError::Invalid => Skip::DecodeError,
-                });
+                self.skip(
+                    match error {
+                        DecodeError::TooLarge => Skip::TooLarge,
+                        DecodeError::Invalid => Skip::DecodeError,
+                    },
+                    ctx,
+                );
                 return;
             }
         };
@@ -775,7 +782,7 @@ impl Filter for JsonBody {
             Ok(rewritten) => *body = Some(Bytes::from(codec::encode(coding, &rewritten))),
             Err(_) => {
                 *body = Some(held.original());
-                self.skip(Skip::InvalidJson);
+                self.skip(Skip::InvalidJson, ctx);
             }
         }
     }

@@ -284,6 +284,76 @@ pub struct TelemetryConfig {
     /// tells clients how long the upstream took. A route's own `server_timing` overrides it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub server_timing: bool,
+    /// OpenTelemetry traces, exported over OTLP/HTTP; off without this section.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<TracingConfig>,
+}
+
+/// `telemetry.tracing`: a SERVER span per request and a CLIENT span per upstream attempt,
+/// continued from the caller's W3C `traceparent` and passed on to the upstream.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// The OTLP/HTTP (protobuf) traces endpoint, used as written: it usually ends in
+    /// `/v1/traces` (as `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`). Fixed at start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Instead of `endpoint`: the collector's base URL, to which `/v1/traces` is added (as
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`), e.g. `http://127.0.0.1:4318`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
+    /// The share of new traces recorded (0.0 to 1.0); a request whose caller sent a
+    /// `traceparent` follows its sampled flag. A reload applies a new ratio.
+    #[serde(default = "default_sample_ratio")]
+    pub sample_ratio: f64,
+    /// Continue the caller's trace. `false` starts every trace here, for a public entry point
+    /// where clients should not choose trace ids. A reload applies it.
+    #[serde(default = "default_true")]
+    pub trust_incoming: bool,
+    /// `service.name` of the spans. Fixed at start.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// Finished spans waiting for export; past it new ones are dropped and counted in
+    /// `gatehouse_trace_spans_dropped_total`, never waited for.
+    #[serde(default = "default_trace_queue")]
+    pub max_queue: usize,
+    /// Spans per export request.
+    #[serde(default = "default_trace_batch")]
+    pub max_batch: usize,
+    /// How long one export may take before it is given up.
+    #[serde(default = "default_export_timeout")]
+    pub export_timeout: Duration,
+}
+
+impl TracingConfig {
+    /// Where spans are sent: `endpoint` as written, or `otlp_endpoint` + `/v1/traces`.
+    pub fn traces_url(&self) -> Option<String> {
+        match (&self.endpoint, &self.otlp_endpoint) {
+            (Some(endpoint), None) => Some(endpoint.clone()),
+            (None, Some(base)) => Some(format!("{}/v1/traces", base.trim_end_matches('/'))),
+            _ => None,
+        }
+    }
+}
+
+fn default_sample_ratio() -> f64 {
+    0.01
+}
+
+fn default_service_name() -> String {
+    "gatehouse".into()
+}
+
+fn default_trace_queue() -> usize {
+    2048
+}
+
+fn default_trace_batch() -> usize {
+    512
+}
+
+fn default_export_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]

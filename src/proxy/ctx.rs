@@ -33,6 +33,9 @@ pub struct RequestCtx {
     /// The TCP peer, and whether it is a trusted proxy.
     pub(super) peer: Option<IpAddr>,
     pub(super) trusted_peer: bool,
+    /// The request's spans, when tracing is on (boxed: most requests of most configs have none,
+    /// and the context is copied with each request's future).
+    pub(super) trace: Option<Box<crate::telemetry::traces::RequestTrace>>,
 }
 
 impl RequestCtx {
@@ -48,6 +51,7 @@ impl RequestCtx {
             request_body: None,
             peer: None,
             trusted_peer: false,
+            trace: None,
         }
     }
 

@@ -43,6 +43,7 @@ pub use ctx::RequestCtx;
 
 use crate::config::ConfigStore;
 use crate::telemetry::metrics::RequestMetrics;
+use crate::telemetry::traces;
 
 pub struct Gateway {
     pub store: Arc<ConfigStore>,
@@ -79,6 +80,7 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         deadline::head_received();
+        ctx.trace = traces::start(session.req_header());
         if let Err(refusal) = admit::check_head(session.req_header(), &ctx.snapshot.limits) {
             return respond::problem(session, ctx, refusal).await;
         }
@@ -113,6 +115,7 @@ impl ProxyHttp for Gateway {
             .chain(route)
             .request(session.req_header_mut(), shared, reached)
             .await;
+        observe::decisions(ctx);
         if respond::decision(session, ctx, decision).await? {
             return Ok(true);
         }
@@ -176,19 +179,23 @@ impl ProxyHttp for Gateway {
             admit::restart_body(ctx);
         }
         retry::before_attempt(ctx).await?;
-        match peer::choose(session.req_header(), ctx, true)? {
-            peer::Choice::Peer(peer) => Ok(peer),
+        let peer = match peer::choose(session.req_header(), ctx, true)? {
+            peer::Choice::Peer(peer) => peer,
             peer::Choice::AwaitingName(record) => {
                 // Only until the name's first answer: a pool found by DNS right after start
                 // or a reload.
                 let limit = ctx.snapshot.dns.timeout;
                 record.first_answer(limit).await;
                 match peer::choose(session.req_header(), ctx, false)? {
-                    peer::Choice::Peer(peer) => Ok(peer),
+                    peer::Choice::Peer(peer) => peer,
                     peer::Choice::AwaitingName(_) => unreachable!("choose does not wait twice"),
                 }
             }
+        };
+        if ctx.trace.is_some() {
+            observe::attempt_started(session.req_header(), ctx);
         }
+        Ok(peer)
     }
 
     fn fail_to_connect(
@@ -210,6 +217,9 @@ impl ProxyHttp for Gateway {
         client_reused: bool,
     ) -> Box<Error> {
         let error = error.more_context(format!("Peer: {peer}"));
+        if let Some(trace) = ctx.trace.as_mut() {
+            trace.end_attempt(Some(error.etype().as_str()));
+        }
         retry::proxy_failed(session, ctx, error, client_reused)
     }
 
@@ -221,6 +231,9 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         ctx.upstream.answered = Some(std::time::Instant::now());
         ctx.upstream.status = Some(upstream_response.status.as_u16());
+        if let Some(trace) = ctx.trace.as_mut() {
+            trace.attempt_answered(upstream_response.status.as_u16());
+        }
         retry::response_head(session, upstream_response.status.as_u16(), ctx)
     }
 
@@ -231,6 +244,12 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         forwarded::tell_upstream(upstream_request, ctx);
+        if let Some(traceparent) = ctx.trace.as_ref().and_then(|trace| trace.traceparent()) {
+            upstream_request.insert_header(
+                http::header::HeaderName::from_static("traceparent"),
+                traceparent,
+            )?;
+        }
         let chain = ctx.snapshot.chain(ctx.route);
         if chain.wants(Phases::UPSTREAM_REQUEST) {
             chain.upstream_request(upstream_request, &mut ctx.shared);

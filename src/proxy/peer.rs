@@ -97,6 +97,7 @@ pub fn choose(request: &RequestHeader, ctx: &mut RequestCtx, may_wait: bool) -> 
         snapshot,
         shared,
         upstream,
+        trace,
         ..
     } = ctx;
     let route = &snapshot.routes[route_index];
@@ -132,8 +133,26 @@ pub fn choose(request: &RequestHeader, ctx: &mut RequestCtx, may_wait: bool) -> 
             None => None,
             Some(config) => match pool.shared.breaker.admit(config, now) {
                 Ok(permit) => Some(permit),
-                Err(Refusal::Open | Refusal::Full) => {
+                Err(refusal_kind @ (Refusal::Open | Refusal::Full)) => {
                     refusal = Some(ProblemType::CircuitOpen);
+                    if let Some(trace) = trace.as_ref().filter(|trace| trace.recording()) {
+                        trace.event(
+                            "circuit_open",
+                            vec![
+                                opentelemetry::KeyValue::new(
+                                    "gatehouse.upstream",
+                                    pool.name.to_string(),
+                                ),
+                                opentelemetry::KeyValue::new(
+                                    "gatehouse.circuit.state",
+                                    match refusal_kind {
+                                        Refusal::Open => "open",
+                                        Refusal::Full => "max_requests",
+                                    },
+                                ),
+                            ],
+                        );
+                    }
                     continue;
                 }
             },

@@ -46,6 +46,9 @@ pub fn connect_failed(
     mut error: Box<Error>,
 ) -> Box<Error> {
     peer::record(ctx, true, false);
+    if let Some(trace) = ctx.trace.as_mut() {
+        trace.end_attempt(Some(error.etype().as_str()));
+    }
     let pool = ctx.upstream.current.as_ref().map(|attempt| attempt.pool);
     if let Some(pool) = pool {
         ctx.snapshot.upstreams[pool].shared.connect_errors.inc();
@@ -135,6 +138,18 @@ fn may_retry(session: &Session, ctx: &mut RequestCtx, reason: Reason, pool: Opti
         }
     }
     route.metrics.retried(reason.label());
+    if let Some(trace) = ctx.trace.as_ref().filter(|trace| trace.recording()) {
+        trace.event(
+            "retry",
+            vec![
+                opentelemetry::KeyValue::new("gatehouse.retry.reason", reason.label()),
+                opentelemetry::KeyValue::new(
+                    "gatehouse.retry.attempt",
+                    i64::from(ctx.upstream.count + 1),
+                ),
+            ],
+        );
+    }
     ctx.upstream.retrying = true;
     true
 }

@@ -1,33 +1,44 @@
-//! The access log: one JSON line per request, handed to a writer thread through a bounded
-//! channel so the request path never waits on I/O. Lines are dropped (and counted) if the
-//! writer falls behind.
+//! The access log: one JSON line per request, appended to a shared buffer that a writer thread
+//! empties ten times a second. The request path never waits on I/O and never wakes the writer
+//! (a wake-up per line costs a context switch per request). When the writer falls behind (the
+//! buffer holds [`BUFFER_LIMIT`] bytes), lines are dropped and counted.
 //!
 //! A file is reopened on SIGUSR1, the way logrotate expects: the writer finishes the lines it
 //! holds into the old file, then opens the path again, so no line is lost or split across the
-//! two. The sample rate follows the live config.
+//! two. [`flush`] writes what is buffered before the process exits. The sample rate follows the
+//! live config.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use once_cell::sync::OnceCell;
+
+use super::worker::Worker;
 
 static WRITER: OnceCell<Option<AccessLog>> = OnceCell::new();
 
 /// The fraction of requests logged, as `f64` bits: the live config's, changed on reload.
 static SAMPLE: AtomicU64 = AtomicU64::new(0x3FF0_0000_0000_0000);
 
+/// Bytes of lines waiting for the writer; past it new lines are dropped.
+pub const BUFFER_LIMIT: usize = 16 * 1024 * 1024;
+
+/// How often the writer empties the buffer.
+const INTERVAL: Duration = Duration::from_millis(100);
+
 struct AccessLog {
-    sender: SyncSender<String>,
+    shared: Arc<Shared>,
     dropped: prometheus::IntCounter,
-    /// The writer thread starts with the first line, so that it runs in the process that
-    /// serves (a `--daemon` start forks after the log is opened, and threads do not survive a
-    /// fork).
-    start: Once,
+    /// The writer, until its thread starts with the first line.
     pending: Mutex<Option<Writer>>,
+}
+
+struct Shared {
+    buffer: Mutex<Vec<u8>>,
+    worker: Worker,
 }
 
 /// Where lines go.
@@ -38,7 +49,7 @@ enum Output {
 }
 
 struct Writer {
-    receiver: Receiver<String>,
+    shared: Arc<Shared>,
     output: Output,
     file: Option<std::fs::File>,
     reopen: Arc<AtomicBool>,
@@ -82,13 +93,15 @@ pub fn init(path: &str, sample: f64, metrics: &gatehouse_filters::Metrics) -> st
             (Output::File(file_path), Some(opened))
         }
     };
-    let (sender, receiver) = sync_channel::<String>(16 * 1024);
+    let shared = Arc::new(Shared {
+        buffer: Mutex::new(Vec::with_capacity(64 * 1024)),
+        worker: Worker::new(),
+    });
     let _ = WRITER.set(Some(AccessLog {
-        sender,
+        shared: shared.clone(),
         dropped,
-        start: Once::new(),
         pending: Mutex::new(Some(Writer {
-            receiver,
+            shared,
             output,
             file,
             reopen,
@@ -113,23 +126,34 @@ pub fn wanted() -> bool {
     }
 }
 
-pub fn write(line: String) {
+/// Appends one line, which `write_line` writes into the buffer (without its newline); a line
+/// it fails to write is taken back whole.
+pub fn write_with(write_line: impl FnOnce(&mut Vec<u8>) -> bool) {
     let Some(Some(log)) = WRITER.get() else {
         return;
     };
-    log.start.call_once(|| {
+    log.shared.worker.start("access-log", || {
         let writer = log.pending.lock().expect("access log writer").take();
-        if let Some(writer) = writer {
-            if let Err(error) = std::thread::Builder::new()
-                .name("access-log".into())
-                .spawn(move || writer.run())
-            {
-                tracing::error!(%error, "cannot start the access log writer");
-            }
-        }
+        writer.map(|writer| move || writer.run())
     });
-    if let Err(TrySendError::Full(_)) = log.sender.try_send(line) {
+    let mut buffer = log.shared.buffer.lock().expect("access log buffer");
+    if buffer.len() >= BUFFER_LIMIT {
+        drop(buffer);
         log.dropped.inc();
+        return;
+    }
+    let before = buffer.len();
+    if write_line(&mut buffer) {
+        buffer.push(b'\n');
+    } else {
+        buffer.truncate(before);
+    }
+}
+
+/// Writes the buffered lines out, waiting up to `limit` (before the process exits).
+pub fn flush(limit: Duration) {
+    if let Some(Some(log)) = WRITER.get() {
+        log.shared.worker.flush(limit);
     }
 }
 
@@ -150,29 +174,29 @@ impl Writer {
     }
 
     fn run(mut self) {
-        let mut output = std::io::BufWriter::with_capacity(64 * 1024, self.sink());
+        let mut output = self.sink();
+        let mut spare: Vec<u8> = Vec::with_capacity(64 * 1024);
         loop {
-            let received = self.receiver.recv_timeout(Duration::from_millis(200));
-            match received {
-                Ok(line) => {
-                    let _ = output.write_all(line.as_bytes());
-                    let _ = output.write_all(b"\n");
+            let flush = self.shared.worker.wait(INTERVAL);
+            // Whole lines only: the buffer is taken between two of them.
+            std::mem::swap(
+                &mut *self.shared.buffer.lock().expect("access log buffer"),
+                &mut spare,
+            );
+            if !spare.is_empty() {
+                if let Err(error) = output.write_all(&spare) {
+                    tracing::warn!(%error, "cannot write the access log");
                 }
-                Err(RecvTimeoutError::Timeout) => {
-                    let _ = output.flush();
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    let _ = output.flush();
-                    return;
-                }
+                spare.clear();
             }
+            let _ = output.flush();
             if self.reopen.swap(false, Ordering::Relaxed) {
-                // Every line so far goes to the file as it was; the next ones to the path anew.
-                let _ = output.flush();
+                // Every line so far went to the file as it was; the next ones go to the path
+                // anew.
                 if let Output::File(path) = &self.output {
                     match open(path) {
                         Ok(file) => {
-                            output = std::io::BufWriter::with_capacity(64 * 1024, Box::new(file));
+                            output = Box::new(file);
                             tracing::info!(path = %path.display(), "access log reopened");
                         }
                         Err(error) => tracing::error!(
@@ -182,6 +206,9 @@ impl Writer {
                         ),
                     }
                 }
+            }
+            if flush {
+                self.shared.worker.flushed();
             }
         }
     }

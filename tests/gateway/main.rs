@@ -19,4 +19,5 @@ mod reload;
 mod resilience;
 mod routing;
 mod tls;
+mod tracing;
 mod transform;

@@ -674,3 +674,23 @@ routes: [{{ name: all, match: {{ paths: [{{ prefix: / }}] }}, upstream: api }}]
     let stderr = gateway.stderr();
     assert!(!stderr.contains(&format!("version={version}")), "{stderr}");
 }
+
+#[test]
+fn access_log_lines_still_buffered_are_written_when_the_process_stops() {
+    let target = Target::start("t");
+    let mut gateway = Gateway::start(&format!(
+        r#"
+upstreams: [{{ name: api, targets: [{{ address: "{target}" }}] }}]
+routes: [{{ name: all, match: {{ paths: [{{ prefix: / }}] }}, upstream: api }}]
+"#,
+        target = target.address,
+    ));
+    for _ in 0..20 {
+        assert_eq!(gateway.get("/last-words").status, 200);
+    }
+    // At once, before the writer's next round: a fast shutdown.
+    crate::support::signal_pid(gateway.pid(), "INT");
+    assert!(gateway.wait_exit(Duration::from_secs(10)).is_some());
+    let lines = access_log_lines(&gateway, "access.log", 20);
+    assert!(lines.iter().all(|line| line["path"] == "/last-words"));
+}

@@ -7,6 +7,7 @@
 pub mod dns;
 pub mod idp;
 pub mod load;
+pub mod otlp;
 pub mod pg;
 pub mod recorder;
 pub mod target;

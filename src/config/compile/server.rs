@@ -141,6 +141,46 @@ pub(super) fn check_node(config: &Config, errors: &mut Vec<ConfigError>) {
             format!("not a level (error, warn, info, debug, trace) or a filter like \"info,gatehouse=debug\": {error}"),
         ));
     }
+    if let Some(tracing) = &config.telemetry.tracing {
+        let path = "telemetry.tracing";
+        let (key, url) = match (&tracing.endpoint, &tracing.otlp_endpoint) {
+            (Some(endpoint), None) => ("endpoint", Some(endpoint)),
+            (None, Some(base)) => ("otlp_endpoint", Some(base)),
+            _ => ("endpoint", None),
+        };
+        match url.map(|url| url.parse::<http::Uri>()) {
+            None => errors.push(ConfigError::new(
+                format!("{path}.endpoint"),
+                "give either `endpoint` (the traces URL, e.g. http://127.0.0.1:4318/v1/traces) or `otlp_endpoint` (the collector's base URL, e.g. http://127.0.0.1:4318), not both",
+            )),
+            Some(Ok(uri))
+                if matches!(uri.scheme_str(), Some("http" | "https"))
+                    && uri.authority().is_some() => {}
+            Some(_) => errors.push(ConfigError::new(
+                format!("{path}.{key}"),
+                "an http:// or https:// URL, e.g. http://127.0.0.1:4318/v1/traces",
+            )),
+        }
+        if !(0.0..=1.0).contains(&tracing.sample_ratio) {
+            errors.push(ConfigError::new(
+                format!("{path}.sample_ratio"),
+                "must be between 0.0 and 1.0",
+            ));
+        }
+        if tracing.max_queue == 0 || tracing.max_batch == 0 || tracing.max_batch > tracing.max_queue
+        {
+            errors.push(ConfigError::new(
+                format!("{path}.max_batch"),
+                "max_queue and max_batch must be at least 1, and max_batch at most max_queue",
+            ));
+        }
+        if tracing.export_timeout.get().is_zero() {
+            errors.push(ConfigError::new(
+                format!("{path}.export_timeout"),
+                "must be more than 0s",
+            ));
+        }
+    }
     let sample = config.telemetry.access_log.sample;
     if !(0.0..=1.0).contains(&sample) {
         errors.push(ConfigError::new(
