@@ -427,6 +427,23 @@ routes: [{ name: app, match: { paths: [{ prefix: / }] }, upstream: app }]
     let (code, _, stderr) =
         crate::support::run_cli(&["validate", file.to_str().unwrap()], dir.path());
     assert_eq!(code, 1, "{stderr}");
+    // A collector behind TLS is named as such.
+    let https = dir.path().join("https.yaml");
+    std::fs::write(
+        &https,
+        std::fs::read_to_string(&file).unwrap().replace(
+            "    endpoint: http://127.0.0.1:4318/v1/traces\n    otlp_endpoint: http://127.0.0.1:4318\n",
+            "    otlp_endpoint: https://collector.example:4318\n",
+        ),
+    )
+    .unwrap();
+    let (_, _, https_errors) =
+        crate::support::run_cli(&["validate", https.to_str().unwrap()], dir.path());
+    assert!(
+        https_errors
+            .contains("telemetry.tracing.otlp_endpoint: the exporter speaks plain HTTP only"),
+        "{https_errors}"
+    );
     for expected in [
         "telemetry.tracing.endpoint: give either `endpoint`",
         "telemetry.tracing.sample_ratio: must be between 0.0 and 1.0",

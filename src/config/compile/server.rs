@@ -153,12 +153,14 @@ pub(super) fn check_node(config: &Config, errors: &mut Vec<ConfigError>) {
                 format!("{path}.endpoint"),
                 "give either `endpoint` (the traces URL, e.g. http://127.0.0.1:4318/v1/traces) or `otlp_endpoint` (the collector's base URL, e.g. http://127.0.0.1:4318), not both",
             )),
-            Some(Ok(uri))
-                if matches!(uri.scheme_str(), Some("http" | "https"))
-                    && uri.authority().is_some() => {}
+            Some(Ok(uri)) if uri.scheme_str() == Some("http") && uri.authority().is_some() => {}
+            Some(Ok(uri)) if uri.scheme_str() == Some("https") => errors.push(ConfigError::new(
+                format!("{path}.{key}"),
+                "the exporter speaks plain HTTP only: send to an OpenTelemetry Collector on the node or its network (http://127.0.0.1:4318), which forwards over TLS",
+            )),
             Some(_) => errors.push(ConfigError::new(
                 format!("{path}.{key}"),
-                "an http:// or https:// URL, e.g. http://127.0.0.1:4318/v1/traces",
+                "an http:// URL, e.g. http://127.0.0.1:4318/v1/traces",
             )),
         }
         if !(0.0..=1.0).contains(&tracing.sample_ratio) {
