@@ -206,18 +206,18 @@ pub fn generate_request_id() -> String {
     let low = fastrand::u64(..);
     let high = (high & 0xffff_ffff_ffff_0fff) | 0x0000_0000_0000_4000;
     let low = (low & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
-    // 8-4-4-4-12 hex digits, written straight into the string's bytes.
-    const HEX: &[u8; 16] = b"0123456789abcdef";
+    // 8-4-4-4-12 hex digits.
     let mut bytes = [0u8; 16];
     bytes[..8].copy_from_slice(&high.to_be_bytes());
     bytes[8..].copy_from_slice(&low.to_be_bytes());
+    let mut digits = [0u8; 32];
+    let _ = hex::encode_to_slice(bytes, &mut digits);
     let mut text = String::with_capacity(36);
-    for (index, byte) in bytes.iter().enumerate() {
-        if matches!(index, 4 | 6 | 8 | 10) {
+    for (index, pair) in digits.chunks_exact(4).enumerate() {
+        if matches!(index, 2..=5) {
             text.push('-');
         }
-        text.push(char::from(HEX[usize::from(byte >> 4)]));
-        text.push(char::from(HEX[usize::from(byte & 0xf)]));
+        text.push_str(std::str::from_utf8(pair).unwrap_or_default());
     }
     text
 }

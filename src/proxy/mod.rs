@@ -229,7 +229,9 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        ctx.upstream.answered = Some(std::time::Instant::now());
+        if timing::wanted(ctx) {
+            ctx.upstream.answered = Some(std::time::Instant::now());
+        }
         ctx.upstream.status = Some(upstream_response.status.as_u16());
         if let Some(trace) = ctx.trace.as_mut() {
             trace.attempt_answered(upstream_response.status.as_u16());
@@ -283,9 +285,6 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<std::time::Duration>> {
-        if end_of_stream && ctx.upstream.answered.is_some() {
-            ctx.upstream.finished = Some(std::time::Instant::now());
-        }
         let chain = ctx.snapshot.chain(ctx.route);
         if chain.wants(Phases::RESPONSE_BODY) {
             chain.response_body(body, end_of_stream, &mut ctx.shared);

@@ -41,19 +41,17 @@ pub fn finish(
     };
     // The upstream's answer, unless Gatehouse answered instead (a refusal, or a 502 after the
     // upstream failed).
-    let source = match ctx.upstream.answered {
+    let source = match ctx.upstream.status {
         Some(_) if !ctx.shared.own_answer => Source::Upstream,
         _ => Source::Gateway,
     };
-    // The upstream's share: from the first attempt to the end of its answer, or, when it did
-    // not answer, to the moment Gatehouse gave up on it.
-    let upstream = ctx.upstream.first_started.map(|start| {
-        let end = match source {
-            Source::Upstream => ctx.upstream.finished.unwrap_or(now),
-            Source::Gateway => now,
-        };
-        end.saturating_duration_since(start)
-    });
+    // The upstream's share: from the first attempt to the end of the exchange (the body is
+    // streamed, so the upstream's last byte and the client's are moments apart), or to the
+    // moment Gatehouse gave up on it.
+    let upstream = ctx
+        .upstream
+        .first_started
+        .map(|start| now.saturating_duration_since(start));
     route_metrics.observe(&Outcome {
         status,
         total: elapsed,
@@ -104,10 +102,7 @@ pub fn finish(
         // The id is made now if no filter made one, so the line can borrow it.
         ctx.shared.request_id();
         let ctx = &*ctx;
-        access_log::write_with(|buffer| {
-            write_line(buffer, session, error, ctx, &summary);
-            true
-        });
+        access_log::write_with(|buffer| write_line(buffer, session, error, ctx, &summary));
     }
 }
 

@@ -45,13 +45,11 @@ pub struct Attempts {
     /// The request reached Pingora's proxy phase (`upstream_peer`): a failure from here on
     /// closes the client's connection whatever `fail_to_proxy` says.
     pub proxying: bool,
-    /// When the first attempt started, when an upstream's response head arrived, and when
-    /// its body ended: the upstream's share of the request's time (`Server-Timing` counts to
-    /// the head, `gatehouse_upstream_duration_seconds` to the end).
+    /// When the first attempt started, and (only for a route with `Server-Timing`) when an
+    /// upstream's response head arrived: the upstream's share of the request's time.
     pub first_started: Option<Instant>,
     pub answered: Option<Instant>,
-    pub finished: Option<Instant>,
-    /// The status of the last upstream response head.
+    /// The status of the last upstream response head: set once an upstream answered.
     pub status: Option<u16>,
 }
 

@@ -1,5 +1,5 @@
-//! The access log: one JSON line per request, appended to a shared buffer that a writer thread
-//! empties ten times a second. The request path never waits on I/O and never wakes the writer
+//! The access log: one JSON line per request, appended to its thread's buffer, which a writer
+//! thread empties ten times a second. The request path never waits on I/O and never wakes the writer
 //! (a wake-up per line costs a context switch per request). When the writer falls behind (the
 //! buffer holds [`BUFFER_LIMIT`] bytes), lines are dropped and counted.
 //!
@@ -10,13 +10,13 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use once_cell::sync::OnceCell;
 
-use super::worker::Worker;
+use super::worker::{Shards, Worker};
 
 static WRITER: OnceCell<Option<AccessLog>> = OnceCell::new();
 
@@ -37,7 +37,10 @@ struct AccessLog {
 }
 
 struct Shared {
-    buffer: Mutex<Vec<u8>>,
+    /// Lines, one buffer per request thread (a lock per request that every thread shared would
+    /// serialise them); `buffered` counts their bytes.
+    buffers: Shards<Vec<u8>>,
+    buffered: AtomicUsize,
     worker: Worker,
 }
 
@@ -94,7 +97,8 @@ pub fn init(path: &str, sample: f64, metrics: &gatehouse_filters::Metrics) -> st
         }
     };
     let shared = Arc::new(Shared {
-        buffer: Mutex::new(Vec::with_capacity(64 * 1024)),
+        buffers: Shards::new(),
+        buffered: AtomicUsize::new(0),
         worker: Worker::new(),
     });
     let _ = WRITER.set(Some(AccessLog {
@@ -126,9 +130,8 @@ pub fn wanted() -> bool {
     }
 }
 
-/// Appends one line, which `write_line` writes into the buffer (without its newline); a line
-/// it fails to write is taken back whole.
-pub fn write_with(write_line: impl FnOnce(&mut Vec<u8>) -> bool) {
+/// Appends one line, which `write_line` writes into the buffer (without its newline).
+pub fn write_with(write_line: impl FnOnce(&mut Vec<u8>)) {
     let Some(Some(log)) = WRITER.get() else {
         return;
     };
@@ -136,18 +139,17 @@ pub fn write_with(write_line: impl FnOnce(&mut Vec<u8>) -> bool) {
         let writer = log.pending.lock().expect("access log writer").take();
         writer.map(|writer| move || writer.run())
     });
-    let mut buffer = log.shared.buffer.lock().expect("access log buffer");
-    if buffer.len() >= BUFFER_LIMIT {
-        drop(buffer);
+    if log.shared.buffered.load(Ordering::Relaxed) >= BUFFER_LIMIT {
         log.dropped.inc();
         return;
     }
+    let mut buffer = log.shared.buffers.local();
     let before = buffer.len();
-    if write_line(&mut buffer) {
-        buffer.push(b'\n');
-    } else {
-        buffer.truncate(before);
-    }
+    write_line(&mut buffer);
+    buffer.push(b'\n');
+    log.shared
+        .buffered
+        .fetch_add(buffer.len() - before, Ordering::Relaxed);
 }
 
 /// Writes the buffered lines out, waiting up to `limit` (before the process exits).
@@ -175,19 +177,27 @@ impl Writer {
 
     fn run(mut self) {
         let mut output = self.sink();
-        let mut spare: Vec<u8> = Vec::with_capacity(64 * 1024);
+        // Emptied buffers, given back to the request threads in place of full ones.
+        let mut spares: Vec<Vec<u8>> = Vec::new();
         loop {
             let flush = self.shared.worker.wait(INTERVAL);
-            // Whole lines only: the buffer is taken between two of them.
-            std::mem::swap(
-                &mut *self.shared.buffer.lock().expect("access log buffer"),
-                &mut spare,
-            );
-            if !spare.is_empty() {
-                if let Err(error) = output.write_all(&spare) {
+            // Whole lines only: each buffer is taken between two of them, and written once the
+            // request threads have their (emptied) buffers back.
+            let mut taken: Vec<Vec<u8>> = Vec::new();
+            self.shared.buffers.each(|buffer| {
+                if !buffer.is_empty() {
+                    taken.push(std::mem::replace(buffer, spares.pop().unwrap_or_default()));
+                }
+            });
+            for mut chunk in taken {
+                self.shared
+                    .buffered
+                    .fetch_sub(chunk.len(), Ordering::Relaxed);
+                if let Err(error) = output.write_all(&chunk) {
                     tracing::warn!(%error, "cannot write the access log");
                 }
-                spare.clear();
+                chunk.clear();
+                spares.push(chunk);
             }
             let _ = output.flush();
             if self.reopen.swap(false, Ordering::Relaxed) {

@@ -116,7 +116,7 @@ impl<'a> Line<'a> {
         self.out.push(b'"');
         let at = self.out.len();
         self.out.resize(at + bytes.len() * 2, 0);
-        super::traces::hex_into(bytes, &mut self.out[at..]);
+        let _ = hex::encode_to_slice(bytes, &mut self.out[at..]);
         self.out.push(b'"');
     }
 

@@ -6,7 +6,7 @@
 //! `/metrics` renders; other components register theirs beside them.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 
 use gatehouse_filters::metrics::{Family, Row, SampledRow};
 use gatehouse_filters::Metrics;
@@ -102,7 +102,8 @@ struct PoolRows {
 struct ConsumerRows {
     family: Family<IntCounter>,
     route: Arc<str>,
-    rows: Mutex<HashMap<Arc<str>, [Row<IntCounter>; 5]>>,
+    /// Read-locked on every request, write-locked only for a consumer's first one.
+    rows: RwLock<HashMap<Arc<str>, [Row<IntCounter>; 5]>>,
 }
 
 /// A route's mirror copies: sent (answered), failed, and dropped (no free slot, or a body too
@@ -182,7 +183,7 @@ impl RouteMetrics {
                 &["route", "consumer", "status_class"],
             ),
             route: route.into(),
-            rows: Mutex::new(HashMap::new()),
+            rows: RwLock::new(HashMap::new()),
         });
         RouteMetrics {
             pools,
@@ -259,11 +260,11 @@ impl RouteMetrics {
 impl ConsumerRows {
     fn count(&self, consumer: Option<&str>, class: usize) {
         let name = consumer.unwrap_or(ANONYMOUS);
-        let mut rows = self.rows.lock().expect("consumer metrics lock");
-        if let Some(row) = rows.get(name) {
+        if let Some(row) = self.rows.read().expect("consumer metrics lock").get(name) {
             row[class].inc();
             return;
         }
+        let mut rows = self.rows.write().expect("consumer metrics lock");
         let key: Arc<str> = if rows.len() < CONSUMER_LABELS || consumer.is_none() {
             name.into()
         } else {

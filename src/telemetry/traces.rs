@@ -12,7 +12,7 @@
 //! HTTP client (the thread has no async runtime, so an async client could not run there). The thread starts with the first span, so it runs in the process that serves
 //! (a `--daemon` start forks after this module is set up), and [`shutdown`] flushes the queue.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,7 +32,7 @@ use opentelemetry_sdk::trace::{
 };
 use opentelemetry_sdk::Resource;
 
-use super::worker::Worker;
+use super::worker::{Shards, Worker};
 use crate::config::model::TracingConfig;
 
 static TRACING: OnceCell<Tracing> = OnceCell::new();
@@ -200,15 +200,6 @@ pub fn start(request: &pingora_http::RequestHeader) -> Option<Box<RequestTrace>>
     }))
 }
 
-/// Lower-case hex of `bytes` into `out` (twice as long).
-pub fn hex_into(bytes: &[u8], out: &mut [u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for (byte, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
-        pair[0] = HEX[usize::from(byte >> 4)];
-        pair[1] = HEX[usize::from(byte & 0xf)];
-    }
-}
-
 /// A span name for `method` without an allocation for the usual ones.
 fn method_name(method: &http::Method) -> std::borrow::Cow<'static, str> {
     let name = match *method {
@@ -267,11 +258,11 @@ impl RequestTrace {
         // 00-<32 hex>-<16 hex>-<2 hex>
         let mut text = [0u8; 55];
         text[..3].copy_from_slice(b"00-");
-        hex_into(&context.trace_id().to_bytes(), &mut text[3..35]);
+        let _ = hex::encode_to_slice(context.trace_id().to_bytes(), &mut text[3..35]);
         text[35] = b'-';
-        hex_into(&context.span_id().to_bytes(), &mut text[36..52]);
+        let _ = hex::encode_to_slice(context.span_id().to_bytes(), &mut text[36..52]);
         text[52] = b'-';
-        hex_into(&[context.trace_flags().to_u8()], &mut text[53..55]);
+        let _ = hex::encode_to_slice([context.trace_flags().to_u8()], &mut text[53..55]);
         http::HeaderValue::from_bytes(&text).ok()
     }
 
@@ -379,8 +370,8 @@ impl ShouldSample for Decided {
 }
 
 /// The span processor: a bounded queue in front of the exporter thread. A finished span is
-/// pushed under a lock; the exporter is woken only when a batch is full (or by its timer), not
-/// for every span.
+/// pushed onto its thread's shard; the exporter is woken only when a batch is full (or by its
+/// timer), not for every span.
 struct Queue {
     shared: Arc<Shared>,
     max_queue: usize,
@@ -391,7 +382,9 @@ struct Queue {
 }
 
 struct Shared {
-    spans: Mutex<Vec<SpanData>>,
+    /// Finished spans, one queue per request thread; `queued` counts them all.
+    spans: Shards<Vec<SpanData>>,
+    queued: AtomicUsize,
     worker: Worker,
 }
 
@@ -414,7 +407,8 @@ struct ExportThread {
 impl Queue {
     fn new(config: &TracingConfig, metrics: &gatehouse_filters::Metrics) -> Queue {
         let shared = Arc::new(Shared {
-            spans: Mutex::new(Vec::new()),
+            spans: Shards::new(),
+            queued: AtomicUsize::new(0),
             worker: Worker::new(),
         });
         Queue {
@@ -466,16 +460,15 @@ impl SpanProcessor for Queue {
 
     fn on_end(&self, span: SpanData) {
         self.started();
-        let mut spans = self.shared.spans.lock().expect("trace queue");
-        if spans.len() >= self.max_queue {
-            drop(spans);
+        let queued = self.shared.queued.fetch_add(1, Ordering::Relaxed);
+        if queued >= self.max_queue {
+            self.shared.queued.fetch_sub(1, Ordering::Relaxed);
             self.dropped.inc();
             return;
         }
-        spans.push(span);
-        let full = spans.len() == self.max_batch;
-        drop(spans);
-        if full {
+        self.shared.spans.local().push(span);
+        // Woken once per full batch, not per span.
+        if (queued + 1).is_multiple_of(self.max_batch) {
             self.shared.worker.wake();
         }
     }
@@ -524,10 +517,8 @@ impl ExportThread {
         let mut taken: Vec<SpanData> = Vec::new();
         loop {
             let flush = self.shared.worker.wait(BATCH_DELAY);
-            std::mem::swap(
-                &mut *self.shared.spans.lock().expect("trace queue"),
-                &mut taken,
-            );
+            self.shared.spans.each(|spans| taken.append(spans));
+            self.shared.queued.fetch_sub(taken.len(), Ordering::Relaxed);
             while !taken.is_empty() {
                 let rest = taken.split_off(taken.len().min(self.max_batch));
                 let batch = std::mem::replace(&mut taken, rest);

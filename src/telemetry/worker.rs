@@ -1,7 +1,8 @@
 //! The background thread of the access log writer and of the trace exporter: started with the
 //! first piece of work (so that it runs in the process that serves: a `--daemon` start forks
 //! after telemetry is set up, and threads do not survive a fork), woken by its timer or when
-//! asked, and flushed on request with a wait bounded by the caller.
+//! asked, and flushed on request with a wait bounded by the caller; and the sharded buffers
+//! the request threads hand it work through.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, Once};
@@ -97,5 +98,49 @@ impl Worker {
     pub fn flushed(&self) {
         *self.flushed.lock().expect("worker flush") += 1;
         self.flushed_changed.notify_all();
+    }
+}
+
+/// Buffers that request threads write to without a lock they all share: each thread takes the
+/// shard of its own index (threads beyond [`SHARDS`] share), and the worker drains every shard
+/// in turn.
+pub struct Shards<T> {
+    shards: Vec<Mutex<T>>,
+}
+
+/// Shards per buffer: more than the worker threads a node usually runs.
+pub const SHARDS: usize = 16;
+
+impl<T: Default> Shards<T> {
+    pub fn new() -> Shards<T> {
+        Shards {
+            shards: (0..SHARDS).map(|_| Mutex::new(T::default())).collect(),
+        }
+    }
+}
+
+impl<T: Default> Default for Shards<T> {
+    fn default() -> Self {
+        Shards::new()
+    }
+}
+
+impl<T> Shards<T> {
+    /// The calling thread's shard.
+    pub fn local(&self) -> std::sync::MutexGuard<'_, T> {
+        use std::sync::atomic::AtomicUsize;
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+        }
+        let index = INDEX.with(|index| *index);
+        self.shards[index].lock().expect("telemetry shard")
+    }
+
+    /// Each shard in turn, for the worker.
+    pub fn each(&self, mut visit: impl FnMut(&mut T)) {
+        for shard in &self.shards {
+            visit(&mut shard.lock().expect("telemetry shard"));
+        }
     }
 }

@@ -457,3 +457,55 @@ routes: [{ name: app, match: { paths: [{ prefix: / }] }, upstream: app }]
         );
     }
 }
+
+#[test]
+fn an_open_circuit_and_a_skipped_transform_are_events_of_the_request() {
+    let receiver = Receiver::start();
+    let failing = Target::start("failing");
+    failing.set_status(500);
+    // Declared JSON, but not JSON: the json_body filter lets it through unchanged.
+    let broken_json = Recorder::start(&[("Content-Type", "application/json")], "{not json");
+    let gateway = Gateway::start_with_telemetry(
+        &tracing(&receiver.endpoint(), ", sample_ratio: 1.0"),
+        &format!(
+            r#"
+upstreams:
+  - name: failing
+    targets: [{{ address: "{failing}" }}]
+    circuit_breaker: {{ failure_rate: {{ threshold: 50%, min_requests: 5, window: 10s }}, open_duration: 30s }}
+  - {{ name: broken, targets: [{{ address: "{broken}" }}] }}
+routes:
+  - {{ name: guarded, match: {{ paths: [{{ prefix: /guarded }}] }}, upstream: failing }}
+  - name: reshaped
+    match: {{ paths: [{{ prefix: /reshaped }}] }}
+    upstream: broken
+    filters: [{{ kind: json_body, config: {{ response: [{{ op: set, path: /gateway, value: gatehouse }}] }} }}]
+"#,
+            failing = failing.address,
+            broken = broken_json.address,
+        ),
+    );
+    for _ in 0..5 {
+        assert_eq!(gateway.get("/guarded").status, 500);
+    }
+    let refused = format!("{:032x}", 21);
+    let parent = traceparent(&refused);
+    let reply = gateway.request("GET", "/guarded", &[("traceparent", &parent)], b"");
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    let server = one(&receiver.wait_for_trace(&refused, 1), SERVER);
+    let circuit = server.event("circuit_open").expect("a circuit_open event");
+    assert_eq!(circuit["gatehouse.upstream"], "failing");
+    assert_eq!(circuit["gatehouse.circuit.state"], "open");
+    assert_eq!(server.status, 2, "a 503 is an error: {server:#?}");
+
+    let skipped = format!("{:032x}", 22);
+    let parent = traceparent(&skipped);
+    let reply = gateway.request("GET", "/reshaped", &[("traceparent", &parent)], b"");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text(), "{not json");
+    let server = one(&receiver.wait_for_trace(&skipped, 2), SERVER);
+    let event = server
+        .event("transform_skipped")
+        .expect("a transform_skipped event");
+    assert_eq!(event["gatehouse.transform.reason"], "invalid_json");
+}
