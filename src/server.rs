@@ -61,6 +61,21 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
     crate::telemetry::traces::init(config.telemetry.tracing.as_ref(), &metrics);
 
     let server_config = &config.server;
+    // A listener address another process holds: Pingora would retry the bind for 30 s while the
+    // ops listener already answered ready, so a balancer would send traffic to a node that
+    // cannot take it. Say so and stop instead. (An upgrade inherits the sockets: no check.)
+    if !options.upgrade {
+        for listener in &server_config.listeners {
+            if let Err(error) = std::net::TcpListener::bind(listener.address.as_str()) {
+                if error.kind() == std::io::ErrorKind::AddrInUse {
+                    return Err(StartError::Server(format!(
+                        "listener {} {}: the address is in use by another process",
+                        listener.name, listener.address
+                    )));
+                }
+            }
+        }
+    }
     let threads = server_config.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(usize::from)

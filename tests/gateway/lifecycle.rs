@@ -512,3 +512,29 @@ fn ops_endpoints_and_explain() {
     let explained: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(explained["route"], "posts");
 }
+
+/// A listener address another process holds stops the start with the reason, rather than a
+/// process whose ops listener says ready while its proxy cannot accept.
+#[test]
+fn a_listener_address_in_use_stops_the_start() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = holder.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gatehouse.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 1\nserver:\n  listeners: [{{ name: public, address: \"{address}\" }}]\n  pid_file: {dir}/gatehouse.pid\n  upgrade_socket: {dir}/upgrade.sock\nops: {{ address: \"127.0.0.1:{ops}\" }}\nupstreams: [{{ name: app, targets: [{{ address: \"127.0.0.1:9\" }}] }}]\nroutes: [{{ name: app, match: {{ paths: [{{ prefix: / }}] }}, upstream: app }}]\n",
+            dir = dir.path().display(),
+            ops = crate::support::free_port(),
+        ),
+    )
+    .unwrap();
+    let (code, _, stderr) = run_cli(&["run", "-c", config.to_str().unwrap()], dir.path());
+    assert_ne!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains(&format!("listener public {address}: the address is in use")),
+        "{stderr}"
+    );
+    drop(holder);
+}

@@ -193,9 +193,10 @@ fn metrics_tell_where_each_request_went_and_who_answered_it() {
     let good = Target::start("good");
     let flaky = Target::start("flaky");
     flaky.set_status(503);
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead_address = dead.local_addr().unwrap();
-    drop(dead);
+    // A port nothing listens on, outside the range test servers get theirs from.
+    let dead_address: std::net::SocketAddr = format!("127.0.0.1:{}", crate::support::free_port())
+        .parse()
+        .unwrap();
     let key = "metrics-test-key";
     let hash = crate::support::target::sha256_hex(key.as_bytes());
     let config = |limit: u32| {
@@ -447,9 +448,10 @@ fn access_log_tells_who_what_and_why_and_never_writes_a_secret() {
         &[("Set-Cookie", "session=SECRET-SET-COOKIE")],
         "hello from the upstream",
     );
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead_address = dead.local_addr().unwrap();
-    drop(dead);
+    // A port nothing listens on, outside the range test servers get theirs from.
+    let dead_address: std::net::SocketAddr = format!("127.0.0.1:{}", crate::support::free_port())
+        .parse()
+        .unwrap();
     let key = "SECRET-API-KEY-alice";
     let hash = crate::support::target::sha256_hex(key.as_bytes());
     let gateway = Gateway::start(&format!(

@@ -169,9 +169,10 @@ fn refusals_retries_and_failures_carry_their_events_and_status() {
     let good = Target::start("good");
     let flaky = Target::start("flaky");
     flaky.set_status(503);
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead_address = dead.local_addr().unwrap();
-    drop(dead);
+    // A port nothing listens on, outside the range test servers get theirs from.
+    let dead_address: std::net::SocketAddr = format!("127.0.0.1:{}", crate::support::free_port())
+        .parse()
+        .unwrap();
     let key = "trace-test-key";
     let gateway = Gateway::start_with_telemetry(
         &tracing(&receiver.endpoint(), ", sample_ratio: 0.0"),

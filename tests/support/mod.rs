@@ -21,12 +21,30 @@ use std::time::{Duration, Instant};
 pub use gatehouse_loadtest::spawn_echo;
 
 /// A port that was free a moment ago.
+/// A port for a gateway to bind later. It comes from below the kernel's ephemeral range
+/// (32768 and up on Linux), where every test server binding `127.0.0.1:0` gets its port: a port
+/// taken from that range and released could be handed to such a server before the gateway
+/// binds it, and the gateway's requests would then reach that server (seen once: a 404 from
+/// another test's server). Ports are handed out in turn, from a start that differs per
+/// process, and each is checked free.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id() * 7919) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between {FIRST} and {}", FIRST + SPAN);
 }
 
 pub fn binary() -> &'static str {
