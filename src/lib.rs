@@ -2,6 +2,7 @@
 //! chain per route, and reloads its configuration without a restart.
 
 pub mod config;
+pub mod edge;
 pub mod ops;
 pub mod proxy;
 pub mod router;

@@ -115,11 +115,16 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
     let mut server_options = HttpServerOptions::default();
     server_options.h2c = false;
     proxy.server_options = Some(server_options);
+    // PROXY protocol headers: read by the connection wrapper on plaintext listeners, and
+    // before the handshake on TLS ones.
+    let edge = crate::edge::Edge::new(store.clone(), &metrics);
     let app = HeadDeadline {
         inner: Arc::new(proxy),
         store: store.clone(),
+        edge: edge.clone(),
     };
     let mut proxy_service = Service::new("gatehouse proxy".to_string(), app);
+    proxy_service.endpoints().set_pre_tls_callback(edge);
     for listener in &server_config.listeners {
         match &listener.tls {
             None => proxy_service.add_tcp(&listener.address),

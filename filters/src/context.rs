@@ -25,6 +25,22 @@ impl Consumer {
     }
 }
 
+/// What the connection says about the client beyond its address: the PROXY protocol header of
+/// the L4 load balancer in front, and the client's TLS certificate. Shared by every request of
+/// the connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConnectionInfo {
+    /// The balancer's id for the connection (PROXY v2 `UNIQUE_ID`); it becomes the request id.
+    pub unique_id: Option<String>,
+    /// The host name the client asked the balancer for (PROXY v2 `AUTHORITY`, its SNI).
+    pub authority: Option<String>,
+    /// The client spoke TLS to the balancer (PROXY v2 `SSL`).
+    pub balancer_tls: bool,
+    /// The client certificate's subject common name, and whether it was verified.
+    pub client_cert_cn: Option<String>,
+    pub client_cert_verified: bool,
+}
+
 /// A rate-limit decision on a request: the policy that refused it, or of those that admitted it
 /// the one with the fewest tokens left. For the access log and traces.
 #[derive(Clone, Debug)]
@@ -103,6 +119,9 @@ pub struct RequestContext {
     /// The header the request id travels in, when a `request_id` filter named one; the
     /// gateway's own answers carry the id there.
     pub request_id_header: Option<http::HeaderName>,
+    /// What the connection told beyond the client's address (PROXY protocol TLVs, client
+    /// certificate), when it told anything.
+    pub connection: Option<Arc<ConnectionInfo>>,
     /// Typed per-filter state.
     pub state: http::Extensions,
 }
@@ -130,6 +149,7 @@ impl RequestContext {
             request_body_bytes: 0,
             buffers_request_body: false,
             request_id_header: None,
+            connection: None,
             state: http::Extensions::new(),
         }
     }

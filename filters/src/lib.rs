@@ -34,7 +34,7 @@ pub mod rewrite;
 pub mod shared;
 
 pub use chain::{AuthGate, Chain};
-pub use context::{Consumer, RateLimitNote, RateLimitResult, RequestContext};
+pub use context::{ConnectionInfo, Consumer, RateLimitNote, RateLimitResult, RequestContext};
 pub use filter::{
     BuildCtx, BuildError, BuildErrorKind, Decision, Filter, FilterKind, Phases, Stage,
     GLOBAL_ROUTE_LABEL,

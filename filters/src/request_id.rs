@@ -71,7 +71,11 @@ impl FilterKind for RequestId {
 impl RequestId {
     /// Gives the request its id (a well-formed incoming one, or a new one) and forwards it.
     fn assign(&self, request: &mut RequestHeader, ctx: &mut RequestContext) -> Decision {
-        let incoming = if self.trust_incoming {
+        // An id the connection gave (the L4 balancer's PROXY `UNIQUE_ID`) comes first: the
+        // balancer's logs carry it too.
+        let incoming = if let Some(id) = ctx.request_id_if_set() {
+            Some(id.to_owned())
+        } else if self.trust_incoming {
             request
                 .headers
                 .get(&self.header)

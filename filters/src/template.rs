@@ -29,6 +29,10 @@ pub enum Variable {
     Host,
     Method,
     Scheme,
+    /// The host name the client asked the L4 balancer for (PROXY v2 `AUTHORITY`).
+    ConnectionAuthority,
+    /// The client certificate's common name (PROXY v2 `SSL`, or the listener's mTLS).
+    ClientCertCn,
     RequestHeader(HeaderName),
     /// A top-level claim of the verified JWT.
     Claim(String),
@@ -54,8 +58,8 @@ pub struct Template {
 }
 
 pub const VARIABLES: &str = "request_id, route, upstream, client_ip, consumer.id, \
-consumer.username, status, latency_ms, host, method, scheme, request.header.NAME, \
-jwt.claim.NAME, query.NAME, path.CAPTURE";
+consumer.username, status, latency_ms, host, method, scheme, connection.authority, \
+connection.client_cn, request.header.NAME, jwt.claim.NAME, query.NAME, path.CAPTURE";
 
 /// The names a template may use besides the built-in variables.
 #[derive(Clone, Copy, Debug, Default)]
@@ -200,6 +204,8 @@ fn variable(name: &str, scope: &Scope<'_>) -> Result<Variable, String> {
         "host" => Variable::Host,
         "method" => Variable::Method,
         "scheme" => Variable::Scheme,
+        "connection.authority" => Variable::ConnectionAuthority,
+        "connection.client_cn" => Variable::ClientCertCn,
         other => {
             if let Some(header) = other.strip_prefix("request.header.") {
                 Variable::RequestHeader(
@@ -277,6 +283,18 @@ fn write_value(
             let _ = write!(out, "{}", ctx.started.elapsed().as_millis());
         }
         Variable::Scheme => out.push_str(if ctx.client_tls { "https" } else { "http" }),
+        Variable::ConnectionAuthority => {
+            let connection = ctx.connection.as_deref();
+            if let Some(authority) = connection.and_then(|info| info.authority.as_deref()) {
+                out.push_str(authority)
+            }
+        }
+        Variable::ClientCertCn => {
+            let connection = ctx.connection.as_deref();
+            if let Some(name) = connection.and_then(|info| info.client_cert_cn.as_deref()) {
+                out.push_str(name)
+            }
+        }
         Variable::Host => {
             if let Some(host) = source.host() {
                 out.push_str(&host)

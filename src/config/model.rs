@@ -99,6 +99,8 @@ impl Default for ServerConfig {
                 name: "public".into(),
                 address: "0.0.0.0:8080".into(),
                 tls: None,
+                proxy_protocol: None,
+                h2c: false,
             }],
             threads: None,
             trusted_proxies: Vec::new(),
@@ -122,6 +124,30 @@ pub struct ListenerConfig {
     pub address: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ListenerTlsConfig>,
+    /// Every connection starts with a PROXY protocol header (v1 or v2) from an L4 load
+    /// balancer, which names the client. Connections from elsewhere, or without a header, are
+    /// closed without an answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<ProxyProtocolConfig>,
+    /// Accept HTTP/2 with prior knowledge on this plaintext listener (h2c). Off: a client that
+    /// starts with the HTTP/2 preface is answered 400.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub h2c: bool,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyProtocolConfig {
+    /// The balancers allowed to send the header (addresses or CIDRs).
+    #[schemars(with = "Vec<String>")]
+    pub trusted: Vec<ipnet::IpNet>,
+    /// How long the whole header may take to arrive.
+    #[serde(default = "default_proxy_protocol_timeout")]
+    pub timeout: Duration,
+}
+
+fn default_proxy_protocol_timeout() -> Duration {
+    Duration::from_secs(3)
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]

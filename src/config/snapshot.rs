@@ -86,6 +86,45 @@ impl RetryPolicy {
     }
 }
 
+/// A listener's connection-level settings, found by the address a connection arrived on.
+#[derive(Clone, Debug)]
+pub struct ListenerPolicy {
+    pub name: std::sync::Arc<str>,
+    pub address: std::net::SocketAddr,
+    pub proxy_protocol: Option<ProxyProtocolPolicy>,
+    pub h2c: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct ProxyProtocolPolicy {
+    pub trusted: Vec<IpNet>,
+    pub timeout: Duration,
+}
+
+impl ListenerPolicy {
+    /// Whether a connection to `local` arrived on this listener (one bound to an unspecified
+    /// address takes connections to any address of its port).
+    pub fn serves(&self, local: std::net::SocketAddr) -> bool {
+        self.address.port() == local.port()
+            && (self.address.ip() == local.ip() || self.address.ip().is_unspecified())
+    }
+}
+
+impl Snapshot {
+    /// The listener a connection to `local` arrived on. A listener bound to the exact address
+    /// wins over one bound to the unspecified address of the same port.
+    pub fn listener(&self, local: std::net::SocketAddr) -> Option<&ListenerPolicy> {
+        self.listeners
+            .iter()
+            .find(|listener| listener.address == local)
+            .or_else(|| {
+                self.listeners
+                    .iter()
+                    .find(|listener| listener.serves(local))
+            })
+    }
+}
+
 /// Request limits, in plain numbers.
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -115,6 +154,8 @@ pub struct Snapshot {
     pub global_chain: Chain,
     pub limits: Limits,
     pub trusted_proxies: Vec<IpNet>,
+    /// What each listener asks of a connection before HTTP starts.
+    pub listeners: Vec<ListenerPolicy>,
     pub unmatched_metrics: RouteMetrics,
     pub identity_headers: IdentityHeaders,
     /// The header the request id travels in, for answers given before any filter ran.

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora_core::apps::ServerApp;
+use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::{Stream, ALPN};
 use pingora_core::server::ShutdownWatch;
 
@@ -57,6 +58,9 @@ pub fn request_done(now: Instant) {
 pub struct HeadDeadline<A> {
     pub inner: Arc<A>,
     pub store: Arc<ConfigStore>,
+    /// What a plaintext listener asks before HTTP (a PROXY header); TLS listeners ask it
+    /// before the handshake.
+    pub edge: Arc<crate::edge::Edge>,
 }
 
 #[async_trait]
@@ -70,6 +74,17 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeadDeadline<A> {
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             return self.inner.process_new(stream, shutdown).await;
         }
+        // A plaintext connection: Pingora hands over its TCP stream as it is.
+        let stream = if stream.get_ssl_digest().is_none() {
+            let mut tcp = match stream.into_any().downcast::<L4Stream>() {
+                Ok(tcp) => tcp,
+                Err(_) => return None,
+            };
+            self.edge.accept(&mut tcp).await.ok()?;
+            tcp as Stream
+        } else {
+            stream
+        };
         let timeout = self.store.load().limits.header_read_timeout;
         // Wait for the first bytes of the request before handing the connection to the proxy.
         // A proxy that is shutting down (SIGTERM, or SIGQUIT during an upgrade) drops connections

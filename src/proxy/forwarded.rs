@@ -28,9 +28,17 @@ pub fn identify(session: &pingora_proxy::Session, ctx: &mut RequestCtx) {
             peer
         });
     }
-    ctx.shared.client_tls = session
-        .digest()
-        .is_some_and(|digest| digest.ssl_digest.is_some());
+    let digest = session.digest();
+    ctx.shared.client_tls = digest.is_some_and(|digest| digest.ssl_digest.is_some());
+    // What the L4 balancer's PROXY header said: whether the client spoke TLS to it, and the
+    // balancer's id for the connection, which becomes the request id.
+    if let Some(info) = crate::edge::connection_info(digest) {
+        ctx.shared.client_tls |= info.balancer_tls;
+        if let Some(id) = &info.unique_id {
+            ctx.shared.set_request_id(id.clone());
+        }
+        ctx.shared.connection = Some(info);
+    }
 }
 
 /// Removes client-sent identity headers before any filter sees the request. A client rarely

@@ -81,10 +81,10 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         deadline::head_received();
         ctx.trace = traces::start(session.req_header());
+        forwarded::identify(session, ctx);
         if let Err(refusal) = admit::check_head(session.req_header(), &ctx.snapshot.limits) {
             return respond::problem(session, ctx, refusal).await;
         }
-        forwarded::identify(session, ctx);
         let (matched, forward) = match resolve::resolve(&ctx.snapshot, session.req_header()) {
             Ok(resolution) => (resolution.matched, resolution.forward),
             Err(refusal) => return respond::problem(session, ctx, refusal).await,

@@ -469,7 +469,6 @@ routes:
         "the upstream received a body over the limit: {:?}",
         uploads.seen()
     );
-    let served = uploads.seen().len();
 
     // Methods outside the list: 405 with Allow.
     let reply = gateway.request("DELETE", "/uploads/1", &[key], b"");
@@ -486,17 +485,20 @@ routes:
         &[("content-type", "application/jsonp"), key][..],
         &[key][..],
     ] {
-        let reply = post(b"{}", headers);
+        let reply = gateway.request("POST", "/uploads/refused-type", headers, b"{}");
         assert_eq!(reply.status, 415, "{headers:?}: {reply:?}");
         assert_eq!(
             problem_type(&reply),
             "urn:gatehouse:problem:unsupported-media-type"
         );
     }
-    assert_eq!(
-        uploads.seen().len(),
-        served,
-        "a refused request reached the upstream"
+    // (Checked by path: the upstream records the request cut off at 413 above whenever its
+    // connection ends, which may be after this point.)
+    let seen = uploads.seen();
+    assert!(
+        seen.iter()
+            .all(|seen| seen.method != "DELETE" && seen.path != "/uploads/refused-type"),
+        "a refused request reached the upstream: {seen:?}"
     );
     let reply = post(
         b"{}",

@@ -14,6 +14,7 @@ mod limits;
 mod login;
 mod observability;
 mod postgres;
+mod proxy_protocol;
 mod rate_limit;
 mod reload;
 mod resilience;

@@ -86,7 +86,7 @@ pub fn compile(
             ),
         ));
     }
-    server::check_listeners(&config, &mut errors);
+    let listeners = server::check_listeners(&config, &mut errors);
     let limits = server::limits(&config, &mut errors);
     server::check_node(&config, &mut errors);
     let (upstreams, upstream_index) = build_upstreams(&config, env, &mut errors);
@@ -138,6 +138,7 @@ pub fn compile(
         global_chain: gatehouse_filters::Chain::new(global_filters, None),
         limits,
         trusted_proxies: config.server.trusted_proxies.clone(),
+        listeners,
         identity_headers,
         request_id_header,
         redis: build_ctx.redis.clone(),

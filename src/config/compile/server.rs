@@ -5,15 +5,20 @@ use std::collections::HashMap;
 
 use super::super::error::ConfigError;
 use super::super::model::{Config, SourceKind};
-use super::super::snapshot::Limits;
+use super::super::snapshot::{Limits, ListenerPolicy, ProxyProtocolPolicy};
 
 /// Pingora's own parser refuses more header fields than this (with 400), so a larger limit
 /// could never apply.
 const PINGORA_MAX_HEADERS: usize = 256;
 const PINGORA_MAX_HEADER_BYTES: u64 = 1_048_575;
 
-/// Listener names and addresses are unique and well formed, and TLS files are readable.
-pub(super) fn check_listeners(config: &Config, errors: &mut Vec<ConfigError>) {
+/// Listener names and addresses are unique and well formed, and TLS files are readable; the
+/// policies each listener applies to its connections.
+pub(super) fn check_listeners(
+    config: &Config,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<ListenerPolicy> {
+    let mut policies = Vec::new();
     let server = &config.server;
     if server.listeners.is_empty() {
         errors.push(ConfigError::new(
@@ -34,7 +39,8 @@ pub(super) fn check_listeners(config: &Config, errors: &mut Vec<ConfigError>) {
                 ),
             ));
         }
-        if listener.address.parse::<std::net::SocketAddr>().is_err() {
+        let address = listener.address.parse::<std::net::SocketAddr>();
+        if address.is_err() {
             errors.push(ConfigError::new(
                 format!("{path}.address"),
                 format!("\"{}\" is not an IP:PORT address", listener.address),
@@ -54,11 +60,45 @@ pub(super) fn check_listeners(config: &Config, errors: &mut Vec<ConfigError>) {
                     ));
                 }
             }
+            if listener.h2c {
+                errors.push(ConfigError::new(
+                    format!("{path}.h2c"),
+                    "h2c is HTTP/2 over plaintext; a TLS listener offers HTTP/2 through ALPN",
+                ));
+            }
+        }
+        let proxy_protocol = listener.proxy_protocol.as_ref().map(|proxy| {
+            if proxy.trusted.is_empty() {
+                errors.push(ConfigError::new(
+                    format!("{path}.proxy_protocol.trusted"),
+                    "name the load balancers allowed to send PROXY headers (addresses or CIDRs); \
+                     with none, every connection would be refused",
+                ));
+            }
+            if proxy.timeout.get().is_zero() {
+                errors.push(ConfigError::new(
+                    format!("{path}.proxy_protocol.timeout"),
+                    "must be longer than zero",
+                ));
+            }
+            ProxyProtocolPolicy {
+                trusted: proxy.trusted.clone(),
+                timeout: proxy.timeout.get(),
+            }
+        });
+        if let Ok(address) = address {
+            policies.push(ListenerPolicy {
+                name: listener.name.as_str().into(),
+                address,
+                proxy_protocol,
+                h2c: listener.h2c,
+            });
         }
     }
     if server.threads == Some(0) {
         errors.push(ConfigError::new("server.threads", "must be at least 1"));
     }
+    policies
 }
 
 /// The request limits, checked against what Pingora can enforce.

@@ -235,9 +235,15 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Listeners, threads and the ops address are bound at start; say so when a reload changes them.
+/// (A listener's `proxy_protocol` applies to the connections accepted after the reload.)
 fn warn_about_restart_only_changes(old: &Config, new: &Config) {
-    let listeners =
-        |config: &Config| serde_json::to_string(&config.server.listeners).unwrap_or_default();
+    let listeners = |config: &Config| {
+        let mut listeners = config.server.listeners.clone();
+        for listener in &mut listeners {
+            listener.proxy_protocol = None;
+        }
+        serde_json::to_string(&listeners).unwrap_or_default()
+    };
     if listeners(old) != listeners(new)
         || old.server.threads != new.server.threads
         || old.ops.address != new.ops.address
