@@ -82,6 +82,22 @@ impl ProxyHttp for Gateway {
         deadline::head_received();
         ctx.trace = traces::start(session.req_header());
         forwarded::identify(session, ctx);
+        // Framing a server behind us could read differently: 400, and the connection closes.
+        if let Some(head) = session.as_downstream().as_http1() {
+            let raw = head.get_headers_raw_bytes();
+            if let Err(refusal) = admit::check_framing(&raw, session.req_header()) {
+                session.set_keepalive(None);
+                return respond::problem(session, ctx, refusal).await;
+            }
+        }
+        if session
+            .req_header()
+            .headers
+            .contains_key(http::header::CONNECTION)
+            && admit::connection_options(session.req_header_mut())
+        {
+            session.set_keepalive(None);
+        }
         if let Err(refusal) = admit::check_head(session.req_header(), &ctx.snapshot.limits) {
             return respond::problem(session, ctx, refusal).await;
         }
