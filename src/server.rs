@@ -104,22 +104,39 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    // The proxy, wrapped so slow request heads are cut off.
-    let gateway = Gateway::new(
-        store.clone(),
-        crate::telemetry::metrics::RequestMetrics::new(&metrics),
-        Some(pingora_core::connectors::ConnectorOptions::from_server_conf(&server.configuration)),
-    );
-    let mut proxy = pingora_proxy::HttpProxy::new(gateway, server.configuration.clone());
-    proxy.handle_init_modules();
-    let mut server_options = HttpServerOptions::default();
-    server_options.h2c = false;
-    proxy.server_options = Some(server_options);
+    // The proxy, wrapped so slow request heads are cut off. Listeners with h2c get a second
+    // one that takes HTTP/2 with prior knowledge; the wrapper tells which a connection needs.
+    let request_metrics = crate::telemetry::metrics::RequestMetrics::new(&metrics);
+    let build_proxy = |h2c: bool| {
+        let gateway = Gateway::new(
+            store.clone(),
+            request_metrics.clone(),
+            Some(
+                pingora_core::connectors::ConnectorOptions::from_server_conf(&server.configuration),
+            ),
+        );
+        let mut proxy = pingora_proxy::HttpProxy::new(gateway, server.configuration.clone());
+        proxy.handle_init_modules();
+        let mut server_options = HttpServerOptions::default();
+        server_options.h2c = h2c;
+        server_options.keepalive_request_limit = server_config.max_requests_per_connection;
+        server_options.h2_idle_timeout = Some(server_config.http2.idle_timeout.get());
+        proxy.server_options = Some(server_options);
+        proxy.h2_options = Some(h2_options(&server_config.http2));
+        Arc::new(proxy)
+    };
+    let inner = build_proxy(false);
+    let inner_h2c = server_config
+        .listeners
+        .iter()
+        .any(|listener| listener.h2c)
+        .then(|| build_proxy(true));
     // PROXY protocol headers: read by the connection wrapper on plaintext listeners, and
     // before the handshake on TLS ones.
     let edge = crate::edge::Edge::new(store.clone(), &metrics);
     let app = HeadDeadline {
-        inner: Arc::new(proxy),
+        inner,
+        inner_h2c,
         store: store.clone(),
         edge: edge.clone(),
     };
@@ -189,4 +206,17 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
     crate::telemetry::traces::shutdown(std::time::Duration::from_secs(5));
     crate::telemetry::access_log::flush(std::time::Duration::from_secs(2));
     std::process::exit(0)
+}
+
+/// The HTTP/2 settings toward clients, every limit set explicitly.
+fn h2_options(
+    config: &crate::config::model::Http2Config,
+) -> pingora_core::protocols::http::v2::server::H2Options {
+    let mut options = pingora_core::protocols::http::v2::server::default_h2_options();
+    options
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .max_header_list_size(u32::try_from(config.max_header_list_size.0).unwrap_or(u32::MAX))
+        .max_pending_accept_reset_streams(config.max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(Some(config.max_local_error_reset_streams));
+    options
 }

@@ -61,7 +61,10 @@ struct Health {
     /// `gatehouse_redis_commands_total{url, outcome}`.
     commands_ok: crate::metrics::Row<prometheus::IntCounter>,
     commands_failed: crate::metrics::Row<prometheus::IntCounter>,
+    /// When the client was created; readiness waits from here for the first connection.
     epoch: Instant,
+    /// The client has had a connection (or a command answered) at least once.
+    connected_once: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Redis {
@@ -146,6 +149,25 @@ impl Redis {
                     }
                 }
             });
+        }
+    }
+
+    /// Where this client stands for the node's readiness: `connected` once it has had a
+    /// connection; before that `waiting`, or `fallback` once `ready_timeout` has passed (the
+    /// node then serves, and each policy decides by its failure mode until Redis answers).
+    pub fn startup(&self, ready_timeout: Duration) -> &'static str {
+        let health = &self.health;
+        if health.connected_once.load(Ordering::Relaxed) {
+            return "connected";
+        }
+        if self.client.is_connected() || health.commands_ok.get() > 0 {
+            health.connected_once.store(true, Ordering::Relaxed);
+            return "connected";
+        }
+        if health.epoch.elapsed() >= ready_timeout {
+            "fallback"
+        } else {
+            "waiting"
         }
     }
 
@@ -320,6 +342,7 @@ pub fn redis_client(
         commands_ok: commands.row(&[&shown, "ok"]),
         commands_failed: commands.row(&[&shown, "failed"]),
         epoch: Instant::now(),
+        connected_once: std::sync::atomic::AtomicBool::new(false),
     });
     let up = {
         let health = Arc::downgrade(&health);

@@ -63,6 +63,45 @@ pub struct ServerConfig {
     pub pid_file: String,
     /// How upstream targets given by host name are resolved.
     pub dns: DnsConfig,
+    /// HTTP/2 from clients: on TLS listeners by ALPN, and on listeners with `h2c`.
+    pub http2: Http2Config,
+    /// Requests one HTTP/1.1 connection may carry; the answer to the last one closes it.
+    /// Unset: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_connection: Option<u32>,
+}
+
+/// HTTP/2 settings toward clients. The defaults are Pingora's own (streams and header list) and
+/// the `h2` crate's (reset budgets); a key left out keeps its default.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http2Config {
+    /// Streams a client may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS); one more is
+    /// refused with RST_STREAM(REFUSED_STREAM).
+    pub max_concurrent_streams: u32,
+    /// The decoded size of one request's header list (SETTINGS_MAX_HEADER_LIST_SIZE); a larger
+    /// one (a CONTINUATION flood) ends the connection.
+    pub max_header_list_size: ByteSize,
+    /// A connection with no open stream for this long is closed with GOAWAY.
+    pub idle_timeout: Duration,
+    /// Streams a client may reset before the gateway has taken them up (the Rapid Reset
+    /// attack, CVE-2023-44487); one more ends the connection with GOAWAY(ENHANCE_YOUR_CALM).
+    pub max_pending_accept_reset_streams: usize,
+    /// Streams the gateway may reset because of the client's protocol errors (the
+    /// MadeYouReset attack, CVE-2025-8671); one more ends the connection with GOAWAY.
+    pub max_local_error_reset_streams: usize,
+}
+
+impl Default for Http2Config {
+    fn default() -> Self {
+        Http2Config {
+            max_concurrent_streams: 100,
+            max_header_list_size: ByteSize(64 * 1024),
+            idle_timeout: Duration::from_secs(300),
+            max_pending_accept_reset_streams: 20,
+            max_local_error_reset_streams: 1024,
+        }
+    }
 }
 
 /// Upstream targets given by host name are resolved in the background: every address a name
@@ -112,6 +151,8 @@ impl Default for ServerConfig {
             upgrade_socket: "/tmp/gatehouse_upgrade.sock".into(),
             pid_file: "/tmp/gatehouse.pid".into(),
             dns: DnsConfig::default(),
+            http2: Http2Config::default(),
+            max_requests_per_connection: None,
         }
     }
 }
@@ -1155,6 +1196,14 @@ pub struct RedisConfig {
     /// fails at once (and the caller's failure policy applies).
     #[serde(default = "default_redis_max_queue")]
     pub max_queue: usize,
+    /// A starting node reports ready only once Redis has connected, or once this has passed
+    /// (it is then ready in fallback mode, and `/readyz` says so).
+    #[serde(default = "default_redis_ready_timeout")]
+    pub ready_timeout: Duration,
+}
+
+fn default_redis_ready_timeout() -> Duration {
+    Duration::from_secs(2)
 }
 
 fn default_redis_max_queue() -> usize {

@@ -101,21 +101,22 @@ impl Edge {
     }
 
     /// Reads the PROXY header of a connection that arrived on a listener with
-    /// `proxy_protocol` (and does nothing on other listeners). `Err`: close the connection
-    /// without an answer.
-    pub async fn accept(&self, stream: &mut L4Stream) -> Result<(), Refusal> {
+    /// `proxy_protocol` (and does nothing on other listeners). `Ok`: whether the listener
+    /// takes h2c. `Err`: close the connection without an answer.
+    pub async fn accept(&self, stream: &mut L4Stream) -> Result<bool, Refusal> {
         let Some(digest) = stream.get_socket_digest() else {
-            return Ok(());
+            return Ok(false);
         };
         let Some(local) = digest.local_addr().and_then(PeerAddr::as_inet).copied() else {
-            return Ok(());
+            return Ok(false);
         };
         let snapshot = self.store.load();
         let Some(listener) = snapshot.listener(local) else {
-            return Ok(());
+            return Ok(false);
         };
+        let h2c = listener.h2c;
         let Some(policy) = &listener.proxy_protocol else {
-            return Ok(());
+            return Ok(h2c);
         };
         let peer = digest.peer_addr().and_then(PeerAddr::as_inet).copied();
         let result = read_header(stream, peer, policy).await;
@@ -128,7 +129,7 @@ impl Edge {
         match result {
             Ok(header) => {
                 attribute(stream, local, header);
-                Ok(())
+                Ok(h2c)
             }
             Err(refusal) => {
                 tracing::debug!(listener = %listener.name, peer = ?peer, "connection closed: {refusal}");
@@ -143,6 +144,7 @@ impl PreTlsProcess for Edge {
     async fn process(&self, stream: &mut L4Stream) -> pingora_core::Result<()> {
         self.accept(stream)
             .await
+            .map(|_| ())
             .map_err(|refusal| Error::explain(ErrorType::AcceptError, refusal.to_string()))
     }
 }

@@ -82,7 +82,18 @@ impl ServeHttp for OpsApp {
             "/readyz" => {
                 let filters_ready = snapshot.filters_ready();
                 let names_looked_up = snapshot.names_looked_up();
-                let ready = filters_ready && names_looked_up && snapshot.serving;
+                // With a `redis` section, a starting node waits for its first connection (up
+                // to `redis.ready_timeout`): requests decided before it would be decided by
+                // each policy's failure mode, and a shared limit would admit more than it says.
+                let redis_startup = snapshot
+                    .redis
+                    .as_ref()
+                    .zip(snapshot.config.redis.as_ref())
+                    .map(|(redis, config)| redis.startup(config.ready_timeout.get()));
+                let ready = filters_ready
+                    && names_looked_up
+                    && snapshot.serving
+                    && redis_startup != Some("waiting");
                 json(
                     if ready { 200 } else { 503 },
                     serde_json::json!({
@@ -92,9 +103,12 @@ impl ServeHttp for OpsApp {
                         "filters_ready": filters_ready,
                         // Every upstream host name has had its first DNS answer (or failure).
                         "upstream_names_looked_up": names_looked_up,
-                        // Redis being down does not make the node unready: each rate-limit
-                        // policy has its failure mode, and the node keeps serving with it.
+                        // Once started, Redis being down does not make the node unready: each
+                        // rate-limit policy has its failure mode, and the node keeps serving
+                        // with it. `redis_startup`: connected, waiting, or fallback (ready
+                        // without a connection, after `redis.ready_timeout`).
                         "redis": snapshot.redis.as_ref().map(|redis| redis.status()),
+                        "redis_startup": redis_startup,
                     }),
                 )
             }

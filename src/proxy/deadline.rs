@@ -57,6 +57,8 @@ pub fn request_done(now: Instant) {
 
 pub struct HeadDeadline<A> {
     pub inner: Arc<A>,
+    /// The proxy that takes HTTP/2 with prior knowledge, for listeners with `h2c`.
+    pub inner_h2c: Option<Arc<A>>,
     pub store: Arc<ConfigStore>,
     /// What a plaintext listener asks before HTTP (a PROXY header); TLS listeners ask it
     /// before the handshake.
@@ -75,22 +77,30 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeadDeadline<A> {
             return self.inner.process_new(stream, shutdown).await;
         }
         // A plaintext connection: Pingora hands over its TCP stream as it is.
+        let timeout = self.store.load().limits.header_read_timeout;
+        let started = Instant::now();
         let stream = if stream.get_ssl_digest().is_none() {
             let mut tcp = match stream.into_any().downcast::<L4Stream>() {
                 Ok(tcp) => tcp,
                 Err(_) => return None,
             };
-            self.edge.accept(&mut tcp).await.ok()?;
+            let h2c = self.edge.accept(&mut tcp).await.ok()?;
+            if let (true, Some(inner_h2c)) = (h2c, &self.inner_h2c) {
+                // The HTTP/2 preface, read within the head deadline (Pingora's own read of it
+                // has none); anything else is HTTP/1.
+                let deadline = tokio::time::Instant::from_std(started) + timeout;
+                if starts_with_h2_preface(&mut tcp, deadline).await? {
+                    return inner_h2c.process_new(tcp as Stream, shutdown).await;
+                }
+            }
             tcp as Stream
         } else {
             stream
         };
-        let timeout = self.store.load().limits.header_read_timeout;
         // Wait for the first bytes of the request before handing the connection to the proxy.
         // A proxy that is shutting down (SIGTERM, or SIGQUIT during an upgrade) drops connections
         // whose request has not started to arrive; a connection accepted just before that moment
         // would otherwise be closed without an answer. The peeked bytes stay in the stream.
-        let started = Instant::now();
         let mut stream = stream;
         let mut first = [0u8; 1];
         match tokio::time::timeout(timeout, stream.try_peek(&mut first)).await {
@@ -133,4 +143,32 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeadDeadline<A> {
     async fn cleanup(&self) {
         self.inner.cleanup().await;
     }
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether the connection starts with the HTTP/2 preface, read until it is whole or the bytes
+/// differ from it; what was read goes back to the stream. `None`: the connection ended, or the
+/// deadline passed, first.
+async fn starts_with_h2_preface(
+    stream: &mut L4Stream,
+    deadline: tokio::time::Instant,
+) -> Option<bool> {
+    use tokio::io::AsyncReadExt;
+    let mut received = Vec::with_capacity(H2_PREFACE.len());
+    let mut chunk = [0u8; 24];
+    while received.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&received) {
+        let wanted = H2_PREFACE.len() - received.len();
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk[..wanted])).await {
+            Ok(Ok(read)) if read > 0 => received.extend_from_slice(&chunk[..read]),
+            _ => {
+                tracing::debug!(
+                    "the HTTP/2 preface did not arrive in time; closing the connection"
+                );
+                return None;
+            }
+        }
+    }
+    stream.rewind(&received);
+    Some(received == H2_PREFACE)
 }

@@ -98,6 +98,31 @@ pub(super) fn check_listeners(
     if server.threads == Some(0) {
         errors.push(ConfigError::new("server.threads", "must be at least 1"));
     }
+    let http2 = &server.http2;
+    if http2.max_concurrent_streams == 0 {
+        errors.push(ConfigError::new(
+            "server.http2.max_concurrent_streams",
+            "must be at least 1",
+        ));
+    }
+    if http2.max_header_list_size.0 == 0 || http2.max_header_list_size.0 > u64::from(u32::MAX) {
+        errors.push(ConfigError::new(
+            "server.http2.max_header_list_size",
+            "must be between 1 byte and 4 GiB",
+        ));
+    }
+    if http2.idle_timeout.get().is_zero() {
+        errors.push(ConfigError::new(
+            "server.http2.idle_timeout",
+            "must be longer than zero",
+        ));
+    }
+    if server.max_requests_per_connection == Some(0) {
+        errors.push(ConfigError::new(
+            "server.max_requests_per_connection",
+            "must be at least 1 (leave it out for no limit)",
+        ));
+    }
     policies
 }
 

@@ -248,7 +248,9 @@ fn warn_about_restart_only_changes(old: &Config, new: &Config) {
         || old.server.threads != new.server.threads
         || old.ops.address != new.ops.address
         || old.server.upstream_keepalive_pool_size != new.server.upstream_keepalive_pool_size
+        || old.server.http2 != new.server.http2
+        || old.server.max_requests_per_connection != new.server.max_requests_per_connection
     {
-        tracing::warn!("listeners, threads, ops address and pool size apply at start; use a graceful upgrade (SIGQUIT) to change them");
+        tracing::warn!("listeners, threads, ops address, pool size, http2 and max_requests_per_connection apply at start; use a graceful upgrade (SIGQUIT) to change them");
     }
 }
