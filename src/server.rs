@@ -142,20 +142,20 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
     };
     let mut proxy_service = Service::new("gatehouse proxy".to_string(), app);
     proxy_service.endpoints().set_pre_tls_callback(edge);
+    let mut reloadable = Vec::new();
     for listener in &server_config.listeners {
         match &listener.tls {
             None => proxy_service.add_tcp(&listener.address),
             Some(tls) => {
-                let mut settings =
-                    pingora_core::listeners::tls::TlsSettings::intermediate(&tls.cert, &tls.key)
-                        .map_err(|error| {
-                            StartError::Server(format!("listener {}: TLS: {error}", listener.name))
-                        })?;
-                settings.enable_h2();
-                proxy_service.add_tls_with_settings(&listener.address, None, settings);
+                let built = crate::edge::tls::listener(listener, tls).map_err(|error| {
+                    StartError::Server(format!("listener {}: TLS: {error}", listener.name))
+                })?;
+                reloadable.push(built.reloader);
+                proxy_service.add_tls_with_settings(&listener.address, None, built.settings);
             }
         }
     }
+    crate::edge::tls::watch(reloadable, &metrics);
     server.add_service(proxy_service);
 
     if let Some(address) = config.ops.listener_address() {

@@ -41,6 +41,10 @@ pub struct ConsumerRegistry {
     hmac_keys: HashMap<[u8; 32], ApiKeyCredential>,
     hmac_secret: Option<Vec<u8>>,
     jwt_subjects: HashMap<(String, String), Consumer>,
+    /// Client certificates (`mtls` credentials), by subject common name and by subject
+    /// alternative name.
+    mtls_subjects: HashMap<String, Consumer>,
+    mtls_sans: HashMap<String, Consumer>,
     /// The consumer of requests that no filter identified, on routes with `auth: optional`.
     pub anonymous: Option<Consumer>,
 }
@@ -103,6 +107,30 @@ impl ConsumerRegistry {
         self.jwt_subjects
             .insert((issuer.to_string(), subject.to_string()), consumer)
             .is_none()
+    }
+
+    /// Register a client certificate identity (its subject common name, or one of its subject
+    /// alternative names); false when it is taken.
+    pub fn add_mtls(
+        &mut self,
+        subject: Option<&str>,
+        san: Option<&str>,
+        consumer: Consumer,
+    ) -> bool {
+        let (map, name) = match (subject, san) {
+            (Some(subject), _) => (&mut self.mtls_subjects, subject),
+            (None, Some(san)) => (&mut self.mtls_sans, san),
+            (None, None) => return false,
+        };
+        map.insert(name.to_string(), consumer).is_none()
+    }
+
+    pub fn mtls_subject_consumer(&self, common_name: &str) -> Option<&Consumer> {
+        self.mtls_subjects.get(common_name)
+    }
+
+    pub fn mtls_san_consumer(&self, name: &str) -> Option<&Consumer> {
+        self.mtls_sans.get(name)
     }
 
     pub fn jwt_consumer(&self, issuer: &str, subject: &str) -> Option<&Consumer> {

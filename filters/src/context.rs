@@ -39,6 +39,10 @@ pub struct ConnectionInfo {
     /// The client certificate's subject common name, and whether it was verified.
     pub client_cert_cn: Option<String>,
     pub client_cert_verified: bool,
+    /// The verified client certificate's subject (RFC 4514) and its DNS, URI and email
+    /// subject alternative names, from the listener's mTLS.
+    pub client_cert_subject: Option<String>,
+    pub client_cert_sans: Vec<String>,
 }
 
 /// A rate-limit decision on a request: the policy that refused it, or of those that admitted it

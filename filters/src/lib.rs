@@ -25,6 +25,7 @@ pub mod json_body;
 pub mod json_doc;
 pub mod jwt;
 mod login;
+pub mod mtls;
 pub mod oauth2;
 pub mod rate_limit;
 pub mod request_id;

@@ -44,6 +44,7 @@ impl Registry {
             .register::<crate::ip_restriction::IpRestriction>()
             .register::<crate::json_body::JsonBody>()
             .register::<crate::jwt::Jwt>()
+            .register::<crate::mtls::Mtls>()
             .register::<crate::oauth2::OAuth2>()
             .register::<crate::rate_limit::RateLimit>()
             .register::<crate::request_id::RequestId>()

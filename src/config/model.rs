@@ -194,10 +194,51 @@ fn default_proxy_protocol_timeout() -> Duration {
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerTlsConfig {
-    /// PEM certificate chain.
+    /// PEM certificate chain: the default certificate.
     pub cert: String,
     /// PEM private key.
     pub key: String,
+    /// More certificates, each chosen for the names it serves (its DNS subject alternative
+    /// names, or `names`) when a client asks for one of them (SNI).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sni: Vec<SniCertificateConfig>,
+    /// A name no certificate serves: answer with the default certificate, or refuse the
+    /// handshake.
+    #[serde(default)]
+    pub unknown_sni: UnknownSni,
+    /// Ask clients for a certificate signed by a CA of `ca` (mTLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_auth: Option<ClientAuthConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SniCertificateConfig {
+    pub cert: String,
+    pub key: String,
+    /// The names this certificate serves (`*.example.com` for one label); default: its DNS
+    /// subject alternative names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownSni {
+    #[default]
+    Default,
+    Refuse,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuthConfig {
+    /// PEM CA certificates client certificates must chain to.
+    pub ca: String,
+    /// Refuse the handshake without a client certificate (`false`: ask, and let filters
+    /// decide: the `mtls` auth filter, `auth: required`).
+    #[serde(default = "default_true")]
+    pub required: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
@@ -1148,6 +1189,15 @@ pub enum CredentialConfig {
     },
     /// Tokens from `issuer` whose subject claim is `subject` identify this consumer.
     Jwt { issuer: String, subject: String },
+    /// A client certificate verified by a listener's `client_auth` identifies this consumer
+    /// (the `mtls` filter): by its subject common name, or by one of its subject alternative
+    /// names (DNS, URI such as a SPIFFE id, or email). Give one of the two.
+    Mtls {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        subject: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        san: Option<String>,
+    },
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]

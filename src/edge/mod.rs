@@ -9,6 +9,7 @@
 //! [`ConnectionInfo`] that requests find through [`connection_info`].
 
 pub mod proxy_protocol;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -199,6 +200,7 @@ fn attribute(stream: &mut L4Stream, local: SocketAddr, header: Header) {
         balancer_tls: ssl.is_some_and(|ssl| ssl.client_ssl),
         client_cert_cn: ssl.and_then(|ssl| ssl.common_name.clone()),
         client_cert_verified: ssl.is_some_and(|ssl| ssl.verified),
+        ..ConnectionInfo::default()
     };
     if info != ConnectionInfo::default() {
         let carrier: Box<dyn std::any::Any + Send + Sync> = Box::new(Arc::new(info));
@@ -220,13 +222,27 @@ fn request_id_text(id: &[u8]) -> Option<String> {
     }
 }
 
-/// What the connection of a request told beyond the client's address, if anything.
+/// What the connection of a request told beyond the client's address, if anything: the
+/// balancer's PROXY header, the client's certificate, or both.
 pub fn connection_info(digest: Option<&Digest>) -> Option<Arc<ConnectionInfo>> {
-    digest?
+    let digest = digest?;
+    let proxied = digest
         .proxy_digest
-        .as_ref()?
-        .user_data
-        .as_ref()?
-        .downcast_ref::<Arc<ConnectionInfo>>()
-        .cloned()
+        .as_ref()
+        .and_then(|proxy| proxy.user_data.as_ref())
+        .and_then(|data| data.downcast_ref::<Arc<ConnectionInfo>>());
+    let certificate = digest
+        .ssl_digest
+        .as_ref()
+        .and_then(|ssl| ssl.extension.get::<Arc<ConnectionInfo>>());
+    match (proxied, certificate) {
+        (Some(proxied), Some(certificate)) => Some(Arc::new(ConnectionInfo {
+            unique_id: proxied.unique_id.clone(),
+            authority: proxied.authority.clone(),
+            balancer_tls: proxied.balancer_tls,
+            ..ConnectionInfo::clone(certificate)
+        })),
+        (Some(one), None) | (None, Some(one)) => Some(one.clone()),
+        (None, None) => None,
+    }
 }

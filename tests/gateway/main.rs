@@ -22,5 +22,6 @@ mod resilience;
 mod routing;
 mod smuggling;
 mod tls;
+mod tls_edge;
 mod tracing;
 mod transform;

@@ -98,6 +98,20 @@ pub(super) fn build(config: &Config, errors: &mut Vec<ConfigError>) -> ConsumerR
                         }
                     }
                 }
+                CredentialConfig::Mtls { subject, san } => {
+                    if subject.is_some() == san.is_some() {
+                        errors.push(ConfigError::new(
+                            path,
+                            "an mtls credential names the certificate's `subject` (common name) or one `san`, not both",
+                        ));
+                    } else if !registry.add_mtls(subject.as_deref(), san.as_deref(), built.clone())
+                    {
+                        errors.push(ConfigError::new(
+                            path,
+                            "this certificate name already belongs to another consumer",
+                        ));
+                    }
+                }
                 CredentialConfig::Jwt { issuer, subject } => {
                     if !registry.add_jwt_subject(issuer, subject, built.clone()) {
                         errors.push(ConfigError::new(

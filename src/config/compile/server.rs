@@ -52,13 +52,8 @@ pub(super) fn check_listeners(
             ));
         }
         if let Some(tls) = &listener.tls {
-            for (key, file) in [("cert", &tls.cert), ("key", &tls.key)] {
-                if std::fs::metadata(file).is_err() {
-                    errors.push(ConfigError::new(
-                        format!("{path}.tls.{key}"),
-                        format!("cannot read \"{file}\""),
-                    ));
-                }
+            if let Err(message) = crate::edge::tls::check(tls) {
+                errors.push(ConfigError::new(format!("{path}.tls"), message));
             }
             if listener.h2c {
                 errors.push(ConfigError::new(
