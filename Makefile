@@ -28,7 +28,7 @@ install_missing = missing=""; for package in $(1); do \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-.PHONY: help deps bench-deps admin-deps services build run test lint unit admin admin-test ctl bench smoke soak schema docker clean
+.PHONY: help deps bench-deps admin-deps services build run test lint unit admin admin-test ctl bench smoke soak schema fuzz docker clean
 
 help:
 	@echo "make run    build (release) and run Gatehouse on conf/gatehouse.yaml with the echo upstream"
@@ -37,6 +37,7 @@ help:
 	@echo "make smoke  short benchmark that fails on a gross regression (run by CI after the tests)"
 	@echo "make soak   10 minutes of mixed load; RSS, fds and upstream connections must stay flat"
 	@echo "make schema regenerate conf/schema.json"
+	@echo "make fuzz   fuzz each target FUZZ_SECONDS (nightly); make test replays the corpora"
 	@echo "make admin  run the admin API and status page (admin-ts/) on GATEHOUSE_DATABASE_URL"
 	@echo "make ctl ARGS='versions'  gatehousectl (GATEHOUSE_ADMIN_URL, GATEHOUSE_ADMIN_TOKEN)"
 
@@ -132,6 +133,22 @@ soak: bench-deps
 
 schema:
 	$(CARGO) run -q --bin gatehouse -- schema > conf/schema.json
+
+# Fuzz every target for FUZZ_SECONDS each (a nightly toolchain and cargo-fuzz, installed when
+# missing), growing the corpora in tests/fuzz/corpus/ that `make test` replays under stable.
+# A crash is kept in tests/fuzz/artifacts/ and fails the run.
+FUZZ_SECONDS ?= 120
+FUZZ_TARGETS := proxy_header path config jwt template
+fuzz: deps
+	@command -v rustup >/dev/null || { echo "fuzzing needs rustup for a nightly toolchain"; exit 1; }
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	@for target in $(FUZZ_TARGETS); do \
+	  echo "fuzzing $$target for $(FUZZ_SECONDS) s"; \
+	  ( cd tests/fuzz && cargo +nightly fuzz run --fuzz-dir . $$target corpus/$$target -- \
+	      -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -print_final_stats=1 ) || exit 1; \
+	  ( cd tests/fuzz && cargo +nightly fuzz cmin --fuzz-dir . $$target corpus/$$target >/dev/null 2>&1 ) || true; \
+	done
 
 docker:
 	docker build -t gatehouse .
