@@ -477,11 +477,12 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
           body: {
             type: 'object',
             properties: {
-              type: { type: 'string', enum: ['api_key', 'jwt'], default: 'api_key' },
+              type: { type: 'string', enum: ['api_key', 'jwt', 'mtls'], default: 'api_key' },
               expires_at: { type: 'string', description: 'RFC 3339 (API keys)' },
               disabled: { type: 'boolean' },
               issuer: { type: 'string' },
-              subject: { type: 'string' },
+              subject: { type: 'string', description: 'JWT subject claim, or (mtls) the client certificate\'s subject common name' },
+              san: { type: 'string', description: '(mtls) one subject alternative name of the client certificate' },
             },
           },
           response: { 201: json(credentialSchema, 'Created; `key` is the API key, shown this once'), ...errors(400, 403, 404, 409, 413, 415) },

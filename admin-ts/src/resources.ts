@@ -202,7 +202,10 @@ export function credentialId(credential: Json): string {
   if (typeof credential.hash === 'string') {
     return (credential.hash.split(':')[1] ?? '').toLowerCase().slice(0, 16);
   }
-  const identity = `${String(credential.type)}\n${String(credential.issuer)}\n${String(credential.subject)}`;
+  // A client certificate is named by its subject common name or by one SAN.
+  const identity = credential.type === 'mtls'
+    ? `mtls\n${String(credential.subject ?? '')}\n${String(credential.san ?? '')}`
+    : `${String(credential.type)}\n${String(credential.issuer)}\n${String(credential.subject)}`;
   return createHash('sha256').update(identity).digest('hex').slice(0, 16);
 }
 
@@ -217,7 +220,7 @@ export function newApiKey(): { key: string; hash: string } {
 }
 
 export function credentialFromBody(body: unknown): { credential: JsonObject; key: string | undefined } {
-  if (!isObject(body)) throw new Problem(400, 'the body must be a JSON object: {"type": "api_key"} or {"type": "jwt", ...}');
+  if (!isObject(body)) throw new Problem(400, 'the body must be a JSON object: {"type": "api_key"}, {"type": "jwt", ...} or {"type": "mtls", ...}');
   const type = body.type ?? 'api_key';
   if (type === 'api_key') {
     for (const field of ['hash', 'key']) {

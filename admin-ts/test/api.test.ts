@@ -284,6 +284,25 @@ describe('credentials', () => {
   });
 });
 
+describe('client certificate credentials', () => {
+  it('adds mtls credentials by common name and by SAN, each with its own id, and refuses both at once', async () => {
+    assert.equal((await api('POST', '/consumers', { body: { id: 'partner' } })).status, 201);
+    const byName = await api('POST', '/consumers/partner/credentials', { body: { type: 'mtls', subject: 'partner-gw' } });
+    assert.equal(byName.status, 201, byName.text);
+    const bySan = await api('POST', '/consumers/partner/credentials', { body: { type: 'mtls', san: 'spiffe://partner/gw' } });
+    assert.equal(bySan.status, 201, bySan.text);
+    const other = await api('POST', '/consumers/partner/credentials', { body: { type: 'mtls', san: 'spiffe://partner/other' } });
+    assert.equal(other.status, 201, other.text);
+    assert.equal(new Set([byName.body.id, bySan.body.id, other.body.id]).size, 3);
+    const listed = await api('GET', '/consumers/partner/credentials');
+    assert.deepEqual(listed.body.items.map((item: { type: string }) => item.type), ['mtls', 'mtls', 'mtls']);
+    const both = await api('POST', '/consumers/partner/credentials', { body: { type: 'mtls', subject: 'a', san: 'b' } });
+    assert.equal(both.status, 400, both.text);
+    assert.equal((await api('DELETE', `/consumers/partner/credentials/${bySan.body.id}`)).status, 204);
+    assert.equal((await api('GET', '/consumers/partner/credentials')).body.items.length, 2);
+  });
+});
+
 describe('versions, diff and rollback', () => {
   it('diffs two versions with defaults applied, and rolls back as a new version', async () => {
     const before = await api('GET', '/config');
