@@ -165,6 +165,7 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
                 store: store.clone(),
                 source: config_source.clone(),
                 metrics: metrics.clone(),
+                started: std::sync::atomic::AtomicBool::new(false),
             }),
         );
         ops.threads = Some(1);

@@ -18,6 +18,9 @@ pub struct OpsApp {
     pub source: Arc<dyn Source>,
     /// The process's metrics registry, rendered at `/metrics`.
     pub metrics: gatehouse_filters::Metrics,
+    /// Set once the node has been ready: from then on Redis never makes it unready (a reload
+    /// that names another Redis serves in each policy's failure mode until it connects).
+    pub started: std::sync::atomic::AtomicBool,
 }
 
 fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -90,10 +93,15 @@ impl ServeHttp for OpsApp {
                     .as_ref()
                     .zip(snapshot.config.redis.as_ref())
                     .map(|(redis, config)| redis.startup(config.ready_timeout.get()));
+                let started = self.started.load(std::sync::atomic::Ordering::Relaxed);
                 let ready = filters_ready
                     && names_looked_up
                     && snapshot.serving
-                    && redis_startup != Some("waiting");
+                    && (started || redis_startup != Some("waiting"));
+                if ready && !started {
+                    self.started
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 json(
                     if ready { 200 } else { 503 },
                     serde_json::json!({

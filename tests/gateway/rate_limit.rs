@@ -869,6 +869,16 @@ routes:
     }
     assert_eq!(admitted, 50);
 
+    // Once ready, a node stays ready: a reload naming a Redis that never answers serves in each
+    // policy's failure mode, and says the new client is still waiting.
+    let dead = free_dead_address();
+    let version = nodes[0].config_version();
+    nodes[0].write_config(&config.replace(&relay.to_string(), &dead.to_string()));
+    nodes[0].wait_for_version_above(version);
+    let ready = crate::support::get(nodes[0].ops, "/readyz");
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    assert_eq!(ready.json()["redis_startup"], "waiting");
+
     // A Redis that never answers: the node is ready once `ready_timeout` has passed, and says
     // it serves in fallback mode.
     let dead = free_dead_address();
