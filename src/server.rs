@@ -155,7 +155,7 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
             }
         }
     }
-    crate::edge::tls::watch(reloadable, &metrics);
+    let tls_watcher = crate::edge::tls::Watcher::new(reloadable, &metrics);
     server.add_service(proxy_service);
 
     if let Some(address) = config.ops.listener_address() {
@@ -173,6 +173,7 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
         server.add_service(ops);
     }
 
+    server.add_service(background_service("TLS certificate files", tls_watcher));
     server.add_service(background_service(
         "config source",
         source::Service(config_source),

@@ -203,7 +203,10 @@ fn attribute(stream: &mut L4Stream, local: SocketAddr, header: Header) {
         ..ConnectionInfo::default()
     };
     if info != ConnectionInfo::default() {
-        let carrier: Box<dyn std::any::Any + Send + Sync> = Box::new(Arc::new(info));
+        let carrier: Box<dyn std::any::Any + Send + Sync> = Box::new(Proxied {
+            info: Arc::new(info),
+            requests: std::sync::atomic::AtomicU64::new(0),
+        });
         stream.set_proxy_digest(ProxyDigest::new(
             Box::new(pingora_http::ResponseHeader::build(200, Some(0)).expect("a valid status")),
             Some(carrier),
@@ -222,15 +225,42 @@ fn request_id_text(id: &[u8]) -> Option<String> {
     }
 }
 
+/// What a PROXY header said, kept with its connection, and how many requests the connection
+/// has carried (for their ids).
+struct Proxied {
+    info: Arc<ConnectionInfo>,
+    requests: std::sync::atomic::AtomicU64,
+}
+
+fn proxied(digest: &Digest) -> Option<&Proxied> {
+    digest
+        .proxy_digest
+        .as_ref()?
+        .user_data
+        .as_ref()?
+        .downcast_ref::<Proxied>()
+}
+
+/// The request id a request takes from its connection's PROXY `UNIQUE_ID`: the id itself for
+/// the first request, `ID-N` for the Nth after it (kept-alive requests, HTTP/2 streams), so
+/// that every request has its own id and the balancer's id still finds them all.
+pub fn request_id(digest: Option<&Digest>) -> Option<String> {
+    let proxied = proxied(digest?)?;
+    let id = proxied.info.unique_id.as_deref()?;
+    match proxied
+        .requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    {
+        0 => Some(id.to_string()),
+        n => Some(format!("{id}-{n}")),
+    }
+}
+
 /// What the connection of a request told beyond the client's address, if anything: the
 /// balancer's PROXY header, the client's certificate, or both.
 pub fn connection_info(digest: Option<&Digest>) -> Option<Arc<ConnectionInfo>> {
     let digest = digest?;
-    let proxied = digest
-        .proxy_digest
-        .as_ref()
-        .and_then(|proxy| proxy.user_data.as_ref())
-        .and_then(|data| data.downcast_ref::<Arc<ConnectionInfo>>());
+    let proxied = proxied(digest).map(|proxied| &proxied.info);
     let certificate = digest
         .ssl_digest
         .as_ref()

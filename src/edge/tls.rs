@@ -319,39 +319,74 @@ impl Reloadable {
 }
 
 /// Checks every TLS listener's files each second, and at once on SIGHUP; a changed set is
-/// swapped in for new handshakes (connections already open keep theirs).
-pub fn watch(mut listeners: Vec<Reloadable>, metrics: &gatehouse_filters::Metrics) {
-    if listeners.is_empty() {
-        return;
+/// swapped in for new handshakes (connections already open keep theirs). A background service
+/// of the server, so that it runs in the process that serves (after `--daemon` forks).
+pub struct Watcher {
+    listeners: std::sync::Mutex<Vec<Reloadable>>,
+    reloads: gatehouse_filters::metrics::Family<prometheus::IntCounter>,
+}
+
+impl Watcher {
+    pub fn new(listeners: Vec<Reloadable>, metrics: &gatehouse_filters::Metrics) -> Watcher {
+        Watcher {
+            listeners: std::sync::Mutex::new(listeners),
+            reloads: metrics.counters(
+                "gatehouse_tls_certificate_reloads_total",
+                "TLS certificate reloads, by listener and result (ok, failed: the old certificates stay)",
+                &["listener", "result"],
+            ),
+        }
     }
-    let reloads = metrics.counters(
-        "gatehouse_tls_certificate_reloads_total",
-        "TLS certificate reloads, by listener and result (ok, failed: the old certificates stay)",
-        &["listener", "result"],
-    );
-    let hangup = Arc::new(AtomicBool::new(false));
-    let _ = signal_hook::flag::register(signal_hook::consts::SIGHUP, hangup.clone());
-    let spawned = std::thread::Builder::new()
-        .name("gatehouse-tls-reload".into())
-        .spawn(move || loop {
-            std::thread::sleep(Duration::from_secs(1));
-            let force = hangup.swap(false, Ordering::Relaxed);
-            for listener in &mut listeners {
-                match listener.check(force) {
-                    None => {}
-                    Some(Ok(serials)) => {
-                        reloads.with_labels(&[&listener.listener, "ok"]).inc();
-                        tracing::info!(listener = %listener.listener, serials = ?serials, "TLS certificates reloaded");
-                    }
-                    Some(Err(error)) => {
-                        reloads.with_labels(&[&listener.listener, "failed"]).inc();
-                        tracing::error!(listener = %listener.listener, "TLS certificates not reloaded, the ones in use stay: {error}");
-                    }
+
+    fn check_all(&self, force: bool) {
+        let mut listeners = self
+            .listeners
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for listener in listeners.iter_mut() {
+            match listener.check(force) {
+                None => {}
+                Some(Ok(serials)) => {
+                    self.reloads.with_labels(&[&listener.listener, "ok"]).inc();
+                    tracing::info!(listener = %listener.listener, serials = ?serials, "TLS certificates reloaded");
+                }
+                Some(Err(error)) => {
+                    self.reloads
+                        .with_labels(&[&listener.listener, "failed"])
+                        .inc();
+                    tracing::error!(listener = %listener.listener, "TLS certificates not reloaded, the ones in use stay: {error}");
                 }
             }
-        });
-    if let Err(error) = spawned {
-        tracing::error!("cannot watch the TLS certificate files: {error}");
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl pingora_core::services::background::BackgroundService for Watcher {
+    async fn start(&self, mut shutdown: pingora_core::server::ShutdownWatch) {
+        if self
+            .listeners
+            .lock()
+            .map(|listeners| listeners.is_empty())
+            .unwrap_or(true)
+        {
+            return;
+        }
+        let hangup = Arc::new(AtomicBool::new(false));
+        if let Err(error) = signal_hook::flag::register(signal_hook::consts::SIGHUP, hangup.clone())
+        {
+            tracing::warn!("SIGHUP will not reload TLS certificates: {error}");
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            // Small files, read once a second: not worth a blocking-pool hop.
+            self.check_all(hangup.swap(false, Ordering::Relaxed));
+        }
     }
 }
 

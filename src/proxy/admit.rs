@@ -106,8 +106,9 @@ pub fn check_framing(raw: &[u8], request: &RequestHeader) -> Result<(), Problem>
 /// after the answer (`true`). A header the client names there is its own hop-by-hop header and
 /// is removed now, before any filter runs, so that no header a filter or the gateway writes for
 /// the upstream can be removed by it later (`Host` is never removed). Only the standard
-/// options stay in `Connection`.
-pub fn connection_options(request: &mut RequestHeader) -> bool {
+/// options stay in `Connection`. A client that names `Content-Length` or `Transfer-Encoding`
+/// would have its body's framing removed (and its body read as the next request): refused.
+pub fn connection_options(request: &mut RequestHeader) -> Result<bool, Problem> {
     let mut named: smallvec::SmallVec<[http::HeaderName; 4]> = smallvec::SmallVec::new();
     let mut kept = String::new();
     let mut close = false;
@@ -127,6 +128,11 @@ pub fn connection_options(request: &mut RequestHeader) -> bool {
                 }
                 kept.push_str(&String::from_utf8_lossy(token).to_ascii_lowercase());
             } else if let Ok(name) = http::HeaderName::from_bytes(token) {
+                if name == http::header::CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING {
+                    return Err(Problem::new(ProblemType::BadRequest).detail(format!(
+                        "Connection names {name}: the request's framing is ambiguous, so it is refused"
+                    )));
+                }
                 if name != http::header::HOST {
                     named.push(name);
                 }
@@ -151,7 +157,7 @@ pub fn connection_options(request: &mut RequestHeader) -> bool {
             }
         }
     }
-    close
+    Ok(close)
 }
 
 #[cfg(test)]
@@ -199,12 +205,16 @@ mod tests {
             ("x-hop", "1"),
             ("host", "a"),
         ]);
-        assert!(connection_options(&mut request));
+        assert!(matches!(connection_options(&mut request), Ok(true)));
         assert!(request.headers.get("x-hop").is_none());
         assert_eq!(request.headers["host"], "a");
         assert_eq!(request.headers["connection"], "keep-alive, close");
         let mut upgrade = super::tests::request(&[("connection", "keep-alive, Upgrade")]);
-        assert!(!connection_options(&mut upgrade));
+        assert!(matches!(connection_options(&mut upgrade), Ok(false)));
         assert_eq!(upgrade.headers["connection"], "keep-alive, Upgrade");
+        for framing in ["close, Content-Length", "Transfer-Encoding"] {
+            let mut named = super::tests::request(&[("connection", framing)]);
+            assert!(connection_options(&mut named).is_err(), "{framing}");
+        }
     }
 }

@@ -142,6 +142,9 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeadDeadline<A> {
 
     async fn cleanup(&self) {
         self.inner.cleanup().await;
+        if let Some(inner_h2c) = &self.inner_h2c {
+            inner_h2c.cleanup().await;
+        }
     }
 }
 

@@ -31,11 +31,11 @@ pub fn identify(session: &pingora_proxy::Session, ctx: &mut RequestCtx) {
     let digest = session.digest();
     ctx.shared.client_tls = digest.is_some_and(|digest| digest.ssl_digest.is_some());
     // What the L4 balancer's PROXY header said: whether the client spoke TLS to it, and the
-    // balancer's id for the connection, which becomes the request id.
+    // balancer's id for the connection, from which the request's id is made.
     if let Some(info) = crate::edge::connection_info(digest) {
         ctx.shared.client_tls |= info.balancer_tls;
-        if let Some(id) = &info.unique_id {
-            ctx.shared.set_request_id(id.clone());
+        if let Some(id) = crate::edge::request_id(digest) {
+            ctx.shared.set_request_id(id);
         }
         ctx.shared.connection = Some(info);
     }

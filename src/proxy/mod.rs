@@ -94,9 +94,15 @@ impl ProxyHttp for Gateway {
             .req_header()
             .headers
             .contains_key(http::header::CONNECTION)
-            && admit::connection_options(session.req_header_mut())
         {
-            session.set_keepalive(None);
+            match admit::connection_options(session.req_header_mut()) {
+                Ok(false) => {}
+                Ok(true) => session.set_keepalive(None),
+                Err(refusal) => {
+                    session.set_keepalive(None);
+                    return respond::problem(session, ctx, refusal).await;
+                }
+            }
         }
         if let Err(refusal) = admit::check_head(session.req_header(), &ctx.snapshot.limits) {
             return respond::problem(session, ctx, refusal).await;

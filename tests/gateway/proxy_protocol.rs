@@ -202,12 +202,13 @@ fn the_header_names_the_client_for_every_request_of_the_connection() {
     assert_eq!(headers["x-balancer-authority"], "api.example.com");
     assert_eq!(headers["x-client-cn"], "client-7.eu");
     assert_eq!(reply.header("x-request-id"), Some("lb-4711"));
-    // The unique id beats one the client sends.
+    // The next request of the connection gets its own id made from the unique id, which beats
+    // one the client sends.
     second
         .write_all(b"GET /v2/second HTTP/1.1\r\nHost: api.test\r\nX-Request-Id: mine\r\n\r\n")
         .unwrap();
     let reply = read_response(&mut second).unwrap();
-    assert_eq!(reply.json()["headers"]["x-request-id"], "lb-4711");
+    assert_eq!(reply.json()["headers"]["x-request-id"], "lb-4711-1");
 
     // A second header on a kept-alive connection is only a bad request.
     second
@@ -507,16 +508,21 @@ backend gatehouse_v2
         &format!("https://localhost:{v2_port}/tls/[1-100]"),
         &["--resolve", &format!("localhost:{v2_port}:127.0.0.1")],
     );
+    // Every request has its own id, made from the balancer's unique id for the connection.
     let request_id = replies[0]["headers"]["x-request-id"]
         .as_str()
         .unwrap()
         .to_string();
     assert!(request_id.starts_with("lb-127.0.0.6-"), "{request_id}");
+    let mut ids = std::collections::HashSet::new();
     for reply in &replies {
         assert_eq!(reply["headers"]["x-forwarded-for"], "127.0.0.6", "{reply}");
         assert_eq!(reply["headers"]["x-forwarded-proto"], "https");
-        assert_eq!(reply["headers"]["x-request-id"], request_id.as_str());
+        let id = reply["headers"]["x-request-id"].as_str().unwrap();
+        assert!(id.starts_with(&request_id), "{id}");
+        ids.insert(id.to_string());
     }
+    assert_eq!(ids.len(), 100, "{ids:?}");
 
     let lines = access_log_until(&gateway, |lines| {
         let under = |prefix: &str| {

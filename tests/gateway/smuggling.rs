@@ -127,6 +127,20 @@ fn ambiguous_framing_is_refused_with_400_and_a_close() {
             b"GET / HTTP/1.1\r\nHost: a\nX-A: b\r\n\r\n".to_vec(),
         ),
         (
+            "Connection naming Content-Length",
+            post(
+                "Content-Length: 5\r\nConnection: content-length\r\n",
+                "abcde",
+            ),
+        ),
+        (
+            "Connection naming Transfer-Encoding",
+            post(
+                "Transfer-Encoding: chunked\r\nConnection: keep-alive, Transfer-Encoding\r\n",
+                "5\r\nabcde\r\n0\r\n\r\n",
+            ),
+        ),
+        (
             "a chunk size in hex notation",
             post(
                 "Transfer-Encoding: chunked\r\n",
