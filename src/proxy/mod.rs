@@ -80,6 +80,9 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         deadline::head_received();
+        // A client may send its next request before this answer (RFC 9112 §9.3.2): the bytes
+        // wait for their turn instead of failing this request. Answers go out in order.
+        session.as_downstream_mut().set_pipelining_enabled(true);
         ctx.trace = traces::start(session.req_header());
         forwarded::identify(session, ctx);
         // Framing a server behind us could read differently: 400, and the connection closes.

@@ -249,3 +249,30 @@ fn every_connection_header_counts_and_none_removes_what_the_gateway_adds() {
     assert!(headers["x-request-id"].is_string(), "{reply}");
     assert!(headers.get("x-hop").is_none(), "{reply}");
 }
+
+/// A client that sends its next request while the first is still at the upstream gets both
+/// answers, in order, on the same connection (RFC 9112 §9.3.2), whenever the second arrives.
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let upstream = Target::start("app");
+    upstream.set_delay(Duration::from_millis(300));
+    let gateway = gateway(upstream.address);
+    let mut stream = TcpStream::connect(gateway.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .write_all(b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
+    // The second request arrives while the first waits for the upstream.
+    std::thread::sleep(Duration::from_millis(100));
+    stream
+        .write_all(b"GET /two HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut received = Vec::new();
+    let _ = stream.read_to_end(&mut received);
+    let answer = String::from_utf8_lossy(&received);
+    assert_eq!(answer.matches("HTTP/1.1 200").count(), 2, "{answer}");
+    let paths: Vec<String> = upstream.seen().into_iter().map(|seen| seen.path).collect();
+    assert_eq!(paths, ["/one", "/two"], "{answer}");
+}
