@@ -14,7 +14,9 @@ pub mod upstream;
 /// with one `registry.register::<Kind>()` line each. The server, `validate`, `explain`, `schema`
 /// and `config push` all build configs with it.
 pub fn filter_registry() -> gatehouse_filters::Registry {
-    gatehouse_filters::Registry::builtin()
+    let mut registry = gatehouse_filters::Registry::builtin();
+    registry.register::<gatehouse_wasm::Wasm>();
+    registry
 }
 
 /// The JSON Schema of the configuration file, with the filter kinds of `registry`.

@@ -54,6 +54,8 @@ pub enum ProblemType {
     /// A failure Pingora reported with its own status; the problem carries that status.
     Error,
     InternalError,
+    /// A plugin (a `wasm` filter) failed on the request and its fail policy is `closed`.
+    PluginFailed,
     UpstreamUnavailable,
     AuthUnavailable,
     RateLimitUnavailable,
@@ -82,6 +84,7 @@ impl ProblemType {
         ProblemType::HeaderFieldsTooLarge,
         ProblemType::Error,
         ProblemType::InternalError,
+        ProblemType::PluginFailed,
         ProblemType::UpstreamUnavailable,
         ProblemType::AuthUnavailable,
         ProblemType::RateLimitUnavailable,
@@ -136,6 +139,7 @@ impl ProblemType {
                 500,
                 "The gateway failed to handle the request",
             ),
+            ProblemType::PluginFailed => ("plugin-failed", 500, "A plugin failed on this request"),
             ProblemType::UpstreamUnavailable => (
                 "upstream-unavailable",
                 502,
@@ -203,6 +207,9 @@ pub struct Problem {
     pub detail: Option<String>,
     /// Extra response headers, e.g. `WWW-Authenticate`.
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// An answer written whole by a plugin (a proxy-wasm local response), sent in place of the
+    /// problem document from a phase that can only answer with a problem.
+    pub answer: Option<Box<Response>>,
 }
 
 impl Problem {
@@ -212,6 +219,17 @@ impl Problem {
             status: kind.status(),
             detail: None,
             headers: Vec::new(),
+            answer: None,
+        }
+    }
+
+    /// `response` itself, sent as is (with the request id header added) where a problem is
+    /// expected.
+    pub fn answer(response: Response) -> Self {
+        Problem {
+            status: response.status,
+            answer: Some(Box::new(response)),
+            ..Problem::new(ProblemType::Error)
         }
     }
 
@@ -277,6 +295,13 @@ impl Problem {
     /// The whole response, with its content type and the request id in `id_header` (the header
     /// the request id travels in on this gateway).
     pub fn into_response(self, request_id: &str, id_header: &HeaderName) -> Response {
+        if let Some(answer) = self.answer {
+            let mut answer = *answer;
+            if let Ok(value) = HeaderValue::from_str(request_id) {
+                answer.headers.push((id_header.clone(), value));
+            }
+            return answer;
+        }
         let body = self.to_json(request_id);
         let mut response = Response::new(self.status);
         response.headers = self.headers;
