@@ -25,3 +25,4 @@ mod tls;
 mod tls_edge;
 mod tracing;
 mod transform;
+mod wasm;

@@ -196,13 +196,10 @@ impl FilterKind for Wasm {
             &["plugin", "reason"],
         );
         let plugin = Arc::new(Plugin::new(name, configuration, failures));
-        let ticks = |duration: std::time::Duration| {
-            (duration.as_micros().div_ceil(EPOCH_TICK.as_micros()) as u64).max(1)
-        };
         let bounds = Bounds {
             max_memory: max_memory as usize,
-            call_ticks: ticks(max_cpu),
-            start_ticks: ticks(max_cpu.max(MIN_START_TIME)),
+            call_cpu: max_cpu,
+            start_cpu: max_cpu.max(MIN_START_TIME),
         };
         let first = Instance::start(&compiled, plugin.clone(), bounds).map_err(|failure| {
             vec![BuildError::new(
@@ -297,7 +294,15 @@ impl Wasm {
         mut stream: Stream,
         ctx: &mut RequestContext,
     ) -> Option<Decision> {
-        let decision = if let Some(local) = outcome.local {
+        let decision = if let Some(mut local) = outcome.local {
+            // The plugin's answer carries the request id, as the gateway's own answers do.
+            let header = ctx
+                .request_id_header
+                .clone()
+                .unwrap_or(http::HeaderName::from_static("x-request-id"));
+            if let Ok(id) = HeaderValue::from_str(ctx.request_id()) {
+                local.headers.push((header, id));
+            }
             Some(Decision::Respond(local))
         } else if let Some(call) = outcome.call {
             stream.pending = Some(call);

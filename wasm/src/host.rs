@@ -57,6 +57,9 @@ pub struct Host {
     /// The module asked to resume a paused request (`proxy_continue_stream`).
     pub resumed: bool,
     pub next_call_token: u32,
+    /// The thread CPU time when the call under way started, and what it may use.
+    pub cpu_started: Option<std::time::Duration>,
+    pub cpu_budget: std::time::Duration,
 }
 
 /// The request facts properties answer with.
@@ -133,6 +136,8 @@ impl Host {
             call_response: None,
             resumed: false,
             next_call_token: 1,
+            cpu_started: None,
+            cpu_budget: std::time::Duration::ZERO,
         }
     }
 }

@@ -6,11 +6,13 @@ use std::sync::Arc;
 
 use gatehouse_filters::Response;
 use pingora_http::{RequestHeader, ResponseHeader};
-use wasmtime::{Store, Trap, TypedFunc, WasmParams, WasmResults};
+use std::time::Duration;
+
+use wasmtime::{Store, Trap, TypedFunc, UpdateDeadline, WasmParams, WasmResults};
 
 use crate::abi::{Action, BufferType};
 use crate::call::{Answer, Dispatched};
-use crate::engine::Compiled;
+use crate::engine::{Compiled, EPOCH_TICK};
 use crate::host::{Host, HostTrap, Props};
 use crate::plugin::Plugin;
 
@@ -67,10 +69,46 @@ impl std::fmt::Display for Failure {
 #[derive(Clone, Copy, Debug)]
 pub struct Bounds {
     pub max_memory: usize,
-    /// Epoch ticks a callback may run.
-    pub call_ticks: u64,
-    /// Epoch ticks each start-up call (`_initialize`, `on_vm_start`, `on_configure`) may run.
-    pub start_ticks: u64,
+    /// The CPU time a callback may use.
+    pub call_cpu: Duration,
+    /// The CPU time each start-up call (`_initialize`, `on_vm_start`, `on_configure`) may use.
+    pub start_cpu: Duration,
+}
+
+/// Epoch ticks (wall time) until the CPU time used is next checked, for `remaining` CPU time.
+fn ticks(remaining: Duration) -> u64 {
+    (remaining.as_micros().div_ceil(EPOCH_TICK.as_micros()) as u64).max(1)
+}
+
+/// Arms the deadline of the next call: `budget` of this thread's CPU time. When the epoch
+/// deadline (wall time) passes, the CPU time used decides: over budget, the call is
+/// interrupted; under it (the thread was preempted), the deadline moves by what is left.
+fn arm(store: &mut Store<Host>, budget: Duration) {
+    let host = store.data_mut();
+    host.cpu_budget = budget;
+    host.cpu_started = thread_cpu_time();
+    host.limits.memory_refused = false;
+    store.set_epoch_deadline(ticks(budget));
+}
+
+/// The CPU time this thread has used.
+fn thread_cpu_time() -> Option<Duration> {
+    cpu_time::ThreadTime::try_now()
+        .ok()
+        .map(|now| now.as_duration())
+}
+
+fn on_deadline(store: wasmtime::StoreContextMut<'_, Host>) -> wasmtime::Result<UpdateDeadline> {
+    let host = store.data();
+    let (Some(started), Some(now)) = (host.cpu_started, thread_cpu_time()) else {
+        return Ok(UpdateDeadline::Interrupt);
+    };
+    let used = now.saturating_sub(started);
+    if used >= host.cpu_budget {
+        Ok(UpdateDeadline::Interrupt)
+    } else {
+        Ok(UpdateDeadline::Continue(ticks(host.cpu_budget - used)))
+    }
 }
 
 type Callback3 = TypedFunc<(u32, u32, u32), u32>;
@@ -117,7 +155,8 @@ impl Instance {
             Host::new(plugin, bounds.max_memory),
         );
         store.limiter(|host| &mut host.limits);
-        store.set_epoch_deadline(bounds.start_ticks);
+        store.epoch_deadline_callback(on_deadline);
+        arm(&mut store, bounds.start_cpu);
         let instance = compiled
             .pre
             .instantiate(&mut store)
@@ -132,6 +171,7 @@ impl Instance {
         store.data_mut().memory = Some(memory);
         store.data_mut().allocate = Some(allocate);
         if let Ok(initialize) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
+            arm(&mut store, bounds.start_cpu);
             initialize
                 .call(&mut store, ())
                 .map_err(|error| start_failure(&mut store, error))?;
@@ -198,8 +238,7 @@ impl Instance {
         func: &TypedFunc<P, R>,
         args: P,
     ) -> Result<R, Failure> {
-        self.store.set_epoch_deadline(self.bounds.start_ticks);
-        self.store.data_mut().limits.memory_refused = false;
+        arm(&mut self.store, self.bounds.start_cpu);
         func.call(&mut self.store, args)
             .map_err(|error| match classify(&mut self.store, error) {
                 Failure::Trap(message) => Failure::Start(message),
@@ -212,8 +251,7 @@ impl Instance {
         func: &TypedFunc<P, R>,
         args: P,
     ) -> Result<R, Failure> {
-        self.store.set_epoch_deadline(self.bounds.call_ticks);
-        self.store.data_mut().limits.memory_refused = false;
+        arm(&mut self.store, self.bounds.call_cpu);
         func.call(&mut self.store, args)
             .map_err(|error| classify(&mut self.store, error))
     }
