@@ -26,6 +26,7 @@ pub mod resolve;
 pub mod respond;
 pub mod retry;
 pub mod timing;
+mod wasm_call;
 
 use std::sync::Arc;
 
@@ -58,10 +59,16 @@ impl Gateway {
         metrics: RequestMetrics,
         connector: Option<ConnectorOptions>,
     ) -> Gateway {
+        let mirror = Arc::new(Connector::new(connector));
+        // Plugins' `http_call`s go out through a connector like the mirrors'.
+        gatehouse_wasm::set_http_caller(Arc::new(wasm_call::Caller {
+            store: store.clone(),
+            connector: mirror.clone(),
+        }));
         Gateway {
             store,
             metrics,
-            mirror: Arc::new(Connector::new(connector)),
+            mirror,
         }
     }
 }

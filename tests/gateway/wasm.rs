@@ -122,7 +122,11 @@ routes:
     assert_eq!(reply.text(), "denied by policy\n");
     assert_eq!(reply.header("x-denied-by"), Some("deny_by_header"));
     assert_eq!(reply.header("content-type"), Some("text/plain"));
-    assert!(reply.header("x-request-id").is_some(), "{:?}", reply.headers);
+    assert!(
+        reply.header("x-request-id").is_some(),
+        "{:?}",
+        reply.headers
+    );
     assert!(upstream.requests().is_empty());
     let reply = gateway.request("GET", "/deny/x", &[("x-tenant", "acme")], b"");
     assert_eq!(reply.status, 200);
@@ -143,7 +147,10 @@ routes:
     // Pooled instances serve request after request.
     for _ in 0..20 {
         assert_eq!(gateway.get("/json/7").json()["secret"], "[redacted]");
-        assert_eq!(gateway.get("/add/again").header("x-plugin"), Some("gatehouse"));
+        assert_eq!(
+            gateway.get("/add/again").header("x-plugin"),
+            Some("gatehouse")
+        );
     }
 }
 
@@ -202,9 +209,7 @@ routes:
         // 100 ordinary requests on another route, all at once, while the faults run.
         let running = Arc::new(AtomicBool::new(true));
         let others: Vec<_> = (0..100)
-            .map(|_| {
-                std::thread::spawn(move || request(address, "GET", "/ok/x", &[], b"").status)
-            })
+            .map(|_| std::thread::spawn(move || request(address, "GET", "/ok/x", &[], b"").status))
             .collect();
         let mut slowest = Duration::ZERO;
         for _ in 0..10 {
@@ -214,17 +219,27 @@ routes:
             assert_eq!(reply.status, 500, "{fault}: {}", reply.text());
             let problem = reply.json();
             assert_eq!(problem["type"], "urn:gatehouse:problem:plugin-failed");
-            assert!(problem["detail"].as_str().unwrap().contains(fault), "{problem}");
+            assert!(
+                problem["detail"].as_str().unwrap().contains(fault),
+                "{problem}"
+            );
         }
         running.store(false, Ordering::Relaxed);
-        let statuses: Vec<u16> = others.into_iter().map(|other| other.join().unwrap()).collect();
-        assert!(statuses.iter().all(|status| *status == 200), "{fault}: {statuses:?}");
+        let statuses: Vec<u16> = others
+            .into_iter()
+            .map(|other| other.join().unwrap())
+            .collect();
+        assert!(
+            statuses.iter().all(|status| *status == 200),
+            "{fault}: {statuses:?}"
+        );
         eprintln!("{fault}: slowest answer {slowest:?}");
         // The fail policy's answer comes at the deadline, not after it: 5ms plus the
         // proxying, with room for a loaded machine.
         assert!(slowest < Duration::from_millis(500), "{fault}: {slowest:?}");
         let metrics = gateway.metrics();
-        let row = format!("gatehouse_wasm_failures_total{{plugin=\"{fault}\",reason=\"{reason}\"}} ");
+        let row =
+            format!("gatehouse_wasm_failures_total{{plugin=\"{fault}\",reason=\"{reason}\"}} ");
         let count: u64 = metrics
             .lines()
             .find_map(|line| line.strip_prefix(&row))
@@ -240,7 +255,10 @@ routes:
         rss_after < rss_before + 64 * 1024,
         "RSS grew from {rss_before} KiB to {rss_after} KiB"
     );
-    assert!(gateway.stderr().contains("the plugin failed"), "a log line per failure");
+    assert!(
+        gateway.stderr().contains("the plugin failed"),
+        "a log line per failure"
+    );
 }
 
 #[test]
@@ -278,11 +296,18 @@ routes:
     assert_eq!(gateway.get("/x").json()["headers"]["x-plugin"], "one");
     gateway.write_config(&config(&wrong));
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !gateway.metrics().contains("gatehouse_config_reloads_total{result=\"rejected\"") {
+    while !gateway
+        .metrics()
+        .contains("gatehouse_config_reloads_total{result=\"rejected\"")
+    {
         assert!(Instant::now() < deadline, "the reload was not rejected");
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(gateway.config_version(), version, "the old config keeps serving");
+    assert_eq!(
+        gateway.config_version(),
+        version,
+        "the old config keeps serving"
+    );
     assert_eq!(gateway.get("/x").json()["headers"]["x-plugin"], "one");
 }
 
@@ -332,7 +357,11 @@ routes:
         .collect();
     let mut version = gateway.config_version();
     for swap in 1..=10usize {
-        let isolation = if swap % 3 == 0 { "per_request" } else { "pooled" };
+        let isolation = if swap % 3 == 0 {
+            "per_request"
+        } else {
+            "pooled"
+        };
         gateway.write_config(&config(&modules[swap % 2], isolation));
         version = gateway.wait_for_version_above(version);
         std::thread::sleep(Duration::from_millis(50));
@@ -341,11 +370,166 @@ routes:
     let mut seen = std::collections::HashSet::new();
     for client in clients {
         let (failures, versions) = client.join().unwrap();
-        assert!(failures.is_empty(), "failed requests during swaps: {failures:?}");
+        assert!(
+            failures.is_empty(),
+            "failed requests during swaps: {failures:?}"
+        );
         seen.extend(versions);
     }
     assert!(
         seen.contains("\"1\"") && seen.contains("\"2\""),
         "both versions served: {seen:?}"
     );
+}
+
+/// An auth service: `/check` answers 200 with `x-consumer: ada` for `Bearer good`, 401 for
+/// anything else, and sleeps 3s first for `Bearer slow`. Counts the checks it answered.
+fn auth_service() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let checks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = checks.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let counted = counted.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut stream = stream;
+                loop {
+                    let mut head = Vec::new();
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push(line.to_ascii_lowercase());
+                    }
+                    let authorization = head
+                        .iter()
+                        .find_map(|line| line.strip_prefix("authorization: "))
+                        .map(|value| value.trim().to_string())
+                        .unwrap_or_default();
+                    if authorization == "bearer slow" {
+                        std::thread::sleep(Duration::from_secs(3));
+                    }
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let answer =
+                        if authorization == "bearer good" && head[0].starts_with("get /check ") {
+                            "HTTP/1.1 200 OK\r\nx-consumer: ada\r\ncontent-length: 2\r\n\r\nok"
+                        } else {
+                            "HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n"
+                        };
+                    if stream.write_all(answer.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (address, checks)
+}
+
+#[test]
+fn a_plugin_calls_an_auth_service_and_allows_or_denies() {
+    let echo = spawn_echo("echo");
+    let (auth, checks) = auth_service();
+    let (plugin, sha) = example("http_call_auth");
+    let dead = crate::support::free_port();
+    let gateway = Gateway::start(&format!(
+        r#"
+upstreams:
+  - {{ name: up, targets: [{{ address: "{echo}" }}] }}
+  - {{ name: auth, targets: [{{ address: "{auth}" }}] }}
+  - {{ name: gone, targets: [{{ address: "127.0.0.1:{dead}" }}] }}
+routes:
+  - name: guarded
+    match: {{ paths: [{{ prefix: /guarded }}] }}
+    upstream: up
+    filters:
+      - kind: wasm
+        config:
+          path: "{plugin}"
+          sha256: "{sha}"
+          plugin_config: {{ upstream: auth, path: /check, timeout_ms: 500 }}
+  - name: unreachable
+    match: {{ paths: [{{ prefix: /unreachable }}] }}
+    upstream: up
+    filters:
+      - kind: wasm
+        config:
+          path: "{plugin}"
+          sha256: "{sha}"
+          plugin_config: {{ upstream: gone, path: /check }}
+"#
+    ));
+    // Allowed: the request goes on, with what the auth service said about the caller.
+    let reply = gateway.request(
+        "GET",
+        "/guarded/a",
+        &[("authorization", "Bearer good")],
+        b"",
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["headers"]["x-consumer"], "ada");
+    assert_eq!(checks.load(Ordering::SeqCst), 1);
+    // Denied by the service.
+    let reply = gateway.request("GET", "/guarded/a", &[("authorization", "Bearer bad")], b"");
+    assert_eq!(reply.status, 403, "{}", reply.text());
+    assert_eq!(reply.text(), "denied by the auth service\n");
+    assert_eq!(checks.load(Ordering::SeqCst), 2);
+    // A service slower than the call's timeout: denied at the timeout.
+    let started = Instant::now();
+    let reply = gateway.request(
+        "GET",
+        "/guarded/a",
+        &[("authorization", "Bearer slow")],
+        b"",
+    );
+    assert_eq!(reply.status, 403, "{}", reply.text());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    // A service nobody answers for: denied.
+    let reply = gateway.request(
+        "GET",
+        "/unreachable/a",
+        &[("authorization", "Bearer good")],
+        b"",
+    );
+    assert_eq!(reply.status, 403, "{}", reply.text());
+    // Many callers at once, each with its own answer.
+    let address = gateway.addr;
+    let callers: Vec<_> = (0..20)
+        .map(|index| {
+            std::thread::spawn(move || {
+                let token = if index % 2 == 0 {
+                    "Bearer good"
+                } else {
+                    "Bearer bad"
+                };
+                let reply = request(
+                    address,
+                    "GET",
+                    "/guarded/b",
+                    &[("authorization", token)],
+                    b"",
+                );
+                (index, reply.status)
+            })
+        })
+        .collect();
+    for caller in callers {
+        let (index, status) = caller.join().unwrap();
+        assert_eq!(
+            status,
+            if index % 2 == 0 { 200 } else { 403 },
+            "caller {index}"
+        );
+    }
 }
