@@ -533,3 +533,61 @@ routes:
         );
     }
 }
+
+#[test]
+fn a_plugin_sees_the_whole_request_body_and_changes_it() {
+    let upstream = Recorder::start(&[("Content-Type", "text/plain")], "ok");
+    let dir = tempfile::tempdir().unwrap();
+    // Pauses until the body is complete, then appends "!" to it.
+    let (path, sha) = wat_module(
+        dir.path(),
+        "append",
+        r#"(module
+  (import "env" "proxy_set_buffer_bytes" (func $set (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 4096))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (i32.const 0))
+  (func (export "proxy_on_request_body") (param $ctx i32) (param $size i32) (param $end i32) (result i32)
+    (if (i32.eqz (local.get $end)) (then (return (i32.const 1))))
+    (drop (call $set (i32.const 0) (local.get $size) (i32.const 0) (i32.const 1024) (i32.const 1)))
+    (i32.const 0))
+  (data (i32.const 1024) "!"))"#,
+    );
+    let gateway = Gateway::start(&format!(
+        r#"
+upstreams: [{{ name: up, targets: [{{ address: "{upstream}" }}] }}]
+routes:
+  - name: app
+    match: {{ paths: [{{ prefix: / }}] }}
+    upstream: up
+    filters:
+      - kind: wasm
+        config: {{ path: "{path}", sha256: "{sha}" }}
+"#,
+        upstream = upstream.address
+    ));
+    // A small body (read before the head goes out: it gets its new length) and a large one
+    // (streamed: it goes chunked), each whole, with the plugin's "!" after it.
+    for size in [10usize, 300 * 1024] {
+        upstream.clear();
+        let body: Vec<u8> = (0..size).map(|index| b'a' + (index % 26) as u8).collect();
+        let reply = gateway.request("POST", "/upload", &[], &body);
+        assert_eq!(reply.status, 200, "{size}: {}", reply.text());
+        let seen = upstream.last();
+        let mut expected = body.clone();
+        expected.push(b'!');
+        assert_eq!(
+            seen.body.len(),
+            expected.len(),
+            "{size}: {:?}",
+            seen.headers
+        );
+        assert!(seen.body == expected, "{size}: the body changed otherwise");
+        match seen.header("content-length") {
+            Some(length) => assert_eq!(length.parse::<usize>().unwrap(), size + 1),
+            None => assert_eq!(seen.header("transfer-encoding"), Some("chunked")),
+        }
+    }
+}

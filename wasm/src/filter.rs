@@ -351,6 +351,10 @@ impl Wasm {
             Ok(outcome) => {
                 if outcome.action == Action::Pause && !end_of_stream {
                     *held = buffer;
+                    if kind == BufferType::RequestBody {
+                        // An empty piece, not none: the proxy reads none as the body's end.
+                        *body = Some(Bytes::new());
+                    }
                 } else if !buffer.is_empty() {
                     *body = Some(Bytes::from(buffer));
                 }
