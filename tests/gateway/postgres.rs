@@ -945,3 +945,102 @@ routes:
     );
     assert!(pulled["routes"][0]["filters"][1].get("name").is_none());
 }
+
+/// A `wasm` filter goes into the store as its path, checksum and settings (the module stays on
+/// the node's disk), comes out unchanged, and a node reading the store runs the module; a
+/// version whose checksum does not match is rejected and the old one keeps serving.
+#[test]
+fn a_wasm_filter_round_trips_through_the_store() {
+    let database = TestDatabase::create();
+    let upstream = crate::support::recorder::Recorder::start(&[], "ok");
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/wasm/examples");
+    let sums = std::fs::read_to_string(format!("{dir}/SHA256SUMS")).unwrap();
+    let sha = sums
+        .lines()
+        .find_map(|line| line.strip_suffix("  add_header/add_header.wasm"))
+        .unwrap()
+        .to_string();
+    let yaml = |sha: &str, value: &str| {
+        format!(
+            r#"version: 1
+upstreams: [{{ name: up, targets: [{{ address: "{upstream}" }}] }}]
+routes:
+  - name: plugged
+    match: {{ paths: [{{ prefix: / }}] }}
+    upstream: up
+    filters:
+      - kind: wasm
+        config:
+          path: "{dir}/add_header/add_header.wasm"
+          sha256: "{sha}"
+          plugin_config: {{ name: x-plugin, value: {value} }}
+          fail_policy: open
+          max_memory: 8MiB
+          max_cpu_per_call: 10ms
+          isolation: per_request
+"#,
+            upstream = upstream.address
+        )
+    };
+    let first = yaml(&sha, "from-postgres");
+    database.push(&first);
+    let written: serde_yaml::Value = serde_yaml::from_str(&first).unwrap();
+    let (kind, config): (String, String) = {
+        let row = database
+            .client()
+            .query_one(
+                "SELECT kind, config::text FROM filters WHERE route = 'plugged'",
+                &[],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(kind, "wasm");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&config).unwrap(),
+        serde_json::to_value(&written["routes"][0]["filters"][0]["config"]).unwrap()
+    );
+    let workdir = tempfile::tempdir().unwrap();
+    let (code, pulled, stderr) = run_cli(
+        &["config", "pull", "--database-url", &database.url],
+        workdir.path(),
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let pulled: serde_yaml::Value = serde_yaml::from_str(&pulled).unwrap();
+    assert_eq!(pulled["routes"][0]["filters"], written["routes"][0]["filters"]);
+
+    let gateway = Gateway::start(&source(&database.url, ""));
+    let reply = gateway.get("/x");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(upstream.last().header("x-plugin"), Some("from-postgres"));
+    assert_eq!(reply.header("x-plugin"), Some("from-postgres"));
+
+    // A checksum that does not match: rejected, recorded, and the old version keeps serving.
+    let version = gateway.config_version();
+    let mut client = database.client();
+    client
+        .execute(
+            "UPDATE filters SET config = jsonb_set(config, '{sha256}', to_jsonb($1::text)) WHERE route = 'plugged'",
+            &[&"0".repeat(64)],
+        )
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let rejected: Option<String> = client
+            .query_opt(
+                "SELECT error FROM config_versions WHERE status = 'rejected' ORDER BY id DESC LIMIT 1",
+                &[],
+            )
+            .ok()
+            .flatten()
+            .and_then(|row| row.get(0));
+        if let Some(error) = rejected {
+            assert!(error.contains("sha256"), "{error}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the change was not rejected");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(gateway.config_version(), version);
+    assert_eq!(gateway.get("/y").header("x-plugin"), Some("from-postgres"));
+}
