@@ -28,7 +28,7 @@ install_missing = missing=""; for package in $(1); do \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-.PHONY: help deps bench-deps admin-deps services build run test lint unit admin admin-test ctl bench smoke soak schema fuzz docker clean
+.PHONY: help deps bench-deps admin-deps services build run test lint unit admin admin-test ctl bench smoke soak schema fuzz wasm-examples docker clean
 
 help:
 	@echo "make run    build (release) and run Gatehouse on conf/gatehouse.yaml with the echo upstream"
@@ -38,6 +38,7 @@ help:
 	@echo "make soak   10 minutes of mixed load; RSS, fds and upstream connections must stay flat"
 	@echo "make schema regenerate conf/schema.json"
 	@echo "make fuzz   fuzz each target FUZZ_SECONDS (nightly); make test replays the corpora"
+	@echo "make wasm-examples  rebuild the example plugins in wasm/examples/ and their checksums"
 	@echo "make admin  run the admin API and status page (admin-ts/) on GATEHOUSE_DATABASE_URL"
 	@echo "make ctl ARGS='versions'  gatehousectl (GATEHOUSE_ADMIN_URL, GATEHOUSE_ADMIN_TOKEN)"
 
@@ -149,6 +150,11 @@ fuzz: deps
 	      -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -print_final_stats=1 ) || exit 1; \
 	  ( cd tests/fuzz && cargo +nightly fuzz cmin --fuzz-dir . $$target corpus/$$target >/dev/null 2>&1 ) || true; \
 	done
+
+# The example proxy-wasm plugins (wasm32-wasip1, added when missing); the built modules and their
+# SHA256SUMS are committed, so the tests need no wasm target.
+wasm-examples: deps
+	@wasm/examples/build.sh
 
 docker:
 	docker build -t gatehouse .

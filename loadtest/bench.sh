@@ -15,6 +15,10 @@
 #   gatehouse-full       + jwt (as gatehouse-jwt) + rate_limit (local, keyed by consumer) +
 #                        response_headers (set, add, remove)
 #   gatehouse-headers    + headers: three request operations and three response operations
+#   gatehouse-wasm       + wasm: the add_header example plugin (wasm/examples), one header
+#                        added to the request and one to the answer
+#   gatehouse-wasm-native
+#                        + headers doing the same two operations natively: gatehouse-wasm's twin
 #   gatehouse-json-plain the plain route in front of an upstream answering 1 KiB of JSON
 #   gatehouse-json       as gatehouse-json-plain, + json_body with one `set` on the response
 #   gatehouse-rl-local   + rate_limit, backend local, keyed by client_ip
@@ -92,7 +96,7 @@ warmup=${BENCH_WARMUP:-2}
 all_contenders=direct,nginx,haproxy,envoy,bare,gatehouse,gatehouse-jwt,gatehouse-apikey
 all_contenders+=,gatehouse-full,gatehouse-rl-local,gatehouse-rl-redis,gatehouse-rl-lease
 all_contenders+=,gatehouse-resilient,gatehouse-rr-slow,gatehouse-ewma-slow
-all_contenders+=,gatehouse-headers,gatehouse-json-plain,gatehouse-json
+all_contenders+=,gatehouse-headers,gatehouse-json-plain,gatehouse-json,gatehouse-wasm,gatehouse-wasm-native
 all_contenders+=,gatehouse-traced,gatehouse-traced-all,gatehouse-traced-blackholed
 all_contenders+=,gatehouse-lb,gatehouse-lb-proxyv2
 contenders_wanted=${BENCH_CONTENDERS:-$all_contenders}
@@ -136,7 +140,8 @@ for name in "${requested[@]}"; do
       gatehouse-full | gatehouse-rl-local | gatehouse-rl-redis | gatehouse-rl-lease | \
       gatehouse-resilient | gatehouse-rr-slow | gatehouse-ewma-slow | gatehouse-headers | \
       gatehouse-json-plain | gatehouse-json | gatehouse-traced | gatehouse-traced-all | \
-      gatehouse-traced-blackholed | gatehouse-lb | gatehouse-lb-proxyv2)
+      gatehouse-traced-blackholed | gatehouse-lb | gatehouse-lb-proxyv2 | gatehouse-wasm | \
+      gatehouse-wasm-native)
       contenders+=("$name")
       ;;
     gatehouse-baseline | gatehouse-full-baseline)
@@ -603,6 +608,25 @@ EOF
           response: { set: { x-served-by: bench }, append: { x-route: "\${route}" }, remove: [server] }
 EOF
         ;;
+      gatehouse-wasm)
+        cat <<EOF
+    filters:
+      - kind: wasm
+        config:
+          path: "$here/../wasm/examples/add_header/add_header.wasm"
+          sha256: "$(sha256sum "$here/../wasm/examples/add_header/add_header.wasm" | cut -d' ' -f1)"
+          plugin_config: { name: x-plugin, value: gatehouse }
+EOF
+        ;;
+      gatehouse-wasm-native)
+        cat <<EOF
+    filters:
+      - kind: headers
+        config:
+          request: { add: { x-plugin: gatehouse } }
+          response: { add: { x-plugin: gatehouse } }
+EOF
+        ;;
       gatehouse-json)
         cat <<EOF
     filters:
@@ -773,6 +797,14 @@ check_filters() {
     headers=$(curl -s -D - -o /dev/null --max-time 2 "$proxy_url" | tr -d '\r' | tr '[:upper:]' '[:lower:]')
     if ! grep -q '^x-served-by: bench$' <<<"$headers" || ! grep -q '^x-route: all$' <<<"$headers"; then
       echo "answered without x-served-by / x-route: the headers filter is not in the path"
+      return 1
+    fi
+    return 0
+  fi
+  if [[ $name == gatehouse-wasm || $name == gatehouse-wasm-native ]]; then
+    headers=$(curl -s -D - -o /dev/null --max-time 2 "$proxy_url" | tr -d '\r' | tr '[:upper:]' '[:lower:]')
+    if ! grep -q '^x-plugin: gatehouse$' <<<"$headers"; then
+      echo "answered without x-plugin: the plugin (or its native twin) is not in the path"
       return 1
     fi
     return 0

@@ -33,7 +33,8 @@ ORDER = ["direct", "nginx", "haproxy", "envoy", "bare", "gatehouse", "gatehouse-
          "gatehouse-rl-local", "gatehouse-rl-redis", "gatehouse-rl-lease", "gatehouse-resilient",
          "gatehouse-headers", "gatehouse-json-plain", "gatehouse-json",
          "gatehouse-traced", "gatehouse-traced-all", "gatehouse-traced-blackholed",
-         "gatehouse-rr-slow", "gatehouse-ewma-slow", "gatehouse-lb", "gatehouse-lb-proxyv2"]
+         "gatehouse-rr-slow", "gatehouse-ewma-slow", "gatehouse-lb", "gatehouse-lb-proxyv2",
+         "gatehouse-wasm-native", "gatehouse-wasm"]
 LABELS = {
     "direct": "direct to upstream",
     "nginx": "nginx",
@@ -60,6 +61,8 @@ LABELS = {
     "gatehouse-ewma-slow": "Gatehouse, 2 targets (one 5 ms slower), peak EWMA",
     "gatehouse-lb": "Gatehouse behind HAProxy mode tcp",
     "gatehouse-lb-proxyv2": "Gatehouse behind HAProxy mode tcp, PROXY v2 (crc32c, unique-id)",
+    "gatehouse-wasm-native": "Gatehouse + headers (add one request, one response header)",
+    "gatehouse-wasm": "Gatehouse + wasm add_header plugin (the same two operations)",
 }
 # The same route with and without its filters, in the same run: the price of the filters.
 VARIANTS = ["gatehouse-jwt", "gatehouse-apikey", "gatehouse-full", "gatehouse-rl-local",
@@ -68,8 +71,9 @@ VARIANTS = ["gatehouse-jwt", "gatehouse-apikey", "gatehouse-full", "gatehouse-rl
 # Two balancers over the same targets, one slower: peak EWMA against round robin.
 # The same route in front of the same JSON upstream, with and without a body rewrite.
 # The same listener behind the same L4 balancer, with and without PROXY protocol v2.
+# The same two header operations by a wasm plugin and by the native headers filter.
 PAIRS = {"gatehouse-ewma-slow": "gatehouse-rr-slow", "gatehouse-json": "gatehouse-json-plain",
-         "gatehouse-lb-proxyv2": "gatehouse-lb"}
+         "gatehouse-lb-proxyv2": "gatehouse-lb", "gatehouse-wasm": "gatehouse-wasm-native"}
 # The same config on this tree's binary and on an older one (BENCH_BASELINE_DIR), in the same
 # rounds: what the change between the two builds did to the plain route and to the full chain.
 BASELINES = {"gatehouse": "gatehouse-baseline", "gatehouse-full": "gatehouse-full-baseline"}

@@ -1007,7 +1007,10 @@ routes:
     );
     assert_eq!(code, 0, "{stderr}");
     let pulled: serde_yaml::Value = serde_yaml::from_str(&pulled).unwrap();
-    assert_eq!(pulled["routes"][0]["filters"], written["routes"][0]["filters"]);
+    assert_eq!(
+        pulled["routes"][0]["filters"],
+        written["routes"][0]["filters"]
+    );
 
     let gateway = Gateway::start(&source(&database.url, ""));
     let reply = gateway.get("/x");
@@ -1038,7 +1041,10 @@ routes:
             assert!(error.contains("sha256"), "{error}");
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the change was not rejected");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the change was not rejected"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(gateway.config_version(), version);
