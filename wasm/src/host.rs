@@ -57,8 +57,10 @@ pub struct Host {
     /// The module asked to resume a paused request (`proxy_continue_stream`).
     pub resumed: bool,
     pub next_call_token: u32,
-    /// The thread CPU time when the call under way started, and what it may use.
-    pub cpu_started: Option<std::time::Duration>,
+    /// When the call under way started, a sample of this thread's CPU time taken at most a
+    /// millisecond before, and the CPU time the call may use.
+    pub call_started: std::time::Instant,
+    pub cpu_sample: Option<crate::instance::CpuSample>,
     pub cpu_budget: std::time::Duration,
 }
 
@@ -136,7 +138,8 @@ impl Host {
             call_response: None,
             resumed: false,
             next_call_token: 1,
-            cpu_started: None,
+            call_started: std::time::Instant::now(),
+            cpu_sample: None,
             cpu_budget: std::time::Duration::ZERO,
         }
     }

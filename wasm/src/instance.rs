@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use gatehouse_filters::Response;
 use pingora_http::{RequestHeader, ResponseHeader};
-use std::time::Duration;
+use std::cell::Cell;
+use std::time::{Duration, Instant};
 
 use wasmtime::{Store, Trap, TypedFunc, UpdateDeadline, WasmParams, WasmResults};
 
@@ -80,13 +81,48 @@ fn ticks(remaining: Duration) -> u64 {
     (remaining.as_micros().div_ceil(EPOCH_TICK.as_micros()) as u64).max(1)
 }
 
+/// This thread's CPU time at a moment.
+#[derive(Clone, Copy, Debug)]
+pub struct CpuSample {
+    at: Instant,
+    cpu: Duration,
+}
+
+/// How old a thread's CPU time sample may be when a call starts: the slack of the CPU count.
+const SAMPLE_AGE: Duration = Duration::from_millis(1);
+
+thread_local! {
+    static SAMPLE: Cell<Option<CpuSample>> = const { Cell::new(None) };
+}
+
+/// A sample of this thread's CPU time at most [`SAMPLE_AGE`] old (reading the CPU clock is a
+/// system call; a call into a module is far cheaper than that, so it is read once per
+/// millisecond per thread, not per call).
+fn recent_sample(now: Instant) -> Option<CpuSample> {
+    SAMPLE.with(|sample| {
+        if let Some(kept) = sample.get() {
+            if now.duration_since(kept.at) <= SAMPLE_AGE {
+                return Some(kept);
+            }
+        }
+        let fresh = CpuSample {
+            at: now,
+            cpu: thread_cpu_time()?,
+        };
+        sample.set(Some(fresh));
+        Some(fresh)
+    })
+}
+
 /// Arms the deadline of the next call: `budget` of this thread's CPU time. When the epoch
 /// deadline (wall time) passes, the CPU time used decides: over budget, the call is
 /// interrupted; under it (the thread was preempted), the deadline moves by what is left.
 fn arm(store: &mut Store<Host>, budget: Duration) {
+    let now = Instant::now();
     let host = store.data_mut();
     host.cpu_budget = budget;
-    host.cpu_started = thread_cpu_time();
+    host.call_started = now;
+    host.cpu_sample = recent_sample(now);
     host.limits.memory_refused = false;
     store.set_epoch_deadline(ticks(budget));
 }
@@ -100,10 +136,12 @@ fn thread_cpu_time() -> Option<Duration> {
 
 fn on_deadline(store: wasmtime::StoreContextMut<'_, Host>) -> wasmtime::Result<UpdateDeadline> {
     let host = store.data();
-    let (Some(started), Some(now)) = (host.cpu_started, thread_cpu_time()) else {
+    let (Some(sample), Some(now)) = (host.cpu_sample, thread_cpu_time()) else {
         return Ok(UpdateDeadline::Interrupt);
     };
-    let used = now.saturating_sub(started);
+    // The thread's CPU time since the sample, less what it could have used before the call.
+    let before_call = host.call_started.saturating_duration_since(sample.at);
+    let used = now.saturating_sub(sample.cpu).saturating_sub(before_call);
     if used >= host.cpu_budget {
         Ok(UpdateDeadline::Interrupt)
     } else {
@@ -112,6 +150,8 @@ fn on_deadline(store: wasmtime::StoreContextMut<'_, Host>) -> wasmtime::Result<U
 }
 
 type Callback3 = TypedFunc<(u32, u32, u32), u32>;
+/// `on_http_call_response(context, token, headers, body size, trailers)`.
+type CallResponse = TypedFunc<(u32, u32, u32, u32, u32), ()>;
 
 struct Exports {
     on_context_create: TypedFunc<(u32, u32), ()>,
@@ -123,7 +163,7 @@ struct Exports {
     on_log: Option<TypedFunc<u32, ()>>,
     on_delete: Option<TypedFunc<u32, ()>>,
     on_tick: Option<TypedFunc<u32, ()>>,
-    on_http_call_response: Option<TypedFunc<(u32, u32, u32, u32, u32), ()>>,
+    on_http_call_response: Option<CallResponse>,
 }
 
 /// What a request or response callback decided.
@@ -246,16 +286,6 @@ impl Instance {
             })
     }
 
-    fn call<P: WasmParams, R: WasmResults>(
-        &mut self,
-        func: &TypedFunc<P, R>,
-        args: P,
-    ) -> Result<R, Failure> {
-        arm(&mut self.store, self.bounds.call_cpu);
-        func.call(&mut self.store, args)
-            .map_err(|error| classify(&mut self.store, error))
-    }
-
     /// Creates the HTTP context of a new request; its id.
     pub fn begin(&mut self, props: Props) -> Result<u32, Failure> {
         let id = self.next_context;
@@ -266,8 +296,12 @@ impl Instance {
         host.call = None;
         host.call_response = None;
         host.resumed = false;
-        let create = self.exports.on_context_create.clone();
-        self.call(&create, (id, ROOT))?;
+        invoke(
+            &mut self.store,
+            self.bounds.call_cpu,
+            &self.exports.on_context_create,
+            (id, ROOT),
+        )?;
         Ok(id)
     }
 
@@ -278,13 +312,18 @@ impl Instance {
         request: &mut RequestHeader,
         end_of_stream: bool,
     ) -> Result<Outcome, Failure> {
-        let Some(callback) = self.exports.on_request_headers.clone() else {
+        let Some(callback) = self.exports.on_request_headers.as_ref() else {
             return Ok(self.outcome(Action::Continue));
         };
         let count = request.headers.len() as u32 + 4;
-        self.lend_request(request);
-        let result = self.call(&callback, (context, count, end_of_stream as u32));
-        self.take_back_request(request);
+        lend_request(&mut self.store, request);
+        let result = invoke(
+            &mut self.store,
+            self.bounds.call_cpu,
+            callback,
+            (context, count, end_of_stream as u32),
+        );
+        take_back_request(&mut self.store, request);
         Ok(self.outcome(Action::from_code(result?)))
     }
 
@@ -295,14 +334,19 @@ impl Instance {
         response: &mut ResponseHeader,
         end_of_stream: bool,
     ) -> Result<Outcome, Failure> {
-        let Some(callback) = self.exports.on_response_headers.clone() else {
+        let Some(callback) = self.exports.on_response_headers.as_ref() else {
             return Ok(self.outcome(Action::Continue));
         };
         let count = response.headers.len() as u32 + 1;
         let host = self.store.data_mut();
         std::mem::swap(&mut host.response, response);
         host.response_live = true;
-        let result = self.call(&callback, (context, count, end_of_stream as u32));
+        let result = invoke(
+            &mut self.store,
+            self.bounds.call_cpu,
+            callback,
+            (context, count, end_of_stream as u32),
+        );
         let host = self.store.data_mut();
         std::mem::swap(&mut host.response, response);
         host.response_live = false;
@@ -320,8 +364,8 @@ impl Instance {
         end_of_stream: bool,
     ) -> Result<Outcome, Failure> {
         let callback = match kind {
-            BufferType::RequestBody => self.exports.on_request_body.clone(),
-            _ => self.exports.on_response_body.clone(),
+            BufferType::RequestBody => self.exports.on_request_body.as_ref(),
+            _ => self.exports.on_response_body.as_ref(),
         };
         let Some(callback) = callback else {
             return Ok(self.outcome(Action::Continue));
@@ -330,7 +374,12 @@ impl Instance {
         let host = self.store.data_mut();
         std::mem::swap(&mut host.body, body);
         host.body_kind = Some(kind);
-        let result = self.call(&callback, (context, size, end_of_stream as u32));
+        let result = invoke(
+            &mut self.store,
+            self.bounds.call_cpu,
+            callback,
+            (context, size, end_of_stream as u32),
+        );
         let host = self.store.data_mut();
         std::mem::swap(&mut host.body, body);
         host.body_kind = None;
@@ -346,7 +395,7 @@ impl Instance {
         answer: Answer,
         request: &mut RequestHeader,
     ) -> Result<Outcome, Failure> {
-        let Some(callback) = self.exports.on_http_call_response.clone() else {
+        let Some(callback) = self.exports.on_http_call_response.as_ref() else {
             return Ok(self.outcome(Action::Continue));
         };
         let headers = answer.headers.len() as u32;
@@ -354,9 +403,14 @@ impl Instance {
         let host = self.store.data_mut();
         host.call_response = Some(answer);
         host.resumed = false;
-        self.lend_request(request);
-        let result = self.call(&callback, (context, token, headers, body, 0));
-        self.take_back_request(request);
+        lend_request(&mut self.store, request);
+        let result = invoke(
+            &mut self.store,
+            self.bounds.call_cpu,
+            callback,
+            (context, token, headers, body, 0),
+        );
+        take_back_request(&mut self.store, request);
         self.store.data_mut().call_response = None;
         result?;
         let resumed = std::mem::take(&mut self.store.data_mut().resumed);
@@ -369,14 +423,14 @@ impl Instance {
 
     /// `on_done`, `on_log` and `on_delete`: the request is over.
     pub fn end(&mut self, context: u32) -> Result<(), Failure> {
-        if let Some(done) = self.exports.on_done.clone() {
-            self.call(&done, context)?;
+        if let Some(done) = self.exports.on_done.as_ref() {
+            invoke(&mut self.store, self.bounds.call_cpu, done, context)?;
         }
-        if let Some(log) = self.exports.on_log.clone() {
-            self.call(&log, context)?;
+        if let Some(log) = self.exports.on_log.as_ref() {
+            invoke(&mut self.store, self.bounds.call_cpu, log, context)?;
         }
-        if let Some(delete) = self.exports.on_delete.clone() {
-            self.call(&delete, context)?;
+        if let Some(delete) = self.exports.on_delete.as_ref() {
+            invoke(&mut self.store, self.bounds.call_cpu, delete, context)?;
         }
         let host = self.store.data_mut();
         host.props = Props::default();
@@ -387,22 +441,10 @@ impl Instance {
 
     /// `on_tick` of the root context.
     pub fn tick(&mut self) -> Result<(), Failure> {
-        match self.exports.on_tick.clone() {
-            Some(tick) => self.call(&tick, ROOT),
+        match self.exports.on_tick.as_ref() {
+            Some(tick) => invoke(&mut self.store, self.bounds.call_cpu, tick, ROOT),
             None => Ok(()),
         }
-    }
-
-    fn lend_request(&mut self, request: &mut RequestHeader) {
-        let host = self.store.data_mut();
-        std::mem::swap(&mut host.request, request);
-        host.request_live = true;
-    }
-
-    fn take_back_request(&mut self, request: &mut RequestHeader) {
-        let host = self.store.data_mut();
-        std::mem::swap(&mut host.request, request);
-        host.request_live = false;
     }
 
     fn outcome(&mut self, action: Action) -> Outcome {
@@ -413,6 +455,30 @@ impl Instance {
             call: host.call.take(),
         }
     }
+}
+
+/// Calls `func` under the CPU `budget`.
+fn invoke<P: WasmParams, R: WasmResults>(
+    store: &mut Store<Host>,
+    budget: Duration,
+    func: &TypedFunc<P, R>,
+    args: P,
+) -> Result<R, Failure> {
+    arm(store, budget);
+    func.call(&mut *store, args)
+        .map_err(|error| classify(store, error))
+}
+
+fn lend_request(store: &mut Store<Host>, request: &mut RequestHeader) {
+    let host = store.data_mut();
+    std::mem::swap(&mut host.request, request);
+    host.request_live = true;
+}
+
+fn take_back_request(store: &mut Store<Host>, request: &mut RequestHeader) {
+    let host = store.data_mut();
+    std::mem::swap(&mut host.request, request);
+    host.request_live = false;
 }
 
 fn classify(store: &mut Store<Host>, error: wasmtime::Error) -> Failure {
