@@ -36,6 +36,24 @@ pub fn engine() -> &'static Engine {
     })
 }
 
+/// How many times this process compiled the module whose SHA-256 is `sha256` (a reload naming
+/// a module still in use reuses it and adds nothing).
+pub fn times_compiled(sha256: &str) -> u64 {
+    cache()
+        .lock()
+        .ok()
+        .and_then(|cache| cache.get(sha256).map(|(_, times)| *times))
+        .unwrap_or(0)
+}
+
+/// The compiled modules by SHA-256, with how many times each was compiled.
+type Cache = Mutex<HashMap<String, (Weak<Compiled>, u64)>>;
+
+fn cache() -> &'static Cache {
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
 /// A module compiled and linked against the host functions.
 pub struct Compiled {
     pub pre: InstancePre<Host>,
@@ -44,12 +62,11 @@ pub struct Compiled {
 /// The compiled module for `bytes` (whose SHA-256 is `sha256`), compiled now or found from an
 /// earlier build.
 pub fn compile(bytes: &[u8], sha256: &str) -> Result<Arc<Compiled>, String> {
-    static CACHE: OnceLock<Mutex<HashMap<String, Weak<Compiled>>>> = OnceLock::new();
-    let cache = CACHE.get_or_init(Default::default);
+    let cache = cache();
     if let Some(compiled) = cache
         .lock()
         .ok()
-        .and_then(|cache| cache.get(sha256).and_then(Weak::upgrade))
+        .and_then(|cache| cache.get(sha256).and_then(|(kept, _)| kept.upgrade()))
     {
         return Ok(compiled);
     }
@@ -81,8 +98,10 @@ pub fn compile(bytes: &[u8], sha256: &str) -> Result<Arc<Compiled>, String> {
     })?;
     let compiled = Arc::new(Compiled { pre });
     if let Ok(mut cache) = cache.lock() {
-        cache.retain(|_, kept| kept.strong_count() > 0);
-        cache.insert(sha256.to_string(), Arc::downgrade(&compiled));
+        let entry = cache
+            .entry(sha256.to_string())
+            .or_insert_with(|| (Weak::new(), 0));
+        *entry = (Arc::downgrade(&compiled), entry.1 + 1);
     }
     Ok(compiled)
 }

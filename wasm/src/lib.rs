@@ -21,4 +21,5 @@ mod pool;
 mod properties;
 
 pub use call::{Answer, Dispatched, HttpCaller};
+pub use engine::times_compiled;
 pub use filter::{set_http_caller, Config, FailPolicy, Isolation, Wasm};

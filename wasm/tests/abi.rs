@@ -27,8 +27,21 @@ const IMPORTS: &str = r#"
 
 /// A module: memory, a bump allocator reset per request, `extra` functions and `data`.
 fn module(on_request_headers: &str, extra: &str, data: &str) -> Vec<u8> {
-    let text = format!(
+    let text = String::from_utf8(module_text(on_request_headers, extra, data)).unwrap();
+    wat::parse_str(&text).unwrap_or_else(|error| panic!("{error}\n{text}"))
+}
+
+/// The text of [`module`]; the `(import ...)` lines of `extra` go with the others, before
+/// every definition, as WAT wants.
+fn module_text(on_request_headers: &str, extra: &str, data: &str) -> Vec<u8> {
+    let (imports, definitions): (Vec<&str>, Vec<&str>) = extra
+        .lines()
+        .partition(|line| line.trim_start().starts_with("(import "));
+    let imports = imports.join("\n");
+    let definitions = definitions.join("\n");
+    format!(
         r#"(module {IMPORTS}
+  {imports}
   (memory (export "memory") 2)
   (global $heap (mut i32) (i32.const 8192))
   (global $count (mut i32) (i32.const 0))
@@ -40,10 +53,10 @@ fn module(on_request_headers: &str, extra: &str, data: &str) -> Vec<u8> {
   (func (export "proxy_on_context_create") (param i32 i32) (global.set $heap (i32.const 8192)))
   (func (export "proxy_on_request_headers") (param $ctx i32) (param $n i32) (param $eos i32) (result i32)
     {on_request_headers})
-  {extra}
+  {definitions}
   {data})"#
-    );
-    wat::parse_str(&text).unwrap_or_else(|error| panic!("{error}\n{text}"))
+    )
+    .into_bytes()
 }
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -62,8 +75,18 @@ fn write_module(bytes: &[u8]) -> (String, String) {
 }
 
 fn build(bytes: &[u8], extra: serde_json::Value, metrics: &Metrics) -> Result<Wasm, String> {
+    build_named(bytes, "abi", extra, metrics)
+}
+
+/// Builds the filter from `bytes` under the plugin name `name` (shared data is per name).
+fn build_named(
+    bytes: &[u8],
+    name: &str,
+    extra: serde_json::Value,
+    metrics: &Metrics,
+) -> Result<Wasm, String> {
     let (path, sha256) = write_module(bytes);
-    let mut config = serde_json::json!({"path": path, "sha256": sha256, "name": "abi"});
+    let mut config = serde_json::json!({"path": path, "sha256": sha256, "name": name});
     for (key, value) in extra.as_object().unwrap() {
         config[key] = value.clone();
     }
@@ -72,13 +95,16 @@ fn build(bytes: &[u8], extra: serde_json::Value, metrics: &Metrics) -> Result<Wa
         metrics: metrics.clone(),
         ..BuildCtx::default()
     };
-    Wasm::build(config, &ctx).map_err(|errors| {
+    let built = Wasm::build(config, &ctx).map_err(|errors| {
         errors
             .iter()
             .map(|error| error.to_string())
             .collect::<Vec<_>>()
             .join("; ")
-    })
+    });
+    // The module is read once, at the build.
+    let _ = std::fs::remove_file(&path);
+    built
 }
 
 fn request(path: &str, headers: &[(&str, &str)]) -> RequestHeader {
@@ -366,6 +392,7 @@ fn a_module_whose_digest_differs_is_refused() {
     }))
     .unwrap();
     let errors = Wasm::build(config, &BuildCtx::default()).err().unwrap();
+    let _ = std::fs::remove_file(&path);
     assert_eq!(errors[0].path, "sha256");
     assert!(errors[0].message.contains("it is refused"), "{}", errors[0]);
 }
@@ -417,4 +444,106 @@ fn the_plugin_configuration_is_what_on_configure_reads() {
         header(&request, "x-config"),
         Some(r#"{"greeting":"hello"}"#)
     );
+}
+
+/// Shared data with compare-and-swap, as a module sees it: `x-set` is the status of a store
+/// with no CAS (0: Ok), `x-stale` of a store with a CAS other than the current (8:
+/// CasMismatch), `x-get` of a read of a key nobody stored (1: NotFound), and `x-value` what
+/// the first store left, read back with its CAS.
+#[test]
+fn shared_data_keeps_values_and_refuses_a_stale_compare_and_swap() {
+    let extra = r#"
+  (import "env" "proxy_set_shared_data" (func $set_shared (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_shared_data" (func $get_shared (param i32 i32 i32 i32 i32) (result i32)))
+  (func $digit (param $name i32) (param $len i32) (param $status i32)
+    (i32.store8 (i32.const 2020) (i32.add (i32.const 48) (local.get $status)))
+    (drop (call $add (i32.const 0) (local.get $name) (local.get $len) (i32.const 2020) (i32.const 1))))"#;
+    let body = r#"
+      (call $digit (i32.const 1100) (i32.const 5)
+        (call $set_shared (i32.const 1024) (i32.const 3) (i32.const 1040) (i32.const 5) (i32.const 0)))
+      (drop (call $get_shared (i32.const 1024) (i32.const 3) (i32.const 2000) (i32.const 2004) (i32.const 2008)))
+      (drop (call $add (i32.const 0) (i32.const 1110) (i32.const 7) (i32.load (i32.const 2000)) (i32.load (i32.const 2004))))
+      ;; The CAS read back is the current one; any other is stale (0 would mean no CAS).
+      (call $digit (i32.const 1120) (i32.const 7)
+        (call $set_shared (i32.const 1024) (i32.const 3) (i32.const 1040) (i32.const 5)
+          (i32.add (i32.load (i32.const 2008)) (i32.const 1))))
+      (call $digit (i32.const 1130) (i32.const 5)
+        (call $get_shared (i32.const 1060) (i32.const 4) (i32.const 2000) (i32.const 2004) (i32.const 2008)))
+      (i32.const 0)"#;
+    let data = r#"
+      (data (i32.const 1024) "key")
+      (data (i32.const 1040) "first")
+      (data (i32.const 1060) "none")
+      (data (i32.const 1100) "x-set")
+      (data (i32.const 1110) "x-value")
+      (data (i32.const 1120) "x-stale")
+      (data (i32.const 1130) "x-get")"#;
+    // The imports go before every definition: put them first in `extra`'s place by building
+    // the text here.
+    let text = String::from_utf8(module_text(body, extra, data)).unwrap();
+    let bytes = wat::parse_str(&text).unwrap();
+    let metrics = Metrics::new();
+    let filter = build_named(&bytes, "shared-test", serde_json::json!({}), &metrics).unwrap();
+    let mut request = request("/", &[]);
+    run(&filter, &mut request);
+    assert_eq!(header(&request, "x-set"), Some("0"));
+    assert_eq!(header(&request, "x-value"), Some("first"));
+    assert_eq!(header(&request, "x-stale"), Some("8"));
+    assert_eq!(header(&request, "x-get"), Some("1"));
+}
+
+/// A root context that asks for ticks gets them, on an instance of its own: each tick stores
+/// a value in shared data, which a request then reads.
+#[test]
+fn ticks_run_on_the_root_context() {
+    let extra = r#"
+  (import "env" "proxy_set_tick_period_milliseconds" (func $tick_period (param i32) (result i32)))
+  (import "env" "proxy_set_shared_data" (func $set_shared (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_shared_data" (func $get_shared (param i32 i32 i32 i32 i32) (result i32)))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32)
+    (drop (call $tick_period (i32.const 10)))
+    (i32.const 1))
+  (func (export "proxy_on_tick") (param i32)
+    (drop (call $set_shared (i32.const 1024) (i32.const 5) (i32.const 1040) (i32.const 6) (i32.const 0))))"#;
+    let body = r#"
+      (i32.store8 (i32.const 2020) (i32.add (i32.const 48)
+        (call $get_shared (i32.const 1024) (i32.const 5) (i32.const 2000) (i32.const 2004) (i32.const 2008))))
+      (drop (call $add (i32.const 0) (i32.const 1060) (i32.const 6) (i32.const 2020) (i32.const 1)))
+      (i32.const 0)"#;
+    let data = r#"
+      (data (i32.const 1024) "ticks")
+      (data (i32.const 1040) "ticked")
+      (data (i32.const 1060) "x-tick")"#;
+    let bytes = wat::parse_str(String::from_utf8(module_text(body, extra, data)).unwrap()).unwrap();
+    let filter = build_named(&bytes, "tick-test", serde_json::json!({}), &Metrics::new()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut request = request("/", &[]);
+        run(&filter, &mut request);
+        if header(&request, "x-tick") == Some("0") {
+            break;
+        }
+        assert_eq!(
+            header(&request, "x-tick"),
+            Some("1"),
+            "NotFound until the first tick"
+        );
+        assert!(Instant::now() < deadline, "no tick in 5s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Two builds of one module (a reload naming the same file) compile it once.
+#[test]
+fn a_module_is_compiled_once_per_content() {
+    let bytes = module("(i32.const 0)", "", r#"(data (i32.const 1024) "compiled-once")"#);
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    let first = build(&bytes, serde_json::json!({}), &Metrics::new()).unwrap();
+    let second = build(&bytes, serde_json::json!({}), &Metrics::new()).unwrap();
+    assert_eq!(gatehouse_wasm::times_compiled(&sha256), 1);
+    // Once no filter uses it, the next build compiles it again.
+    drop((first, second));
+    let third = build(&bytes, serde_json::json!({}), &Metrics::new()).unwrap();
+    assert_eq!(gatehouse_wasm::times_compiled(&sha256), 2);
+    drop(third);
 }
