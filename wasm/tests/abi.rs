@@ -536,7 +536,11 @@ fn ticks_run_on_the_root_context() {
 /// Two builds of one module (a reload naming the same file) compile it once.
 #[test]
 fn a_module_is_compiled_once_per_content() {
-    let bytes = module("(i32.const 0)", "", r#"(data (i32.const 1024) "compiled-once")"#);
+    let bytes = module(
+        "(i32.const 0)",
+        "",
+        r#"(data (i32.const 1024) "compiled-once")"#,
+    );
     let sha256 = hex::encode(Sha256::digest(&bytes));
     let first = build(&bytes, serde_json::json!({}), &Metrics::new()).unwrap();
     let second = build(&bytes, serde_json::json!({}), &Metrics::new()).unwrap();
