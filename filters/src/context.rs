@@ -108,6 +108,9 @@ pub struct RequestContext {
     pub rate_limit: Option<RateLimitNote>,
     /// Why a body transform let a body through unchanged (`too_large`, `encoded`, ...).
     pub transform_skipped: Option<&'static str>,
+    /// Set by a filter that cannot finish the answer it is writing (a plugin that failed in the
+    /// response body): the proxy ends the answer there, unfinished, so the client sees it cut.
+    pub abort_response: Option<&'static str>,
     /// The response status, once known.
     pub status: Option<u16>,
     /// Whether the response is the gateway's own (a filter's answer, a problem document),
@@ -149,6 +152,7 @@ impl RequestContext {
             rate_limit: None,
             transform_skipped: None,
             status: None,
+            abort_response: None,
             own_answer: false,
             request_body_bytes: 0,
             buffers_request_body: false,

@@ -320,6 +320,10 @@ impl ProxyHttp for Gateway {
         let chain = ctx.snapshot.chain(ctx.route);
         if chain.wants(Phases::RESPONSE_BODY) {
             chain.response_body(body, end_of_stream, &mut ctx.shared);
+            if let Some(why) = ctx.shared.abort_response {
+                *body = None;
+                return Error::e_explain(pingora_core::ErrorType::InternalError, why);
+            }
         }
         Ok(None)
     }

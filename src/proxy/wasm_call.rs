@@ -20,6 +20,19 @@ use crate::upstream::clock;
 /// The most of an answer's body a plugin is handed.
 const CALL_BODY_MAX: usize = 1024 * 1024;
 
+/// Headers a call's module may not send: the gateway frames the call and manages its
+/// connection (a pooled connection shared by other calls must never be desynchronised).
+const FRAMING: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
 /// How long a call's connection may stay idle in the pool for the next call.
 const IDLE_KEEPALIVE: Duration = Duration::from_secs(60);
 
@@ -60,7 +73,9 @@ async fn exchange(
         .unwrap_or_else(|| call.upstream.clone());
     head.insert_header(http::header::HOST, authority).ok()?;
     for (name, value) in &call.headers {
-        if name.eq_ignore_ascii_case("host") || name.eq_ignore_ascii_case("content-length") {
+        // The gateway frames the call and manages its connection.
+        let lower = name.to_ascii_lowercase();
+        if FRAMING.contains(&lower.as_str()) || lower.starts_with("proxy-") {
             continue;
         }
         head.append_header(name.clone(), value.as_slice()).ok()?;

@@ -78,12 +78,17 @@ pub struct Config {
     /// How many started instances wait for requests at most (default 64).
     #[serde(default)]
     pub max_idle_instances: Option<usize>,
+    /// How many instances may be alive at once, idle or serving (default 1024). A request
+    /// that finds them all busy gets the fail policy's answer (`unavailable`).
+    #[serde(default)]
+    pub max_instances: Option<usize>,
 }
 
 const DEFAULT_MAX_MEMORY: u64 = 16 << 20;
 const DEFAULT_MAX_CPU: std::time::Duration = std::time::Duration::from_millis(5);
 const MIN_START_TIME: std::time::Duration = std::time::Duration::from_secs(1);
 const DEFAULT_MAX_IDLE: usize = 64;
+const DEFAULT_MAX_INSTANCES: usize = 1024;
 
 /// The `wasm` filter.
 pub struct Wasm {
@@ -195,7 +200,12 @@ impl FilterKind for Wasm {
              limit, start, unavailable)",
             &["plugin", "reason"],
         );
-        let plugin = Arc::new(Plugin::new(name, configuration, failures));
+        let plugin = Arc::new(Plugin::new(
+            name,
+            configuration,
+            ctx.gateway_headers.clone(),
+            failures,
+        ));
         let bounds = Bounds {
             max_memory: max_memory as usize,
             call_cpu: max_cpu,
@@ -213,6 +223,7 @@ impl FilterKind for Wasm {
             bounds,
             config.isolation == Isolation::Pooled,
             config.max_idle_instances.unwrap_or(DEFAULT_MAX_IDLE),
+            config.max_instances.unwrap_or(DEFAULT_MAX_INSTANCES).max(1),
             first,
         );
         Ok(Wasm {
@@ -235,10 +246,24 @@ struct Stream {
     replacement: Option<Bytes>,
     /// An `http_call` the module waits for.
     pending: Option<Dispatched>,
+    /// A call is under way (the request may be dropped while it waits).
+    calling: bool,
+    /// Calls made so far.
+    calls: usize,
 }
+
+/// The most `http_call`s one request's plugin may make, one after the other.
+const MAX_CALLS: usize = 8;
+/// The most of an answer's body a plugin may hold while it pauses.
+const MAX_HELD_RESPONSE: usize = 16 << 20;
 
 impl Drop for Stream {
     fn drop(&mut self) {
+        if self.calling || self.pending.is_some() {
+            // The module still waits for an answer it will never get: its state for this
+            // request would stay behind, so the instance goes with the request.
+            return;
+        }
         if let Some(mut instance) = self.instance.take() {
             match instance.end(self.context) {
                 Ok(()) => self.pool.give_back(instance),
@@ -307,12 +332,11 @@ impl Wasm {
         } else if let Some(call) = outcome.call {
             stream.pending = Some(call);
             None
+        } else if outcome.action == Action::Pause {
+            // Paused with nothing to wait for: the request would never go on.
+            stream.instance = None;
+            Some(self.failed(&Failure::Stalled))
         } else {
-            if outcome.action == Action::Pause {
-                self.pool
-                    .plugin
-                    .unsupported("pausing a request without a call or an answer (it goes on)");
-            }
             Some(Decision::Continue)
         };
         ctx.set_instance_state(self, stream);
@@ -344,6 +368,11 @@ impl Wasm {
             _ => &mut stream.response_body,
         };
         if let Some(piece) = body.take() {
+            if kind == BufferType::ResponseBody && held.len() + piece.len() > MAX_HELD_RESPONSE {
+                stream.instance = None;
+                stream.response_body = Vec::new();
+                return Err(Failure::Limit("held answer body"));
+            }
             held.extend_from_slice(&piece);
         }
         let mut buffer = std::mem::take(held);
@@ -410,7 +439,7 @@ impl Filter for Wasm {
             Err(failure) => return Some(self.failed(&failure)),
         };
         let no_body = request_has_no_body(request);
-        if !no_body {
+        if !no_body && instance.wants_request_body() {
             // The module may change the body: its framing is settled after it.
             ctx.buffers_request_body = true;
         }
@@ -423,6 +452,8 @@ impl Filter for Wasm {
             response_body: Vec::new(),
             replacement: None,
             pending: None,
+            calling: false,
+            calls: 0,
         };
         match outcome {
             Ok(outcome) => self.after_request(outcome, stream, ctx),
@@ -446,6 +477,17 @@ impl Filter for Wasm {
         };
         loop {
             let token = call.token;
+            match ctx.instance_state::<_, Stream>(self) {
+                Some(stream) if stream.calls < MAX_CALLS => {
+                    stream.calls += 1;
+                    stream.calling = true;
+                }
+                Some(stream) => {
+                    stream.instance = None;
+                    return self.failed(&Failure::Limit("http_calls per request"));
+                }
+                None => return Decision::Continue,
+            }
             let answer = match CALLER.get() {
                 Some(caller) => caller.call(call).await,
                 None => Answer::default(),
@@ -453,18 +495,20 @@ impl Filter for Wasm {
             let Some(mut stream) = ctx.take_instance_state::<_, Stream>(self) else {
                 return Decision::Continue;
             };
+            stream.calling = false;
             let Some(instance) = stream.instance.as_mut() else {
                 return Decision::Continue;
             };
             match instance.call_response(stream.context, token, answer, request) {
                 Ok(outcome) => {
                     if outcome.local.is_none() && outcome.call.is_none() {
-                        ctx.set_instance_state(self, stream);
                         if outcome.action == Action::Pause {
-                            self.pool.plugin.unsupported(
-                                "leaving a request paused after its call (it goes on)",
-                            );
+                            // Neither resumed nor answered: the request would wait forever.
+                            stream.instance = None;
+                            ctx.set_instance_state(self, stream);
+                            return self.failed(&Failure::Stalled);
                         }
+                        ctx.set_instance_state(self, stream);
                         return Decision::Continue;
                     }
                     match self.after_request(outcome, stream, ctx) {
@@ -505,6 +549,7 @@ impl Filter for Wasm {
     }
 
     fn response(&self, response: &mut ResponseHeader, ctx: &mut RequestContext) {
+        let own_answer = ctx.own_answer;
         let Some(stream) = ctx.instance_state::<_, Stream>(self) else {
             return;
         };
@@ -514,9 +559,21 @@ impl Filter for Wasm {
         };
         let answer = match instance.response_headers(context, response, false) {
             Ok(outcome) => match outcome.local {
+                Some(_) if own_answer => {
+                    self.pool.plugin.unsupported(
+                        "a local response in place of the gateway's own answer (it stands)",
+                    );
+                    return;
+                }
                 Some(local) => local,
                 None => return,
             },
+            Err(failure) if own_answer => {
+                // The gateway's own answer (a refusal, an error) stands.
+                stream.instance = None;
+                self.failed(&failure);
+                return;
+            }
             Err(failure) => {
                 stream.instance = None;
                 match self.failed(&failure) {
@@ -532,7 +589,15 @@ impl Filter for Wasm {
                 }
             }
         };
-        // The answer replaces the upstream's, head and body.
+        // The answer replaces the upstream's, head and body. An upstream answer without a body
+        // (204, 304, a zero length) gets no body phase, so the new one has none either.
+        let status = response.status.as_u16();
+        let bodiless = status == 204
+            || status == 304
+            || response
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .is_some_and(|length| length.as_bytes() == b"0");
         let names: Vec<http::HeaderName> = response.headers.keys().cloned().collect();
         for name in names {
             response.remove_header(&name);
@@ -541,9 +606,12 @@ impl Filter for Wasm {
         for (name, value) in answer.headers {
             let _ = response.append_header(name, value);
         }
-        let _ = response.insert_header(http::header::CONTENT_LENGTH, answer.body.len());
+        let body = if bodiless { Bytes::new() } else { answer.body };
+        if answer.status != 204 && answer.status != 304 {
+            let _ = response.insert_header(http::header::CONTENT_LENGTH, body.len());
+        }
         if let Some(stream) = ctx.instance_state::<_, Stream>(self) {
-            stream.replacement = Some(answer.body);
+            stream.replacement = Some(body);
         }
     }
 
@@ -561,8 +629,10 @@ impl Filter for Wasm {
                 .unsupported("a local response after the answer's head went out"),
             Err(failure) => {
                 if !self.fail_open {
-                    // The head went out: all that is left is to cut the answer short.
+                    // The head went out: all that is left is to cut the answer short, so
+                    // the client sees it unfinished rather than missing a part.
                     *body = None;
+                    ctx.abort_response = Some("a wasm plugin failed on the answer's body");
                 }
                 self.failed(&failure);
             }

@@ -16,6 +16,27 @@ pub enum Op {
 
 const REQUEST_PSEUDO: [&str; 4] = [":authority", ":path", ":method", ":scheme"];
 
+/// Why a plugin may not write header `name`, or `None`. As for every filter: hop-by-hop and
+/// framing headers are the gateway's, and so are, on requests, the forwarding, identity and
+/// request id headers the upstream must be able to trust. `Host` is the plugin's to change
+/// (it is `:authority`).
+pub fn refused(
+    plugin: &crate::plugin::Plugin,
+    name: &HeaderName,
+    request: bool,
+) -> Option<&'static str> {
+    use gatehouse_filters::headers::{refusal, Side};
+    if request && *name == http::header::HOST {
+        return None;
+    }
+    let side = if request {
+        Side::Request
+    } else {
+        Side::Response
+    };
+    refusal(name, side, &plugin.gateway_headers)
+}
+
 fn request_pseudo(host: &Host, name: &[u8]) -> Option<Vec<u8>> {
     let request = &host.request;
     Some(match name {
@@ -148,7 +169,14 @@ pub fn change(host: &mut Host, map: MapType, op: Op, name: &[u8], value: Option<
             let Some((name, value)) = header(host, &lower, value) else {
                 return true;
             };
-            if matches!(op, Op::Add) && host.request.headers.len() >= MAX_HEADERS {
+            if refused(&host.plugin, &name, true).is_some() {
+                host.plugin
+                    .unsupported("changing a request header the gateway keeps to itself");
+                return true;
+            }
+            let grows = matches!(op, Op::Add)
+                || (matches!(op, Op::Replace) && !host.request.headers.contains_key(&name));
+            if grows && host.request.headers.len() >= MAX_HEADERS {
                 return false;
             }
             let request = &mut host.request;
@@ -167,18 +195,30 @@ pub fn change(host: &mut Host, map: MapType, op: Op, name: &[u8], value: Option<
         }
         MapType::ResponseHeaders if host.response_live => {
             if lower == b":status" {
-                if let Some(status) = value
+                match value
                     .and_then(|value| std::str::from_utf8(value).ok())
                     .and_then(|value| value.parse::<u16>().ok())
                 {
-                    let _ = host.response.set_status(status);
+                    Some(status) if (200..=599).contains(&status) => {
+                        let _ = host.response.set_status(status);
+                    }
+                    _ => host.plugin.unsupported("a :status outside 200-599"),
                 }
                 return true;
             }
             let Some((name, value)) = header(host, &lower, value) else {
                 return true;
             };
-            if matches!(op, Op::Add) && host.response.headers.len() >= MAX_HEADERS {
+            // Dropping `content-length` is how a plugin that changes the body says so.
+            let dropping_length = matches!(op, Op::Remove) && name == http::header::CONTENT_LENGTH;
+            if !dropping_length && refused(&host.plugin, &name, false).is_some() {
+                host.plugin
+                    .unsupported("changing a response header the gateway keeps to itself");
+                return true;
+            }
+            let grows = matches!(op, Op::Add)
+                || (matches!(op, Op::Replace) && !host.response.headers.contains_key(&name));
+            if grows && host.response.headers.len() >= MAX_HEADERS {
                 return false;
             }
             let response = &mut host.response;
@@ -268,6 +308,7 @@ pub fn set_pairs(host: &mut Host, map: MapType, pairs: &[(&[u8], &[u8])]) {
             return;
         }
     };
+    // Headers the gateway keeps to itself stay (their removal is refused in `change`).
     for name in names {
         change(host, map, Op::Remove, name.as_str().as_bytes(), None);
     }

@@ -594,18 +594,19 @@ fn link_env(linker: &mut Linker<Host>) -> Result<()> {
             }) else {
                 return trap("a header map that is not one");
             };
-            let Ok(code) = u16::try_from(code) else {
-                return status(Status::BadArgument);
+            let code = match u16::try_from(code) {
+                Ok(code) if (200..=599).contains(&code) => code,
+                _ => return trap(format!("send_local_response with status {code}")),
             };
-            if !(200..=599).contains(&code) {
-                return status(Status::BadArgument);
-            }
             let mut response = Response::new(code).body(body);
+            let plugin = caller.data().plugin.clone();
             for (name, value) in pairs {
                 if let (Ok(name), Ok(value)) =
                     (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
                 {
-                    response = response.header(name, value);
+                    if crate::headers::refused(&plugin, &name, false).is_none() {
+                        response = response.header(name, value);
+                    }
                 }
             }
             caller.data_mut().local = Some(response);
@@ -742,33 +743,61 @@ fn link_env(linker: &mut Linker<Host>) -> Result<()> {
     linker.func_wrap(
         "env",
         "proxy_define_metric",
-        |caller: Caller<'_, Host>, _: u32, _: u32, _: u32, _: u32| -> Result<u32> {
-            unsupported(&caller, "proxy_define_metric");
-            status(Status::NotFound)
+        |mut caller: Caller<'_, Host>,
+         _kind: u32,
+         name_ptr: u32,
+         name_len: u32,
+         id_out: u32|
+         -> Result<u32> {
+            if name_len as usize > MAX_HEADER_BYTES {
+                return over_cap(&mut caller, "metric name");
+            }
+            let name = read(&caller, name_ptr, name_len)?;
+            let Some(id) = caller.data().plugin.define_metric(name) else {
+                return over_cap(&mut caller, "metrics");
+            };
+            write_u32(&mut caller, id_out, id)?;
+            status(Status::Ok)
         },
     )?;
     linker.func_wrap(
         "env",
         "proxy_increment_metric",
-        |caller: Caller<'_, Host>, _: u32, _: i64| -> Result<u32> {
-            unsupported(&caller, "proxy_increment_metric");
-            status(Status::NotFound)
+        |caller: Caller<'_, Host>, id: u32, offset: i64| -> Result<u32> {
+            let found = caller
+                .data()
+                .plugin
+                .update_metric(id, |value| value.saturating_add(offset));
+            status(if found { Status::Ok } else { Status::NotFound })
         },
     )?;
     linker.func_wrap(
         "env",
         "proxy_record_metric",
-        |caller: Caller<'_, Host>, _: u32, _: u64| -> Result<u32> {
-            unsupported(&caller, "proxy_record_metric");
-            status(Status::NotFound)
+        |caller: Caller<'_, Host>, id: u32, value: u64| -> Result<u32> {
+            let found = caller
+                .data()
+                .plugin
+                .update_metric(id, |_| i64::try_from(value).unwrap_or(i64::MAX));
+            status(if found { Status::Ok } else { Status::NotFound })
         },
     )?;
     linker.func_wrap(
         "env",
         "proxy_get_metric",
-        |caller: Caller<'_, Host>, _: u32, _: u32| -> Result<u32> {
-            unsupported(&caller, "proxy_get_metric");
-            status(Status::NotFound)
+        |mut caller: Caller<'_, Host>, id: u32, out: u32| -> Result<u32> {
+            let mut read_value = None;
+            caller.data().plugin.update_metric(id, |value| {
+                read_value = Some(value);
+                value
+            });
+            match read_value {
+                Some(value) => {
+                    write(&mut caller, out, &(value as u64).to_le_bytes())?;
+                    status(Status::Ok)
+                }
+                None => status(Status::NotFound),
+            }
         },
     )?;
     Ok(())
@@ -783,8 +812,13 @@ fn link_queues(linker: &mut Linker<Host>) -> Result<()> {
          name_len: u32,
          token_out: u32|
          -> Result<u32> {
+            if name_len as usize > MAX_HEADER_BYTES {
+                return over_cap(&mut caller, "queue name");
+            }
             let name = read(&caller, name_ptr, name_len)?;
-            let token = caller.data().plugin.shared.register_queue(name);
+            let Some(token) = caller.data().plugin.shared.register_queue(name) else {
+                return over_cap(&mut caller, "shared queues");
+            };
             write_u32(&mut caller, token_out, token)?;
             status(Status::Ok)
         },

@@ -33,7 +33,10 @@ pub enum Failure {
     Limit(&'static str),
     /// It could not be started: instantiation failed, or it refused its configuration.
     Start(String),
-    /// No instance is started while the last start failure's backoff runs.
+    /// It paused a request with nothing to wait for (no call, no answer), so the request
+    /// would never go on.
+    Stalled,
+    /// No instance: the last start failed and its backoff runs, or `max_instances` are alive.
     Unavailable,
 }
 
@@ -46,6 +49,7 @@ impl Failure {
             Failure::Memory => "memory",
             Failure::Limit(_) => "limit",
             Failure::Start(_) => "start",
+            Failure::Stalled => "stalled",
             Failure::Unavailable => "unavailable",
         }
     }
@@ -59,9 +63,9 @@ impl std::fmt::Display for Failure {
             Failure::Memory => formatter.write_str("tried to grow its memory past max_memory"),
             Failure::Limit(what) => write!(formatter, "{what} over its size cap"),
             Failure::Start(message) => write!(formatter, "could not start: {message}"),
-            Failure::Unavailable => {
-                formatter.write_str("no instance: starting one failed, backing off")
-            }
+            Failure::Stalled => formatter.write_str("paused the request with nothing to wait for"),
+            Failure::Unavailable => formatter
+                .write_str("no instance: a start failed and is backed off, or all are busy"),
         }
     }
 }
@@ -180,6 +184,17 @@ pub struct Instance {
     exports: Exports,
     next_context: u32,
     bounds: Bounds,
+    /// Counts the instance among its pool's live ones while it exists.
+    pub live: Option<Live>,
+}
+
+/// One live instance of a pool: the count goes down when the instance is dropped.
+pub struct Live(pub Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Instance {
@@ -250,6 +265,7 @@ impl Instance {
             exports,
             next_context: ROOT + 1,
             bounds,
+            live: None,
         };
         let create = started.exports.on_context_create.clone();
         started.call_start(&create, (ROOT, 0))?;
@@ -266,6 +282,11 @@ impl Instance {
             }
         }
         Ok(started)
+    }
+
+    /// Whether the module reads request bodies (exports `proxy_on_request_body`).
+    pub fn wants_request_body(&self) -> bool {
+        self.exports.on_request_body.is_some()
     }
 
     /// The tick period the root context asked for, if any.

@@ -13,24 +13,70 @@ use prometheus::IntCounter;
 const MAX_SHARED_KEYS: usize = 10_000;
 /// The most items a shared queue may hold.
 const MAX_QUEUE_ITEMS: usize = 10_000;
+/// The most queues a plugin may register, and the longest name one may have.
+const MAX_QUEUES: usize = 1_000;
+const MAX_QUEUE_NAME: usize = 1_024;
+/// The most bytes a plugin's shared data and queues may hold together.
+const MAX_SHARED_BYTES: usize = 64 << 20;
+/// The most metrics a plugin may define.
+const MAX_METRICS: usize = 1_000;
 
 pub struct Plugin {
     pub name: String,
     pub configuration: Bytes,
     pub shared: Arc<Shared>,
+    /// Headers the gateway sets itself besides the forwarding ones (identity, request id),
+    /// which a plugin may not set or remove.
+    pub gateway_headers: Arc<[http::HeaderName]>,
+    /// The plugin's own metrics (`proxy_define_metric`): kept, readable, not exported.
+    pub metrics: Mutex<Vec<(Vec<u8>, i64)>>,
     told: Mutex<HashSet<&'static str>>,
     failures: Family<IntCounter>,
 }
 
 impl Plugin {
-    pub fn new(name: String, configuration: Bytes, failures: Family<IntCounter>) -> Plugin {
+    pub fn new(
+        name: String,
+        configuration: Bytes,
+        gateway_headers: Arc<[http::HeaderName]>,
+        failures: Family<IntCounter>,
+    ) -> Plugin {
         let shared = shared_for(&name);
         Plugin {
             name,
             configuration,
             shared,
+            gateway_headers,
+            metrics: Mutex::new(Vec::new()),
             told: Mutex::new(HashSet::new()),
             failures,
+        }
+    }
+
+    /// The id of the metric `name`, defined now if it is new; `None` past the cap.
+    pub fn define_metric(&self, name: Vec<u8>) -> Option<u32> {
+        let mut metrics = self.metrics.lock().ok()?;
+        if let Some(at) = metrics.iter().position(|(known, _)| *known == name) {
+            return Some(at as u32 + 1);
+        }
+        if metrics.len() >= MAX_METRICS {
+            return None;
+        }
+        metrics.push((name, 0));
+        Some(metrics.len() as u32)
+    }
+
+    /// Changes metric `id` by `change`; `false` when there is no such metric.
+    pub fn update_metric(&self, id: u32, change: impl FnOnce(i64) -> i64) -> bool {
+        let Ok(mut metrics) = self.metrics.lock() else {
+            return false;
+        };
+        match metrics.get_mut((id as usize).wrapping_sub(1)) {
+            Some((_, value)) => {
+                *value = change(*value);
+                true
+            }
+            None => false,
         }
     }
 
@@ -109,12 +155,28 @@ pub enum Stored {
 pub struct Shared {
     data: Mutex<HashMap<Vec<u8>, (Bytes, u32)>>,
     queues: Mutex<Queues>,
+    /// Bytes held by the data and the queues together.
+    bytes: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Default)]
 struct Queues {
     names: HashMap<Vec<u8>, u32>,
     items: HashMap<u32, VecDeque<Bytes>>,
+}
+
+impl Shared {
+    /// Takes `more` bytes from the budget (giving back `less`); `false` when it is spent.
+    fn budget(&self, more: usize, less: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        let held = self.bytes.load(Ordering::Relaxed);
+        let next = held.saturating_sub(less) + more;
+        if more > less && next > MAX_SHARED_BYTES {
+            return false;
+        }
+        self.bytes.store(next, Ordering::Relaxed);
+        true
+    }
 }
 
 impl Shared {
@@ -133,12 +195,17 @@ impl Shared {
                 if cas != 0 && cas != *current {
                     return Stored::CasMismatch;
                 }
+                if !self.budget(value.len(), kept.len()) {
+                    return Stored::Full;
+                }
                 *kept = Bytes::from(value);
                 *current = current.wrapping_add(1).max(1);
                 Stored::Yes
             }
             None if cas != 0 => Stored::CasMismatch,
-            None if len >= MAX_SHARED_KEYS => Stored::Full,
+            None if len >= MAX_SHARED_KEYS || !self.budget(key.len() + value.len(), 0) => {
+                Stored::Full
+            }
             None => {
                 data.insert(key, (Bytes::from(value), 1));
                 Stored::Yes
@@ -146,12 +213,19 @@ impl Shared {
         }
     }
 
-    pub fn register_queue(&self, name: Vec<u8>) -> u32 {
-        let mut queues = self.queues.lock().expect("queues lock");
-        let next = queues.names.len() as u32 + 1;
-        let token = *queues.names.entry(name).or_insert(next);
+    /// The queue's token; `None` past the cap on queues or on a name's length.
+    pub fn register_queue(&self, name: Vec<u8>) -> Option<u32> {
+        let mut queues = self.queues.lock().ok()?;
+        if let Some(token) = queues.names.get(&name) {
+            return Some(*token);
+        }
+        if queues.names.len() >= MAX_QUEUES || name.len() > MAX_QUEUE_NAME {
+            return None;
+        }
+        let token = queues.names.len() as u32 + 1;
+        queues.names.insert(name, token);
         queues.items.entry(token).or_default();
-        token
+        Some(token)
     }
 
     pub fn resolve_queue(&self, name: &[u8]) -> Option<u32> {
@@ -162,7 +236,7 @@ impl Shared {
     pub fn enqueue(&self, token: u32, item: Vec<u8>) -> Option<bool> {
         let mut queues = self.queues.lock().ok()?;
         let queue = queues.items.get_mut(&token)?;
-        if queue.len() >= MAX_QUEUE_ITEMS {
+        if queue.len() >= MAX_QUEUE_ITEMS || !self.budget(item.len(), 0) {
             return Some(false);
         }
         queue.push_back(Bytes::from(item));
@@ -172,7 +246,11 @@ impl Shared {
     /// `None`: no such queue; `Some(None)`: it is empty.
     pub fn dequeue(&self, token: u32) -> Option<Option<Bytes>> {
         let mut queues = self.queues.lock().ok()?;
-        Some(queues.items.get_mut(&token)?.pop_front())
+        let item = queues.items.get_mut(&token)?.pop_front();
+        if let Some(item) = &item {
+            self.budget(0, item.len());
+        }
+        Some(item)
     }
 }
 

@@ -4,11 +4,12 @@
 //! (`per_request`). An instance that failed is never given back; starting a new one after a
 //! failed start waits out a backoff. The root context's ticks run on an instance of their own.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use crate::engine::Compiled;
-use crate::instance::{Bounds, Failure, Instance};
+use crate::instance::{Bounds, Failure, Instance, Live};
 use crate::plugin::Plugin;
 
 /// The first wait after a failed start; it doubles up to [`MAX_BACKOFF`].
@@ -22,6 +23,9 @@ pub struct Pool {
     /// Instances are given back after a request (`pooled`), not dropped (`per_request`).
     pub reuse: bool,
     pub max_idle: usize,
+    /// The most instances alive at once (idle, serving a request, or ticking).
+    pub max_instances: usize,
+    live: Arc<AtomicUsize>,
     idle: Mutex<Vec<Instance>>,
     backoff: Mutex<Backoff>,
 }
@@ -40,15 +44,20 @@ impl Pool {
         bounds: Bounds,
         reuse: bool,
         max_idle: usize,
-        first: Instance,
+        max_instances: usize,
+        mut first: Instance,
     ) -> Arc<Pool> {
         let tick_period = first.tick_period_ms();
+        let live = Arc::new(AtomicUsize::new(1));
+        first.live = Some(Live(live.clone()));
         let pool = Arc::new(Pool {
             compiled,
             plugin,
             bounds,
             reuse,
             max_idle,
+            max_instances,
+            live,
             idle: Mutex::new(Vec::new()),
             backoff: Mutex::new(Backoff::default()),
         });
@@ -78,8 +87,14 @@ impl Pool {
                 return Err(Failure::Unavailable);
             }
         }
+        if self.live.fetch_add(1, Ordering::Relaxed) >= self.max_instances {
+            self.live.fetch_sub(1, Ordering::Relaxed);
+            return Err(Failure::Unavailable);
+        }
+        let live = Live(self.live.clone());
         match Instance::start(&self.compiled, self.plugin.clone(), self.bounds) {
-            Ok(instance) => {
+            Ok(mut instance) => {
+                instance.live = Some(live);
                 if let Ok(mut backoff) = self.backoff.lock() {
                     *backoff = Backoff::default();
                 }
@@ -128,7 +143,16 @@ fn start_ticks(pool: Weak<Pool>, instance: Instance, period_ms: u32) {
         .spawn(move || {
             let mut ticking = Some(instance);
             loop {
-                std::thread::sleep(period);
+                // Sleep in slices, so the thread (and its instance) ends soon after the pool.
+                let mut slept = Duration::ZERO;
+                while slept < period {
+                    let slice = (period - slept).min(Duration::from_millis(500));
+                    std::thread::sleep(slice);
+                    slept += slice;
+                    if pool.strong_count() == 0 {
+                        return;
+                    }
+                }
                 let Some(pool) = pool.upgrade() else {
                     return;
                 };

@@ -551,3 +551,133 @@ fn a_module_is_compiled_once_per_content() {
     assert_eq!(gatehouse_wasm::times_compiled(&sha256), 2);
     drop(third);
 }
+
+#[test]
+fn a_request_paused_with_nothing_to_wait_for_fails_by_its_policy() {
+    assert_fails("(i32.const 1)", "", "stalled", serde_json::json!({}));
+}
+
+/// Framing, hop-by-hop and forwarding headers are the gateway's: a module's writes to them are
+/// ignored (and logged once); its other changes apply.
+#[test]
+fn headers_the_gateway_keeps_to_itself_are_not_the_plugins() {
+    let body = r#"
+      (drop (call $add (i32.const 0) (i32.const 1024) (i32.const 14) (i32.const 1100) (i32.const 1)))
+      (drop (call $add (i32.const 0) (i32.const 1040) (i32.const 10) (i32.const 1110) (i32.const 5)))
+      (drop (call $replace (i32.const 0) (i32.const 1056) (i32.const 15) (i32.const 1120) (i32.const 7)))
+      (drop (call $remove (i32.const 0) (i32.const 1080) (i32.const 17)))
+      (drop (call $add (i32.const 0) (i32.const 1140) (i32.const 4) (i32.const 1100) (i32.const 1)))
+      (i32.const 0)"#;
+    let data = r#"
+      (data (i32.const 1024) "content-length")
+      (data (i32.const 1040) "connection")
+      (data (i32.const 1056) "x-forwarded-for")
+      (data (i32.const 1080) "transfer-encoding")
+      (data (i32.const 1100) "5")
+      (data (i32.const 1110) "close")
+      (data (i32.const 1120) "6.6.6.6")
+      (data (i32.const 1140) "x-ok")"#;
+    let filter = build(
+        &module(body, "", data),
+        serde_json::json!({}),
+        &Metrics::new(),
+    )
+    .unwrap();
+    let mut request = request("/", &[("transfer-encoding", "chunked")]);
+    run(&filter, &mut request);
+    assert_eq!(header(&request, "content-length"), None);
+    assert_eq!(header(&request, "connection"), None);
+    assert_eq!(header(&request, "x-forwarded-for"), None);
+    assert_eq!(header(&request, "transfer-encoding"), Some("chunked"));
+    assert_eq!(header(&request, "x-ok"), Some("5"));
+}
+
+/// A plugin's own metrics: defined, incremented and read back (`x-metric: 3`).
+#[test]
+fn a_plugin_defines_and_reads_its_own_metrics() {
+    let extra = r#"
+  (import "env" "proxy_define_metric" (func $define (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_increment_metric" (func $increment (param i32 i64) (result i32)))
+  (import "env" "proxy_get_metric" (func $get_metric (param i32 i32) (result i32)))"#;
+    let body = r#"
+      (drop (call $define (i32.const 0) (i32.const 1024) (i32.const 8) (i32.const 2000)))
+      (drop (call $increment (i32.load (i32.const 2000)) (i64.const 3)))
+      (drop (call $get_metric (i32.load (i32.const 2000)) (i32.const 2008)))
+      (i32.store8 (i32.const 2020) (i32.add (i32.const 48) (i32.load (i32.const 2008))))
+      (drop (call $add (i32.const 0) (i32.const 1040) (i32.const 8) (i32.const 2020) (i32.const 1)))
+      (i32.const 0)"#;
+    let data = r#"(data (i32.const 1024) "requests") (data (i32.const 1040) "x-metric")"#;
+    let filter = build(
+        &module(body, extra, data),
+        serde_json::json!({"isolation": "per_request"}),
+        &Metrics::new(),
+    )
+    .unwrap();
+    let mut request = request("/", &[]);
+    run(&filter, &mut request);
+    assert_eq!(header(&request, "x-metric"), Some("3"));
+}
+
+/// With `max_instances` alive, a request that finds none free gets the fail policy's answer.
+#[test]
+fn requests_past_max_instances_get_the_fail_policy() {
+    let metrics = Metrics::new();
+    let filter = build(
+        &module("(i32.const 0)", "", ""),
+        serde_json::json!({"max_instances": 1}),
+        &metrics,
+    )
+    .unwrap();
+    let (first, holding) = run(&filter, &mut request("/", &[]));
+    assert!(matches!(first, Decision::Continue));
+    let (second, _ctx) = run(&filter, &mut request("/", &[]));
+    assert!(matches!(second, Decision::Reject(_)), "{second:?}");
+    assert_eq!(failures(&metrics, "unavailable"), 1);
+    drop(holding);
+    let (third, _ctx) = run(&filter, &mut request("/", &[]));
+    assert!(
+        matches!(third, Decision::Continue),
+        "the instance came back"
+    );
+}
+
+/// A local response from `on_response_headers` replaces the upstream's answer; on an answer
+/// that has no body (204), the replacement has none either and says no length.
+#[test]
+fn a_local_response_from_the_response_head_replaces_the_answer() {
+    let extra = r#"
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (drop (call $local (i32.const 451) (i32.const 0) (i32.const 0)
+      (i32.const 1024) (i32.const 4) (i32.const 0) (i32.const 0) (i32.const -1)))
+    (i32.const 1))"#;
+    let data = r#"(data (i32.const 1024) "gone")"#;
+    let filter = build(
+        &module("(i32.const 0)", extra, data),
+        serde_json::json!({}),
+        &Metrics::new(),
+    )
+    .unwrap();
+    for (upstream_status, length, body) in
+        [(200u16, Some("4"), Some("gone")), (204, Some("0"), None)]
+    {
+        let (_decision, mut ctx) = run(&filter, &mut request("/", &[]));
+        let mut response = pingora_http::ResponseHeader::build(upstream_status, None).unwrap();
+        if upstream_status == 200 {
+            response.insert_header("content-length", "11").unwrap();
+            response.insert_header("x-upstream", "1").unwrap();
+        }
+        filter.response(&mut response, &mut ctx);
+        assert_eq!(response.status.as_u16(), 451);
+        assert!(response.headers.get("x-upstream").is_none());
+        assert_eq!(
+            response
+                .headers
+                .get("content-length")
+                .map(|value| value.to_str().unwrap()),
+            length
+        );
+        let mut piece = Some(bytes::Bytes::from_static(b"upstream body"));
+        filter.response_body(&mut piece, true, &mut ctx);
+        assert_eq!(piece.as_deref(), body.map(str::as_bytes));
+    }
+}
