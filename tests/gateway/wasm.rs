@@ -591,3 +591,118 @@ routes:
         }
     }
 }
+
+/// An upstream answering every request with a chunked body, "hello" then "world".
+fn chunked_upstream() -> std::net::SocketAddr {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut stream = stream;
+                loop {
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let answer = "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n5\r\nworld\r\n0\r\n\r\n";
+                    if stream.write_all(answer.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    address
+}
+
+/// A plugin that fails on an answer's body after its head went out: with `closed`, the answer
+/// is ended unfinished (no last chunk, the connection closes), never sent complete with a part
+/// missing; with `open`, it goes out whole without the plugin.
+#[test]
+fn a_plugin_failing_on_the_answer_body_cuts_the_answer_short() {
+    let upstream = chunked_upstream();
+    let dir = tempfile::tempdir().unwrap();
+    let text = wat("(i32.const 0)", "").replace(
+        "  (func (export \"proxy_on_request_headers\")",
+        "  (func (export \"proxy_on_response_body\") (param i32 i32 i32) (result i32) (unreachable))\n  (func (export \"proxy_on_request_headers\")",
+    );
+    let (path, sha) = wat_module(dir.path(), "body_trap", &text);
+    let gateway = Gateway::start(&format!(
+        r#"
+upstreams: [{{ name: up, targets: [{{ address: "{upstream}" }}] }}]
+routes:
+  - name: closed
+    match: {{ paths: [{{ prefix: /closed }}] }}
+    upstream: up
+    filters:
+      - kind: wasm
+        config: {{ path: "{path}", sha256: "{sha}" }}
+  - name: open
+    match: {{ paths: [{{ prefix: /open }}] }}
+    upstream: up
+    filters:
+      - kind: wasm
+        config: {{ path: "{path}", sha256: "{sha}", fail_policy: open }}
+"#
+    ));
+    let raw = |path: &str| {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(gateway.addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+            .unwrap();
+        let mut received = Vec::new();
+        // The connection stays open after a complete answer: read until the read times out
+        // or the gateway closes.
+        let mut buffer = [0u8; 4096];
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(2) {
+            stream
+                .set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            match stream.read(&mut buffer) {
+                Ok(0) => return (String::from_utf8_lossy(&received).into_owned(), true),
+                Ok(read) => received.extend_from_slice(&buffer[..read]),
+                Err(_) if !received.is_empty() => break,
+                Err(_) => {}
+            }
+        }
+        (String::from_utf8_lossy(&received).into_owned(), false)
+    };
+    // Before anything went out the failure is a 500 problem; after the head went out, the
+    // answer is cut and the connection closed. Never a complete 200 with a piece missing.
+    let (answer, closed) = raw("/closed");
+    if answer.starts_with("HTTP/1.1 200") {
+        assert!(
+            !answer.ends_with("0\r\n\r\n"),
+            "a cut answer must not look complete: {answer:?}"
+        );
+        assert!(
+            closed,
+            "the connection closes after a cut answer: {answer:?}"
+        );
+    } else {
+        assert!(answer.starts_with("HTTP/1.1 500"), "{answer}");
+        assert!(!answer.contains("hello"), "{answer:?}");
+    }
+    let (answer, closed) = raw("/open");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.contains("hello") && answer.contains("world"),
+        "{answer:?}"
+    );
+    assert!(answer.ends_with("0\r\n\r\n"), "{answer:?}");
+    assert!(!closed, "{answer:?}");
+}

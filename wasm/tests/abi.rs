@@ -681,3 +681,31 @@ fn a_local_response_from_the_response_head_replaces_the_answer() {
         assert_eq!(piece.as_deref(), body.map(str::as_bytes));
     }
 }
+
+/// The gateway's own answers (a refusal, an error) stand: a local response from
+/// `on_response_headers` does not replace them.
+#[test]
+fn the_gateways_own_answers_are_not_replaced() {
+    let extra = r#"
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (drop (call $local (i32.const 451) (i32.const 0) (i32.const 0)
+      (i32.const 1024) (i32.const 4) (i32.const 0) (i32.const 0) (i32.const -1)))
+    (i32.const 1))"#;
+    let data = r#"(data (i32.const 1024) "gone")"#;
+    let filter = build(
+        &module("(i32.const 0)", extra, data),
+        serde_json::json!({}),
+        &Metrics::new(),
+    )
+    .unwrap();
+    let (_decision, mut ctx) = run(&filter, &mut request("/", &[]));
+    ctx.own_answer = true;
+    let mut response = pingora_http::ResponseHeader::build(404, None).unwrap();
+    response.insert_header("content-length", "120").unwrap();
+    filter.response(&mut response, &mut ctx);
+    assert_eq!(response.status.as_u16(), 404);
+    assert_eq!(response.headers.get("content-length").unwrap(), "120");
+    let mut piece = Some(bytes::Bytes::from_static(b"problem document"));
+    filter.response_body(&mut piece, true, &mut ctx);
+    assert_eq!(piece.as_deref(), Some(&b"problem document"[..]));
+}
