@@ -55,6 +55,7 @@ pub struct Chain {
     upstream_request: Vec<usize>,
     response: Vec<usize>,
     response_body: Vec<usize>,
+    response_trailers: Vec<usize>,
     log: Vec<usize>,
     phases: Phases,
 }
@@ -109,6 +110,7 @@ impl Chain {
             upstream_request: taking_part(Phases::UPSTREAM_REQUEST),
             response: taking_part(Phases::RESPONSE),
             response_body: taking_part(Phases::RESPONSE_BODY),
+            response_trailers: taking_part(Phases::RESPONSE_TRAILERS),
             log: taking_part(Phases::LOG),
             filters,
             steps,
@@ -207,6 +209,21 @@ impl Chain {
         for &index in self.response_body.iter().rev() {
             self.filters[index].response_body(body, end_of_stream, ctx);
         }
+    }
+
+    /// The upstream's trailers, in reverse order, until a filter turns them into the body's
+    /// last piece.
+    pub fn response_trailers(
+        &self,
+        trailers: &mut http::HeaderMap,
+        ctx: &mut RequestContext,
+    ) -> Option<Bytes> {
+        for &index in self.response_trailers.iter().rev() {
+            if let Some(last) = self.filters[index].response_trailers(trailers, ctx) {
+                return Some(last);
+            }
+        }
+        None
     }
 
     /// The request is over.

@@ -35,7 +35,8 @@ impl Phases {
     pub const RESPONSE: Phases = Phases(1 << 3);
     pub const RESPONSE_BODY: Phases = Phases(1 << 4);
     pub const LOG: Phases = Phases(1 << 5);
-    pub const ALL: Phases = Phases((1 << 6) - 1);
+    pub const RESPONSE_TRAILERS: Phases = Phases(1 << 6);
+    pub const ALL: Phases = Phases((1 << 7) - 1);
 
     /// The phases of both.
     pub const fn and(self, other: Phases) -> Phases {
@@ -147,6 +148,19 @@ pub trait Filter: Send + Sync + 'static {
         _end_of_stream: bool,
         _ctx: &mut RequestContext,
     ) {
+    }
+
+    /// The upstream's trailers arrived (an HTTP/2 upstream: gRPC's `grpc-status`). The filter
+    /// may change them, or end the body with bytes of its own instead (`Some`: the bytes are
+    /// the body's last piece and the trailers are dropped; filters after it in response order
+    /// see neither). Without trailers this phase is not called: the body's last piece has
+    /// `end_of_stream`.
+    fn response_trailers(
+        &self,
+        _trailers: &mut http::HeaderMap,
+        _ctx: &mut RequestContext,
+    ) -> Option<Bytes> {
+        None
     }
 
     /// The request is over (answered, or failed).

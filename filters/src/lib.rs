@@ -5,6 +5,7 @@
 //! This crate does not depend on the proxy. A filter sees request and response headers and body
 //! bytes, so every filter is unit-testable without starting a server.
 
+pub mod call;
 mod chain;
 pub mod codec;
 pub mod consumers;
@@ -19,6 +20,7 @@ pub mod util;
 
 pub mod api_key;
 pub mod cors;
+pub mod grpc;
 pub mod headers;
 pub mod ip_restriction;
 pub mod json_body;

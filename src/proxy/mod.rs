@@ -328,6 +328,19 @@ impl ProxyHttp for Gateway {
         Ok(None)
     }
 
+    async fn response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        trailers: &mut http::HeaderMap,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Bytes>> {
+        let chain = ctx.snapshot.chain(ctx.route);
+        if chain.wants(Phases::RESPONSE_TRAILERS) {
+            return Ok(chain.response_trailers(trailers, &mut ctx.shared));
+        }
+        Ok(None)
+    }
+
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
