@@ -316,6 +316,47 @@ impl Problem {
     }
 }
 
+impl Problem {
+    /// The answer to a gRPC client (a request whose `content-type` is `application/grpc*`): a
+    /// trailers-only response, HTTP 200 with `grpc-status` and `grpc-message` in its head and no
+    /// body, the status being the gRPC code of the problem's HTTP status. `content_type` is the
+    /// flavour the client speaks (`application/grpc`, `application/grpc-web+proto`, ...). A
+    /// plugin's own answer is sent as it is.
+    pub fn into_grpc_response(
+        self,
+        request_id: &str,
+        id_header: &HeaderName,
+        content_type: &'static str,
+    ) -> (Response, crate::grpc::Code) {
+        let code = crate::grpc::Code::for_http_status(self.status);
+        if self.answer.is_some() {
+            return (self.into_response(request_id, id_header), code);
+        }
+        let message = match &self.detail {
+            Some(detail) => format!("{}: {detail}", self.kind.title()),
+            None => self.kind.title().to_string(),
+        };
+        let mut response = Response::new(200);
+        response.headers = self.headers;
+        response
+            .headers
+            .retain(|(name, _)| name != http::header::CONTENT_TYPE);
+        let mut response = response
+            .header(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static(content_type),
+            )
+            .header(crate::grpc::STATUS, HeaderValue::from_static(code.as_str()));
+        if let Ok(value) = HeaderValue::from_str(&crate::grpc::encode_message(&message)) {
+            response = response.header(crate::grpc::MESSAGE, value);
+        }
+        if let Ok(value) = HeaderValue::from_str(request_id) {
+            response = response.header(id_header.clone(), value);
+        }
+        (response, code)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

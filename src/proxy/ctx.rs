@@ -36,6 +36,49 @@ pub struct RequestCtx {
     /// The request's spans, when tracing is on (boxed: most requests of most configs have none,
     /// and the context is copied with each request's future).
     pub(super) trace: Option<Box<crate::telemetry::traces::RequestTrace>>,
+    /// The gRPC flavour the client speaks, when its `content-type` is `application/grpc*`: the
+    /// gateway's own answers are then gRPC statuses.
+    pub grpc: Option<GrpcWire>,
+    /// The call's gRPC status: the upstream's (head or trailers) or that of our own answer.
+    pub grpc_status: Option<gatehouse_filters::grpc::Code>,
+}
+
+/// How a gRPC client frames its calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrpcWire {
+    Grpc,
+    Web,
+    WebText,
+}
+
+impl GrpcWire {
+    /// The flavour of a request's `content-type`, if it is gRPC.
+    pub fn of(request: &pingora_http::RequestHeader) -> Option<GrpcWire> {
+        let value = request.headers.get(http::header::CONTENT_TYPE)?.as_bytes();
+        if !gatehouse_filters::grpc::is_grpc_content_type(value) {
+            return None;
+        }
+        let rest = &value[b"application/grpc".len()..];
+        let starts = |prefix: &[u8]| {
+            rest.len() >= prefix.len() && rest[..prefix.len()].eq_ignore_ascii_case(prefix)
+        };
+        Some(if starts(b"-web-text") {
+            GrpcWire::WebText
+        } else if starts(b"-web") {
+            GrpcWire::Web
+        } else {
+            GrpcWire::Grpc
+        })
+    }
+
+    /// The `content-type` of an answer in this flavour.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            GrpcWire::Grpc => "application/grpc",
+            GrpcWire::Web => "application/grpc-web+proto",
+            GrpcWire::WebText => "application/grpc-web-text+proto",
+        }
+    }
 }
 
 impl RequestCtx {
@@ -52,6 +95,8 @@ impl RequestCtx {
             peer: None,
             trusted_peer: false,
             trace: None,
+            grpc: None,
+            grpc_status: None,
         }
     }
 

@@ -32,7 +32,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use gatehouse_filters::{Phases, Problem, ProblemType};
+use gatehouse_filters::{grpc, Phases, Problem, ProblemType};
 use pingora_core::connectors::http::Connector;
 use pingora_core::connectors::ConnectorOptions;
 use pingora_core::upstreams::peer::HttpPeer;
@@ -91,6 +91,7 @@ impl ProxyHttp for Gateway {
         // wait for their turn instead of failing this request. Answers go out in order.
         session.as_downstream_mut().set_pipelining_enabled(true);
         ctx.trace = traces::start(session.req_header());
+        ctx.grpc = ctx::GrpcWire::of(session.req_header());
         forwarded::identify(session, ctx);
         // Framing a server behind us could read differently: 400, and the connection closes.
         if let Some(head) = session.as_downstream().as_http1() {
@@ -265,6 +266,9 @@ impl ProxyHttp for Gateway {
             ctx.upstream.answered = Some(std::time::Instant::now());
         }
         ctx.upstream.status = Some(upstream_response.status.as_u16());
+        if let Some(status) = upstream_response.headers.get(grpc::STATUS) {
+            ctx.grpc_status = Some(grpc::Code::parse(status.as_bytes()));
+        }
         if let Some(trace) = ctx.trace.as_mut() {
             trace.attempt_answered(upstream_response.status.as_u16());
         }
@@ -278,6 +282,9 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         forwarded::tell_upstream(upstream_request, ctx);
+        if ctx.grpc.is_some() {
+            peer::tell_deadline(upstream_request, ctx);
+        }
         if let Some(traceparent) = ctx.trace.as_ref().and_then(|trace| trace.traceparent()) {
             upstream_request.insert_header(
                 http::header::HeaderName::from_static("traceparent"),
@@ -334,6 +341,9 @@ impl ProxyHttp for Gateway {
         trailers: &mut http::HeaderMap,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Bytes>> {
+        if let Some(status) = trailers.get(grpc::STATUS) {
+            ctx.grpc_status = Some(grpc::Code::parse(status.as_bytes()));
+        }
         let chain = ctx.snapshot.chain(ctx.route);
         if chain.wants(Phases::RESPONSE_TRAILERS) {
             return Ok(chain.response_trailers(trailers, &mut ctx.shared));

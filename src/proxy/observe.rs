@@ -66,6 +66,18 @@ pub fn finish(
             .as_ref()
             .map(|consumer| consumer.id.as_ref()),
     });
+    if ctx.grpc.is_some() || ctx.grpc_status.is_some() {
+        // A call that ended with no status at all (broken off) is, to its client, UNKNOWN.
+        let code = ctx
+            .grpc_status
+            .unwrap_or(gatehouse_filters::grpc::Code::Unknown);
+        let route = ctx
+            .shared
+            .route
+            .as_deref()
+            .unwrap_or(crate::telemetry::metrics::UNMATCHED_ROUTE);
+        metrics.grpc_call(route, code);
+    }
     if let Some((method, reason)) = ctx.shared.auth_failure {
         metrics.auth_failure(method, reason);
     }

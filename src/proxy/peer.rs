@@ -96,12 +96,25 @@ pub fn choose(request: &RequestHeader, ctx: &mut RequestCtx, may_wait: bool) -> 
         shared,
         upstream,
         trace,
+        grpc,
         ..
     } = ctx;
     let route = &snapshot.routes[route_index];
     let primary = *upstream.pool.get_or_insert_with(|| route.pick_pool());
     if upstream.count == 0 {
         upstream.deadline = route.timeout.map(|timeout| started + timeout);
+        // A gRPC client's deadline bounds the exchange too, counted from its request's arrival.
+        if grpc.is_some() {
+            let client = request
+                .headers
+                .get(gatehouse_filters::grpc::TIMEOUT)
+                .and_then(|value| gatehouse_filters::grpc::parse_timeout(value.as_bytes()))
+                .map(|timeout| shared.started + timeout);
+            upstream.deadline = match (upstream.deadline, client) {
+                (Some(route), Some(client)) => Some(route.min(client)),
+                (route, client) => route.or(client),
+            };
+        }
     }
     let remaining = upstream.deadline.map_or(Duration::MAX, |deadline| {
         deadline.saturating_duration_since(started)
@@ -196,6 +209,18 @@ pub fn choose(request: &RequestHeader, ctx: &mut RequestCtx, may_wait: bool) -> 
     }
     let problem = Problem::new(refusal.unwrap_or(ProblemType::NoHealthyUpstream));
     Err(respond::defer(ctx, problem))
+}
+
+/// Tells a gRPC upstream the time left (`grpc-timeout`): the client's deadline, or the route's
+/// when that comes first, so the service stops working on a call nobody waits for.
+pub fn tell_deadline(request: &mut RequestHeader, ctx: &RequestCtx) {
+    if let Some(deadline) = ctx.upstream.deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let value = gatehouse_filters::grpc::format_timeout(left.max(Duration::from_millis(1)));
+        request
+            .insert_header(gatehouse_filters::grpc::TIMEOUT, value)
+            .ok();
+    }
 }
 
 /// The bytes a consistent-hash pool hashes for this request.

@@ -8,6 +8,9 @@ use pingora_proxy::{FailToProxy, Session};
 
 use super::ctx::RequestCtx;
 
+/// How long the rest of a gRPC call's request is read after our own answer.
+const GRPC_DRAIN: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Writes a complete response of our own. Returns `Ok(true)`: the request is answered.
 pub async fn respond(
     session: &mut Session,
@@ -38,23 +41,48 @@ pub async fn respond(
         header.insert_header(super::timing::HEADER, value)?;
     }
     let end = response.body.is_empty();
-    session.write_response_header(Box::new(header), end).await?;
+    match session.as_downstream_mut() {
+        // Pingora's own write keeps an HTTP/2 stream open after the head (its end flag is not
+        // passed on), and a stream then closed by an empty DATA frame is not the trailers-only
+        // answer gRPC clients look for: the head itself ends the stream.
+        pingora_core::protocols::http::ServerSession::H2(stream) if end => {
+            stream.write_response_header(Box::new(header), true)?;
+        }
+        _ => session.write_response_header(Box::new(header), end).await?,
+    }
     if !end {
         session
             .write_response_body(Some(response.body), true)
             .await?;
     }
+    if ctx.grpc.is_some() && session.as_downstream().is_http2() {
+        // The rest of the call's request is read (briefly): an HTTP/2 stream dropped while its
+        // client still sends is reset with CANCEL, and a gRPC client then reports CANCELLED
+        // rather than the status it was just given.
+        let drain = session.as_downstream_mut().drain_request_body();
+        let _ = tokio::time::timeout(GRPC_DRAIN, drain).await;
+    }
     Ok(true)
 }
 
-/// Answers with a problem document, the request id in the body and in its header.
+/// Answers with a problem document, the request id in the body and in its header; a gRPC
+/// client gets the problem as a gRPC status instead.
 pub async fn problem(
     session: &mut Session,
     ctx: &mut RequestCtx,
     problem: Problem,
 ) -> Result<bool> {
     let header = ctx.request_id_header().clone();
-    let response = problem.into_response(ctx.shared.request_id(), &header);
+    let response = match ctx.grpc {
+        // A gRPC client reads a status, not a document: a trailers-only answer.
+        Some(wire) => {
+            let (response, code) =
+                problem.into_grpc_response(ctx.shared.request_id(), &header, wire.content_type());
+            ctx.grpc_status = Some(code);
+            response
+        }
+        None => problem.into_response(ctx.shared.request_id(), &header),
+    };
     respond(session, ctx, response).await
 }
 
@@ -105,18 +133,36 @@ fn problem_for(error: &Error) -> Problem {
 /// after a failure in the proxy phase (an upstream that refused, timed out or broke off, an
 /// open breaker, no healthy target) Pingora does not keep the client's connection.
 pub async fn fail(session: &mut Session, error: &Error, ctx: &mut RequestCtx) -> FailToProxy {
-    let problem = ctx.problem.take().unwrap_or_else(|| problem_for(error));
+    let problem = ctx.problem.take().unwrap_or_else(|| {
+        // An upstream that fails once the deadline has passed (a gRPC service giving up on a
+        // call at the deadline it was told, say) failed the request by taking too long.
+        let late = ctx
+            .upstream
+            .deadline
+            .is_some_and(|deadline| std::time::Instant::now() >= deadline);
+        if late && error.esource() == &ErrorSource::Upstream {
+            Problem::new(ProblemType::UpstreamTimeout)
+        } else {
+            problem_for(error)
+        }
+    });
     let client_gone = matches!(
         error.etype(),
         ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed
     ) && error.esource() == &ErrorSource::Downstream;
     let status = problem.status;
     let unanswered = session.response_written().is_none();
-    let reusable = !client_gone
-        && unanswered
-        && error.esource() != &ErrorSource::Downstream
-        && session.is_body_done()
-        && !ctx.upstream.proxying;
+    // An HTTP/2 stream is never reused: "reusable" there has Pingora end the stream in order
+    // (without it the stream is reset, and a gRPC client reports CANCELLED, not our status).
+    let reusable = if session.as_downstream().is_http2() {
+        !client_gone
+    } else {
+        !client_gone
+            && unanswered
+            && error.esource() != &ErrorSource::Downstream
+            && session.is_body_done()
+            && !ctx.upstream.proxying
+    };
     if !reusable {
         session.set_keepalive(None);
     }

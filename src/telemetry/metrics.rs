@@ -282,6 +282,7 @@ impl ConsumerRows {
 #[derive(Clone)]
 pub struct RequestMetrics {
     auth_failures: Family<IntCounter>,
+    grpc_calls: Family<IntCounter>,
     _build: Arc<SampledRow>,
 }
 
@@ -303,8 +304,19 @@ impl RequestMetrics {
                 "Requests refused by authentication, by method and reason",
                 &["method", "reason"],
             ),
+            grpc_calls: metrics.counters(
+                "gatehouse_grpc_requests_total",
+                "gRPC calls (gRPC, gRPC-Web and transcoded), by route and the grpc-status the \
+                 client got (its canonical name)",
+                &["route", "grpc_status"],
+            ),
             _build: Arc::new(build),
         }
+    }
+
+    /// A gRPC call ended with `code`.
+    pub fn grpc_call(&self, route: &str, code: gatehouse_filters::grpc::Code) {
+        self.grpc_calls.with_labels(&[route, code.name()]).inc();
     }
 
     /// An authentication failure; methods and reasons are a small fixed set named by filters.

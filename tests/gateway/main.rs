@@ -7,6 +7,7 @@ mod auth;
 mod balancing;
 mod discovery;
 mod edge;
+mod grpc;
 mod http2;
 mod introspection;
 mod json_body;

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod dns;
+pub mod grpc;
 pub mod idp;
 pub mod load;
 pub mod otlp;
