@@ -10,7 +10,8 @@
 //!   parsed into the method's input message (unknown members refused), the path and query
 //!   values set on top, and the upstream gets one uncompressed gRPC frame. `Content-Length` is
 //!   left for the proxy to set to the frame's length (a body read ahead) or to drop (chunked).
-//! - **Request without a body binding** (GET, DELETE), or with one but no body: the proxy
+//! - **Request without a body binding** (GET, DELETE), or with one but no body (no
+//!   `Transfer-Encoding`, and a `Content-Length` of 0 or, over HTTP/1, none): the proxy
 //!   cannot give a bodiless request a body, so the filter calls the route's upstream itself
 //!   (the process's [`crate::call::Caller`]) and answers with the converted reply, buffered
 //!   whole. The call carries the client's headers but hop-by-hop, framing and content ones,
@@ -321,12 +322,17 @@ impl FilterKind for GrpcJson {
     }
 }
 
-/// Whether the request head announces a body.
+/// Whether the request head announces a body, or may have one: an HTTP/2 request without a
+/// `Content-Length` is taken to have one (its DATA frames need not be declared), and an empty
+/// body then becomes an empty message.
 fn has_body(request: &RequestHeader) -> bool {
     if request.headers.contains_key(header::TRANSFER_ENCODING) {
         return true;
     }
-    declared_length(&request.headers).is_some_and(|length| length > 0)
+    match declared_length(&request.headers) {
+        Some(length) => length > 0,
+        None => request.version == http::Version::HTTP_2,
+    }
 }
 
 fn declared_length(headers: &http::HeaderMap) -> Option<u64> {

@@ -985,6 +985,13 @@ async fn requests_without_a_body_are_answered_by_a_call() {
     // A POST with a body binding but no body goes the same way.
     let mut request = head("POST", "/demo.Greeter/Say", Some(0));
     assert!(filter.try_request(&mut request, &mut ctx).is_none());
+    // An HTTP/2 request need not declare its body: it goes through the proxy.
+    let mut request = head("POST", "/demo.Greeter/Say", None);
+    request.set_version(http::Version::HTTP_2);
+    assert!(matches!(
+        filter.try_request(&mut request, &mut ctx),
+        Some(Decision::Continue)
+    ));
     // gRPC requests and requests matching nothing pass.
     let mut request = head("POST", "/demo.Greeter/Say", Some(5));
     request
