@@ -21,6 +21,7 @@ pub mod util;
 pub mod api_key;
 pub mod cors;
 pub mod grpc;
+pub mod grpc_json;
 pub mod grpc_web;
 pub mod headers;
 pub mod ip_restriction;

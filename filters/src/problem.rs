@@ -53,6 +53,9 @@ pub enum ProblemType {
     HeaderFieldsTooLarge,
     /// A failure Pingora reported with its own status; the problem carries that status.
     Error,
+    /// A gRPC service a `grpc_json` filter transcodes for answered with an error status; the
+    /// problem carries the HTTP status of that gRPC code.
+    GrpcError,
     InternalError,
     /// A plugin (a `wasm` filter) failed on the request and its fail policy is `closed`.
     PluginFailed,
@@ -83,6 +86,7 @@ impl ProblemType {
         ProblemType::RateLimited,
         ProblemType::HeaderFieldsTooLarge,
         ProblemType::Error,
+        ProblemType::GrpcError,
         ProblemType::InternalError,
         ProblemType::PluginFailed,
         ProblemType::UpstreamUnavailable,
@@ -134,6 +138,9 @@ impl ProblemType {
                 "The request header fields are too large",
             ),
             ProblemType::Error => ("error", 500, "The request failed"),
+            ProblemType::GrpcError => {
+                ("grpc-error", 500, "The gRPC service answered with an error")
+            }
             ProblemType::InternalError => (
                 "internal-error",
                 500,
@@ -182,8 +189,8 @@ impl ProblemType {
         self.describe().0
     }
 
-    /// The status answered with; for [`ProblemType::Error`], the default when the failure
-    /// carries none.
+    /// The status answered with; for [`ProblemType::Error`] and [`ProblemType::GrpcError`], the
+    /// default when the failure carries none.
     pub const fn status(self) -> u16 {
         self.describe().1
     }
@@ -210,6 +217,9 @@ pub struct Problem {
     /// An answer written whole by a plugin (a proxy-wasm local response), sent in place of the
     /// problem document from a phase that can only answer with a problem.
     pub answer: Option<Box<Response>>,
+    /// Extension members of the document (RFC 9457 section 3.2), written after the standard
+    /// ones; a member named like a standard one is left out.
+    pub members: Vec<(String, serde_json::Value)>,
 }
 
 impl Problem {
@@ -220,6 +230,7 @@ impl Problem {
             detail: None,
             headers: Vec::new(),
             answer: None,
+            members: Vec::new(),
         }
     }
 
@@ -278,6 +289,12 @@ impl Problem {
         self
     }
 
+    /// Adds an extension member to the document.
+    pub fn member(mut self, name: impl Into<String>, value: impl Into<serde_json::Value>) -> Self {
+        self.members.push((name.into(), value.into()));
+        self
+    }
+
     /// The JSON body of this problem for the given request.
     pub fn to_json(&self, request_id: &str) -> String {
         let mut body = serde_json::json!({
@@ -288,6 +305,13 @@ impl Problem {
         });
         if let Some(detail) = &self.detail {
             body["detail"] = serde_json::Value::String(detail.clone());
+        }
+        if let serde_json::Value::Object(standard) = &mut body {
+            for (name, value) in &self.members {
+                if !standard.contains_key(name) {
+                    standard.insert(name.clone(), value.clone());
+                }
+            }
         }
         body.to_string()
     }
@@ -396,5 +420,22 @@ mod tests {
         assert_eq!(slugs.len(), ProblemType::ALL.len());
         assert_eq!(Problem::failure(418).status, 418);
         assert_eq!(Problem::failure(418).kind.slug(), "error");
+    }
+
+    #[test]
+    fn extension_members_follow_the_standard_ones() {
+        let problem = Problem {
+            status: 404,
+            ..Problem::new(ProblemType::GrpcError)
+        }
+        .detail("no such book")
+        .member("grpc_status", "NOT_FOUND")
+        .member("grpc_code", 5)
+        .member("status", 1);
+        let body: serde_json::Value = serde_json::from_str(&problem.to_json("id")).unwrap();
+        assert_eq!(body["type"], "urn:gatehouse:problem:grpc-error");
+        assert_eq!(body["status"], 404);
+        assert_eq!(body["grpc_status"], "NOT_FOUND");
+        assert_eq!(body["grpc_code"], 5);
     }
 }

@@ -41,6 +41,7 @@ impl Registry {
         registry
             .register::<crate::api_key::ApiKey>()
             .register::<crate::cors::Cors>()
+            .register::<crate::grpc_json::GrpcJson>()
             .register::<crate::grpc_web::GrpcWeb>()
             .register::<crate::ip_restriction::IpRestriction>()
             .register::<crate::json_body::JsonBody>()
