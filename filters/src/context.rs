@@ -111,6 +111,10 @@ pub struct RequestContext {
     /// Set by a filter that cannot finish the answer it is writing (a plugin that failed in the
     /// response body): the proxy ends the answer there, unfinished, so the client sees it cut.
     pub abort_response: Option<&'static str>,
+    /// Set in the response phase by a filter that answers in the upstream's place (a
+    /// transcoder turning a bodiless gRPC error into a document): the client gets this answer,
+    /// head and body, instead of the upstream's, which goes no further.
+    pub answer_instead: Option<Box<crate::Response>>,
     /// The response status, once known.
     pub status: Option<u16>,
     /// Whether the response is the gateway's own (a filter's answer, a problem document),
@@ -153,6 +157,7 @@ impl RequestContext {
             transform_skipped: None,
             status: None,
             abort_response: None,
+            answer_instead: None,
             own_answer: false,
             request_body_bytes: 0,
             buffers_request_body: false,

@@ -61,15 +61,33 @@ impl Gateway {
     ) -> Gateway {
         let mirror = Arc::new(Connector::new(connector));
         // Plugins' `http_call`s go out through a connector like the mirrors'.
-        gatehouse_wasm::set_http_caller(Arc::new(wasm_call::Caller {
+        let caller = wasm_call::Caller {
             store: store.clone(),
             connector: mirror.clone(),
-        }));
+        };
+        // Filters' own calls (a transcoded request without a body) go out the same way.
+        gatehouse_filters::call::set_caller(Arc::new(caller.clone()));
+        gatehouse_wasm::set_http_caller(Arc::new(caller));
         Gateway {
             store,
             metrics,
             mirror,
         }
+    }
+}
+
+/// A gRPC call to an HTTP/2 upstream says `te: trailers`, as gRPC requires: Pingora removes
+/// the hop-by-hop `te` of a request that arrived over HTTP/1.1 (gRPC-Web, a transcoded call).
+fn grpc_upstream_head(request: &mut pingora_http::RequestHeader) {
+    if request.version == http::Version::HTTP_2
+        && request
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|value| grpc::is_grpc_content_type(value.as_bytes()))
+    {
+        request
+            .insert_header(http::header::TE, http::HeaderValue::from_static("trailers"))
+            .ok();
     }
 }
 
@@ -296,6 +314,7 @@ impl ProxyHttp for Gateway {
             chain.upstream_request(upstream_request, &mut ctx.shared);
         }
         body::frame(upstream_request, ctx);
+        grpc_upstream_head(upstream_request);
         mirror::head(ctx, upstream_request);
         Ok(())
     }
@@ -310,6 +329,11 @@ impl ProxyHttp for Gateway {
         let chain = ctx.snapshot.chain(ctx.route);
         if chain.wants(Phases::RESPONSE) {
             chain.response(response, &mut ctx.shared, ctx.reached);
+            if let Some(answer) = ctx.shared.answer_instead.take() {
+                // Answered in the upstream's place: through the error path, which writes it.
+                ctx.shared.status = Some(answer.status);
+                return Err(respond::defer(ctx, Problem::answer(*answer)));
+            }
         }
         if let Some(value) = timing::value(ctx, std::time::Instant::now()) {
             response.insert_header(timing::HEADER, value)?;

@@ -65,6 +65,12 @@ pub fn proxy_failed(
     mut error: Box<Error>,
     client_reused: bool,
 ) -> Box<Error> {
+    if ctx.problem.is_some() {
+        // The gateway's own decision (a refused body, an answer in the upstream's place): no
+        // fault of the target, and nothing to try again.
+        error.set_retry(false);
+        return error;
+    }
     if std::mem::take(&mut ctx.upstream.status_retry) {
         error.set_retry(true);
         return error;

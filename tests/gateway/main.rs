@@ -8,6 +8,7 @@ mod balancing;
 mod discovery;
 mod edge;
 mod grpc;
+mod grpc_json;
 mod http2;
 mod introspection;
 mod json_body;

@@ -83,6 +83,10 @@ pub struct Config {
     /// default they are refused with 400.
     #[serde(default)]
     pub ignore_unknown_query_parameters: bool,
+    /// Whether a request that no method is bound to (and that is not gRPC already) is answered
+    /// with 404 (`route-not-found`) instead of going to the upstream as it is.
+    #[serde(default)]
+    pub reject_unknown_methods: bool,
     /// Whether JSON replies use the fields' `.proto` names instead of lowerCamelCase (requests
     /// accept both either way).
     #[serde(default)]
@@ -109,6 +113,7 @@ impl Default for Config {
             mappings: Vec::new(),
             streaming: Streaming::default(),
             ignore_unknown_query_parameters: false,
+            reject_unknown_methods: false,
             preserve_proto_field_names: false,
             emit_defaults: false,
             max_message_bytes: default_max_message_bytes(),
@@ -175,6 +180,7 @@ pub struct GrpcJson {
     max_message: usize,
     max_request: usize,
     call_timeout: Duration,
+    reject_unknown_methods: bool,
 }
 
 /// What the filter keeps about a request it transcodes through the proxy.
@@ -318,6 +324,7 @@ impl FilterKind for GrpcJson {
             max_message: usize::try_from(config.max_message_bytes.0).unwrap_or(usize::MAX),
             max_request: usize::try_from(max_request).unwrap_or(usize::MAX),
             call_timeout,
+            reject_unknown_methods: config.reject_unknown_methods,
         })
     }
 }
@@ -379,6 +386,13 @@ impl GrpcJson {
         }
         let Some((binding, values)) = self.transcoder.find(&request.method, request.uri.path())
         else {
+            if self.reject_unknown_methods {
+                return Prepared::Reject(Problem::new(ProblemType::RouteNotFound).detail(format!(
+                    "No method of the service is bound to {} {}",
+                    request.method,
+                    request.uri.path()
+                )));
+            }
             return Prepared::Pass;
         };
         let bound = match self.transcoder.bind(binding, values, request.uri.query()) {
@@ -628,7 +642,8 @@ impl Filter for GrpcJson {
         let mode = Mode::of(self.transcoder.method(binding), self.streaming);
         state.request_id = request_id;
         let content_type = if response.headers.contains_key(grpc::STATUS) {
-            // Trailers-only: the whole answer is known now.
+            // Trailers-only: the whole answer is known now, and it has no body the proxy could
+            // replace, so it is answered in the upstream's place.
             let status = Status::from_headers(&response.headers);
             let (code, content_type, body) = if status.code == Code::Ok {
                 let mut out = Vec::new();
@@ -646,10 +661,12 @@ impl Filter for GrpcJson {
                     problem.to_json(&state.request_id).into_bytes(),
                 )
             };
-            response.set_status(code).ok();
-            state.pending = Some(Bytes::from(body));
-            state.finished = true;
-            content_type
+            ctx.take_instance_state::<_, State>(self);
+            let answer = Response::new(code)
+                .header(header::CONTENT_TYPE, HeaderValue::from_static(content_type))
+                .body(body);
+            ctx.answer_instead = Some(Box::new(answer));
+            return;
         } else if response.status.as_u16() == 200
             && response
                 .headers
