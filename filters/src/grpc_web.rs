@@ -334,6 +334,7 @@ impl Filter for GrpcWeb {
     fn phases(&self) -> Phases {
         Phases::REQUEST
             | Phases::REQUEST_BODY
+            | Phases::UPSTREAM_REQUEST
             | Phases::RESPONSE
             | Phases::RESPONSE_BODY
             | Phases::RESPONSE_TRAILERS
@@ -358,8 +359,9 @@ impl Filter for GrpcWeb {
             .ok();
         request.remove_header(&X_GRPC_WEB);
         if mode == Mode::Text {
-            // The decoded body is shorter; the upstream gets it streamed.
-            request.remove_header(&CONTENT_LENGTH);
+            // Decoded before the upstream sees the head (when its length is known and within
+            // the proxy's read-ahead): a body that is not base64 is refused with nothing sent.
+            ctx.buffers_request_body = true;
         }
         let call = Call {
             mode,
@@ -374,6 +376,17 @@ impl Filter for GrpcWeb {
         };
         ctx.set_instance_state(self, call);
         Some(Decision::Continue)
+    }
+
+    /// The decoded text body is shorter than the client's: the upstream gets it streamed. (Its
+    /// length stays on the client's request, which Pingora reads the body by.)
+    fn upstream_request(&self, request: &mut RequestHeader, ctx: &mut RequestContext) {
+        if ctx
+            .instance_state::<_, Call>(self)
+            .is_some_and(|call| call.mode == Mode::Text)
+        {
+            request.remove_header(&CONTENT_LENGTH);
+        }
     }
 
     fn request_body(
@@ -718,11 +731,14 @@ mod tests {
     fn a_text_request_is_decoded_however_the_pieces_cut_it() {
         let body = frames(&[b"a message of some length", b"and another"]);
         let text = STANDARD.encode(&body);
-        let (_, _, request) = started("application/grpc-web-text");
+        let (filter, mut ctx, mut request) = started("application/grpc-web-text");
         assert_eq!(
             header(&request.headers, "content-type"),
             Some("application/grpc")
         );
+        // The client's length stays (Pingora reads the body by it); the upstream's goes.
+        assert!(header(&request.headers, "content-length").is_some());
+        filter.upstream_request(&mut request, &mut ctx);
         assert_eq!(header(&request.headers, "content-length"), None);
         for first in 0..=text.len() {
             for second in first..=text.len() {

@@ -176,7 +176,8 @@ fn a_grpc_timeout_bounds_the_upstream_exchange() {
 
     // The client enforces its own deadline too, so the gateway's part is shown on its own: a
     // raw request with `grpc-timeout: 100m` gets the gateway's DEADLINE_EXCEEDED, in time.
-    let frame = [0u8, 0, 0, 0, 0];
+    // `SayRequest { wait: 2s }`, framed.
+    let frame = [0u8, 0, 0, 0, 4, 0x22, 2, 0x08, 2];
     let started = Instant::now();
     let reply = gateway.request(
         "POST",

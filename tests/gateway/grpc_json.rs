@@ -183,6 +183,21 @@ fn grpc_errors_map_to_their_http_statuses_and_bad_json_names_the_field() {
     // Over the route's body limit: 413.
     let reply = post(&gateway, "/v1/say", &json!({"text": "x".repeat(4096)}));
     assert_eq!(reply.status, 413, "{reply:?}");
+    // The same, chunked (counted while the service already has the call): 413, at once.
+    let started = std::time::Instant::now();
+    let text = "x".repeat(3000);
+    let chunk = format!("{{\"text\":\"{text}\"}}");
+    let raw = format!(
+        "POST /v1/say HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{chunk}\r\n0\r\n\r\n",
+        chunk.len()
+    );
+    let reply = crate::support::send_raw(gateway.addr, raw.as_bytes()).unwrap();
+    assert_eq!(reply.status, 413, "{reply:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
     // No service ever saw the refused requests, and nothing was lost: the gateway still serves.
     assert_eq!(
         post(&gateway, "/v1/say", &json!({"text": "ok"})).status,

@@ -9,6 +9,7 @@ mod discovery;
 mod edge;
 mod grpc;
 mod grpc_json;
+mod grpc_web;
 mod http2;
 mod introspection;
 mod json_body;
