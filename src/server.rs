@@ -175,6 +175,14 @@ pub fn run(config_path: &Path, options: RunOptions) -> Result<(), StartError> {
 
     server.add_service(background_service("TLS certificate files", tls_watcher));
     server.add_service(background_service(
+        "WebSocket drain",
+        crate::proxy::websocket::DrainWatch {
+            grace_period: std::time::Duration::from_secs(
+                server_config.grace_period.get().as_secs(),
+            ),
+        },
+    ));
+    server.add_service(background_service(
         "config source",
         source::Service(config_source),
     ));

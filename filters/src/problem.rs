@@ -39,6 +39,7 @@ impl Response {
 pub enum ProblemType {
     InvalidPath,
     BadRequest,
+    UpgradeNotAllowed,
     Unauthorized,
     LoginFailed,
     Forbidden,
@@ -73,6 +74,7 @@ impl ProblemType {
     pub const ALL: &'static [ProblemType] = &[
         ProblemType::InvalidPath,
         ProblemType::BadRequest,
+        ProblemType::UpgradeNotAllowed,
         ProblemType::Unauthorized,
         ProblemType::LoginFailed,
         ProblemType::Forbidden,
@@ -103,6 +105,11 @@ impl ProblemType {
         match self {
             ProblemType::InvalidPath => ("invalid-path", 400, "The request path is not acceptable"),
             ProblemType::BadRequest => ("bad-request", 400, "The request could not be read"),
+            ProblemType::UpgradeNotAllowed => (
+                "upgrade-not-allowed",
+                400,
+                "This route does not accept this protocol upgrade",
+            ),
             ProblemType::Unauthorized => ("unauthorized", 401, "Authentication failed"),
             ProblemType::LoginFailed => ("login-failed", 401, "The login could not be completed"),
             ProblemType::Forbidden => ("forbidden", 403, "Not allowed"),

@@ -945,8 +945,60 @@ pub struct RouteConfig {
     /// What this route adds to `/metrics` beyond its default rows.
     #[serde(default, skip_serializing_if = "RouteMetricsConfig::is_default")]
     pub metrics: RouteMetricsConfig,
+    /// WebSocket upgrades: `true` (or `{idle_timeout, max_lifetime}`) accepts them on this
+    /// route; elsewhere an `Upgrade` request is refused with 400.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub websocket: Option<WebSocketConfig>,
     #[serde(default)]
     pub filters: Vec<FilterConfig>,
+}
+
+/// A route's WebSocket setting: `true`/`false`, or the limits of its connections.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum WebSocketConfig {
+    Enabled(bool),
+    Limits(WebSocketLimits),
+}
+
+/// The limits of a route's WebSocket connections.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WebSocketLimits {
+    /// Closed (with a close frame, 1001) when neither side has sent anything for this long.
+    #[serde(default = "default_websocket_idle")]
+    pub idle_timeout: Duration,
+    /// Closed (with a close frame, 1001) this long after the upgrade, however busy.
+    #[serde(default = "default_websocket_lifetime")]
+    pub max_lifetime: Duration,
+}
+
+impl Default for WebSocketLimits {
+    fn default() -> Self {
+        WebSocketLimits {
+            idle_timeout: default_websocket_idle(),
+            max_lifetime: default_websocket_lifetime(),
+        }
+    }
+}
+
+fn default_websocket_idle() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_websocket_lifetime() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+
+impl WebSocketConfig {
+    /// The limits, when upgrades are accepted.
+    pub fn limits(&self) -> Option<WebSocketLimits> {
+        match self {
+            WebSocketConfig::Enabled(true) => Some(WebSocketLimits::default()),
+            WebSocketConfig::Enabled(false) => None,
+            WebSocketConfig::Limits(limits) => Some(limits.clone()),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

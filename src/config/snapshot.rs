@@ -31,6 +31,15 @@ pub struct Route {
     pub metrics: RouteMetrics,
     /// Whether responses carry `Server-Timing`.
     pub server_timing: bool,
+    /// Accepted WebSocket upgrades, and their limits; `None`: upgrades are refused.
+    pub websocket: Option<WebSocket>,
+}
+
+/// The limits of a route's WebSocket connections.
+#[derive(Clone, Copy, Debug)]
+pub struct WebSocket {
+    pub idle_timeout: Duration,
+    pub max_lifetime: Duration,
 }
 
 /// Where a route's requests are copied.

@@ -27,6 +27,7 @@ pub mod respond;
 pub mod retry;
 pub mod timing;
 mod wasm_call;
+pub mod websocket;
 
 use std::sync::Arc;
 
@@ -174,6 +175,22 @@ impl ProxyHttp for Gateway {
             }
             forwarded::strip_identity(session.req_header_mut(), &ctx.snapshot);
         }
+        // An upgrade only where the route accepts WebSocket; refused before anything else.
+        let websocket = match websocket::requested(session.req_header()) {
+            None => None,
+            Some(is_websocket) => {
+                let accepted = ctx.route().and_then(|route| route.websocket);
+                match accepted {
+                    Some(limits) if is_websocket => Some(limits),
+                    _ if route.is_none() => None,
+                    _ => {
+                        session.set_keepalive(None);
+                        let refusal = websocket::refusal(is_websocket);
+                        return respond::problem(session, ctx, refusal).await;
+                    }
+                }
+            }
+        };
         // A request that matched no route still runs the global chain, so e.g. its 404 carries
         // a request id.
         let RequestCtx {
@@ -197,6 +214,9 @@ impl ProxyHttp for Gateway {
                 ProblemType::ConfigNotLoaded
             };
             return respond::problem(session, ctx, Problem::new(kind)).await;
+        }
+        if let Some(limits) = websocket {
+            return websocket::tunnel(self, session, ctx, limits).await;
         }
         if let Some(refusal) = body::read_ahead(session, ctx).await? {
             return respond::problem(session, ctx, refusal).await;

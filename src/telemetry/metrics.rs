@@ -283,6 +283,9 @@ impl ConsumerRows {
 pub struct RequestMetrics {
     auth_failures: Family<IntCounter>,
     grpc_calls: Family<IntCounter>,
+    websocket_upgrades: Family<IntCounter>,
+    websocket_closes: Family<IntCounter>,
+    _websocket_open: Arc<SampledRow>,
     _build: Arc<SampledRow>,
 }
 
@@ -310,8 +313,40 @@ impl RequestMetrics {
                  client got (its canonical name)",
                 &["route", "grpc_status"],
             ),
+            websocket_upgrades: metrics.counters(
+                "gatehouse_websocket_upgrades_total",
+                "WebSocket connections opened (the upstream's 101 relayed), by route",
+                &["route"],
+            ),
+            websocket_closes: metrics.counters(
+                "gatehouse_websocket_closed_total",
+                "WebSocket connections ended, by route and why: client_closed, upstream_closed, \
+                 idle_timeout, max_lifetime, shutdown",
+                &["route", "reason"],
+            ),
+            _websocket_open: Arc::new(
+                metrics
+                    .sampled(
+                        "gatehouse_websocket_connections",
+                        "WebSocket connections open now",
+                        &[],
+                    )
+                    .row(&[], || {
+                        crate::proxy::websocket::OPEN.load(std::sync::atomic::Ordering::Relaxed)
+                    }),
+            ),
             _build: Arc::new(build),
         }
+    }
+
+    /// A WebSocket connection opened on `route`.
+    pub fn websocket_opened(&self, route: &str) {
+        self.websocket_upgrades.with_labels(&[route]).inc();
+    }
+
+    /// A WebSocket connection on `route` ended, for `reason`.
+    pub fn websocket_closed(&self, route: &str, reason: &str) {
+        self.websocket_closes.with_labels(&[route, reason]).inc();
     }
 
     /// A gRPC call ended with `code`.

@@ -29,3 +29,4 @@ mod tls_edge;
 mod tracing;
 mod transform;
 mod wasm;
+mod websocket;

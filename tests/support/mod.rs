@@ -12,6 +12,7 @@ pub mod otlp;
 pub mod pg;
 pub mod recorder;
 pub mod target;
+pub mod websocket;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -237,6 +237,14 @@ pub(super) fn build_routes(
             server_timing: route
                 .server_timing
                 .unwrap_or(config.telemetry.server_timing),
+            websocket: route.websocket.as_ref().and_then(|websocket| {
+                websocket
+                    .limits()
+                    .map(|limits| crate::config::snapshot::WebSocket {
+                        idle_timeout: limits.idle_timeout.get(),
+                        max_lifetime: limits.max_lifetime.get(),
+                    })
+            }),
         });
     }
     routes
