@@ -17,6 +17,7 @@ fn route(name: &str, priority: i32, matcher: MatchConfig) -> RouteConfig {
         mirror: None,
         server_timing: None,
         metrics: Default::default(),
+        websocket: None,
         filters: Vec::new(),
     }
 }
