@@ -17,6 +17,11 @@ ADMIN_PACKAGES := chromium postgresql-client python3-venv
 # schemathesis (from PyPI) lives in a virtual environment outside the clone, like the build cache.
 ADMIN_VENV ?= /var/tmp/gatehouse-venv
 SCHEMATHESIS_VERSION := 4.32.5
+# The gRPC and WebSocket test peers (tests/grpc/peer.py, tests/websocket/peer.py).
+TEST_VENV ?= /var/tmp/gatehouse-test-venv
+GRPCIO_VERSION := 1.85.4
+PROTOBUF_VERSION := 7.36.2
+WEBSOCKETS_VERSION := 17.4
 
 # Installs the Debian packages of $(1) that are missing (quiet when all are present).
 install_missing = missing=""; for package in $(1); do \
@@ -28,7 +33,7 @@ install_missing = missing=""; for package in $(1); do \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-.PHONY: help deps bench-deps admin-deps services build run test lint unit admin admin-test ctl bench smoke soak schema fuzz wasm-examples docker clean
+.PHONY: help deps bench-deps admin-deps test-peers services build run test lint unit admin admin-test ctl bench smoke soak schema fuzz wasm-examples docker clean
 
 help:
 	@echo "make run    build (release) and run Gatehouse on conf/gatehouse.yaml with the echo upstream"
@@ -81,8 +86,16 @@ lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-unit: deps
-	$(CARGO) test --workspace
+# The Python peers of the gRPC and WebSocket tests (grpcio, protobuf, websockets from PyPI) live
+# in a virtual environment outside the clone, like the build cache.
+test-peers:
+	@$(call install_missing,python3-venv)
+	@[ -x "$(TEST_VENV)/bin/python" ] && "$(TEST_VENV)/bin/python" -c "import grpc, google.protobuf, websockets; assert grpc.__version__ == '$(GRPCIO_VERSION)'" 2>/dev/null || { \
+	  echo "installing: grpcio $(GRPCIO_VERSION), protobuf $(PROTOBUF_VERSION), websockets $(WEBSOCKETS_VERSION) in $(TEST_VENV)"; \
+	  python3 -m venv "$(TEST_VENV)" && "$(TEST_VENV)/bin/pip" install -q "grpcio==$(GRPCIO_VERSION)" "protobuf==$(PROTOBUF_VERSION)" "websockets==$(WEBSOCKETS_VERSION)"; }
+
+unit: deps test-peers
+	GATEHOUSE_PYTHON="$(TEST_VENV)/bin/python" $(CARGO) test --workspace
 
 test: deps services lint unit admin-test
 

@@ -1,4 +1,4 @@
-"""The gRPC peers of Gatehouse's tests: the example service of conf/examples/grpc/echo.proto
+"""The gRPC peers of Gatehouse's tests: the example service of conf/grpc/echo.proto
 (server) and a client that prints the status a call ended with (client). Both read the message
 types from a descriptor set, so nothing is generated.
 

@@ -1,5 +1,5 @@
 //! The gRPC peers: `tests/grpc/peer.py`, a `grpcio` server of the example service
-//! (conf/examples/grpc/echo.proto) and a `grpcio` client that reports the status a call ended
+//! (conf/grpc/echo.proto) and a `grpcio` client that reports the status a call ended
 //! with. Python is `GATEHOUSE_PYTHON` (set by `make test` to its virtual environment with
 //! grpcio), else `python3`.
 
@@ -20,7 +20,7 @@ pub fn descriptor_extra() -> PathBuf {
 
 fn example(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("conf/examples/grpc")
+        .join("conf/grpc")
         .join(name)
 }
 
