@@ -8,9 +8,9 @@ CARGO ?= cargo
 # System packages the build and tests need: cmake for Pingora's zlib-ng, a C toolchain,
 # pkg-config; LuaJIT and Node.js to syntax-check the wrk and k6 load scenarios.
 SYSTEM_PACKAGES := cmake gcc g++ make pkg-config curl ca-certificates luajit
-# What the load runs add: the load generator, the proxies Gatehouse is measured against, and
-# valgrind, whose instruction counts are what the smoke gate judges.
-BENCH_PACKAGES := wrk nginx haproxy valgrind
+# What the load runs add: the load generator, the proxies Gatehouse is measured against,
+# valgrind, whose instruction counts are what the smoke gate judges, and h2load (gRPC runs).
+BENCH_PACKAGES := wrk nginx haproxy valgrind nghttp2-client
 # What the admin service's tests add: Chromium for the status page test, pg_dump to search the
 # database for secrets, and Python's venv for schemathesis.
 ADMIN_PACKAGES := chromium postgresql-client python3-venv
@@ -134,6 +134,7 @@ bench-deps: deps
 
 bench: bench-deps services
 	loadtest/bench.sh
+	BENCH_NO_BUILD=1 loadtest/grpc-bench.sh
 
 # The CI version: Gatehouse (plain and full chain) against nginx and bare Pingora, about four
 # minutes; fails on a gross regression in instructions per request (see loadtest/smoke.sh).

@@ -31,7 +31,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Map, Value};
 use tokio::net::TcpListener;
 
@@ -63,6 +63,9 @@ pub struct EchoOptions {
     /// Benchmark mode: answer with a JSON object of this many bytes (`application/json`)
     /// instead of [`SMALL_BODY`]; 0 for the plain text.
     pub small_json_bytes: usize,
+    /// Benchmark mode: a gRPC service over HTTP/2 (prior knowledge) that answers every call
+    /// with the message it was sent and `grpc-status: 0`.
+    pub grpc: bool,
 }
 
 impl Default for EchoOptions {
@@ -72,6 +75,7 @@ impl Default for EchoOptions {
             small: false,
             small_delay: Duration::ZERO,
             small_json_bytes: 0,
+            grpc: false,
         }
     }
 }
@@ -123,7 +127,14 @@ pub async fn serve(listener: TcpListener, options: EchoOptions) -> io::Result<()
         // Small replies must not wait for Nagle's algorithm.
         let _ = stream.set_nodelay(true);
         let io = TokioIo::new(stream);
-        if options.small {
+        if options.grpc {
+            tokio::spawn(async move {
+                let service = service_fn(grpc_echo);
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(io, service)
+                    .await;
+            });
+        } else if options.small {
             let delay = options.small_delay;
             let json = (options.small_json_bytes > 0).then(|| json_body(options.small_json_bytes));
             tokio::spawn(async move {
@@ -149,6 +160,29 @@ pub async fn serve(listener: TcpListener, options: EchoOptions) -> io::Result<()
             });
         }
     }
+}
+
+/// A gRPC call answered with the message it carried (and `grpc-status: 0` in the trailers).
+async fn grpc_echo(
+    request: Request<Incoming>,
+) -> Result<Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>, Infallible> {
+    let message = request
+        .into_body()
+        .collect()
+        .await
+        .map(|body| body.to_bytes())
+        .unwrap_or_default();
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    let body = Full::new(message)
+        .with_trailers(async move { Some(Ok(trailers)) })
+        .boxed();
+    let mut response = Response::new(body);
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    Ok(response)
 }
 
 /// Starts a default-mode echo server named `name` on `127.0.0.1` and a free port, and returns

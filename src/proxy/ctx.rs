@@ -36,9 +36,8 @@ pub struct RequestCtx {
     /// The request's spans, when tracing is on (boxed: most requests of most configs have none,
     /// and the context is copied with each request's future).
     pub(super) trace: Option<Box<crate::telemetry::traces::RequestTrace>>,
-    /// A phase refused the request body while an HTTP/2 upstream had the request: the rest goes
-    /// nowhere and the refusal (in `problem`) answers in the upstream's place.
-    pub(super) body_refused: bool,
+    /// A filter answered in the upstream's place once its (complete) answer head arrived.
+    pub(super) answered_instead: bool,
     /// The gRPC flavour the client speaks, when its `content-type` is `application/grpc*`: the
     /// gateway's own answers are then gRPC statuses.
     pub grpc: Option<GrpcWire>,
@@ -98,7 +97,7 @@ impl RequestCtx {
             peer: None,
             trusted_peer: false,
             trace: None,
-            body_refused: false,
+            answered_instead: false,
             grpc: None,
             grpc_status: None,
         }

@@ -77,24 +77,22 @@ impl Gateway {
     }
 }
 
-/// A request body a phase refused. Pingora ends the upstream request there for an HTTP/1.1
-/// upstream, and the refusal is answered through the error path. An HTTP/2 upstream's stream
-/// would stay open, waiting for an answer its service gives only once the request ends, until
-/// the read timeout: the rest of the body is dropped instead, the stream ends with the client's
-/// body (so the upstream answers at once), and the refusal is answered in its place.
-fn refuse_body(ctx: &mut RequestCtx, body: &mut Option<Bytes>, refusal: Problem) -> Result<()> {
+/// A request body a phase refused: answered through the error path. An HTTP/2 upstream's
+/// stream would otherwise stay open (Pingora keeps waiting for an answer its service gives only
+/// once the request ends) until the read timeout: the error is the client's side, which has
+/// Pingora drop the upstream stream (a reset: the service never takes the cut body as whole).
+fn refuse_body(ctx: &mut RequestCtx, refusal: Problem) -> Result<()> {
     let h2 = ctx
         .upstream
         .current
         .as_ref()
         .is_some_and(|attempt| ctx.snapshot.upstreams[attempt.pool].transport.h2);
-    if !(h2 && ctx.upstream.proxying) {
-        return Err(respond::defer(ctx, refusal));
-    }
-    ctx.problem = Some(refusal);
-    ctx.body_refused = true;
-    *body = None;
-    Ok(())
+    let error = respond::defer(ctx, refusal);
+    Err(if h2 && ctx.upstream.proxying {
+        error.into_down()
+    } else {
+        error
+    })
 }
 
 /// A gRPC call to an HTTP/2 upstream says `te: trailers`, as gRPC requires: Pingora removes
@@ -232,11 +230,6 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if ctx.body_refused {
-            // The rest of a refused body goes nowhere (see `refuse_body`).
-            *body = None;
-            return Ok(());
-        }
         if body::replace(ctx, body, end_of_stream) {
             if ctx.mirror.is_some() {
                 mirror::body(ctx, body.as_ref(), end_of_stream, &self.mirror);
@@ -249,13 +242,13 @@ impl ProxyHttp for Gateway {
                 chunk.len(),
                 &ctx.snapshot.limits,
             ) {
-                return refuse_body(ctx, body, refusal);
+                return refuse_body(ctx, refusal);
             }
         }
         let chain = ctx.snapshot.chain(ctx.route);
         if chain.wants(Phases::REQUEST_BODY) {
             if let Err(refusal) = chain.request_body(body, end_of_stream, &mut ctx.shared) {
-                return refuse_body(ctx, body, refusal);
+                return refuse_body(ctx, refusal);
             }
         }
         if ctx.mirror.is_some() {
@@ -325,11 +318,6 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if ctx.body_refused {
-            // The refusal is the answer, in the upstream's place.
-            let status = ctx.problem.as_ref().map_or(400, |problem| problem.status);
-            return Error::e_explain(pingora_core::ErrorType::HTTPStatus(status), "body refused");
-        }
         if timing::wanted(ctx) {
             ctx.upstream.answered = Some(std::time::Instant::now());
         }
@@ -382,6 +370,7 @@ impl ProxyHttp for Gateway {
             if let Some(answer) = ctx.shared.answer_instead.take() {
                 // Answered in the upstream's place: through the error path, which writes it.
                 ctx.shared.status = Some(answer.status);
+                ctx.answered_instead = true;
                 return Err(respond::defer(ctx, Problem::answer(*answer)));
             }
         }

@@ -197,6 +197,11 @@ pub fn choose(request: &RequestHeader, ctx: &mut RequestCtx, may_wait: bool) -> 
             }
             _ => remaining,
         };
+        // Only the WebSocket tunnel (`websocket`) ever hands an upstream an upgrade request;
+        // a proxied request's `Upgrade` never goes on (Pingora's default would complete a
+        // WebSocket handshake by itself).
+        peer.options.http_upstream_request_policy =
+            pingora_core::upstreams::peer::HttpUpstreamRequestPolicy::deny_upgrades();
         peer.options.connection_timeout = Some(pool.connect_timeout.min(limit));
         peer.options.read_timeout = Some(
             route

@@ -153,15 +153,16 @@ pub async fn fail(session: &mut Session, error: &Error, ctx: &mut RequestCtx) ->
     let status = problem.status;
     let unanswered = session.response_written().is_none();
     // An HTTP/2 stream is never reused: "reusable" there has Pingora end the stream in order
-    // (without it the stream is reset, and a gRPC client reports CANCELLED, not our status).
+    // once it is answered (a stream whose answer was cut off is reset instead). An answer a
+    // filter gave in the upstream's place ends an exchange that was complete.
     let reusable = if session.as_downstream().is_http2() {
-        !client_gone
+        !client_gone && unanswered
     } else {
         !client_gone
             && unanswered
             && error.esource() != &ErrorSource::Downstream
             && session.is_body_done()
-            && !ctx.upstream.proxying
+            && (!ctx.upstream.proxying || ctx.answered_instead)
     };
     if !reusable {
         session.set_keepalive(None);

@@ -28,25 +28,35 @@ use tokio::sync::watch;
 use super::{forwarded, peer, respond, Gateway, RequestCtx};
 use crate::config::snapshot::WebSocket;
 
-/// Whether the request asks for a protocol upgrade (HTTP/1.1 `Upgrade` with `Connection:
-/// upgrade`), and whether to WebSocket.
+/// Whether the request asks for a protocol upgrade, and whether to WebSocket: any HTTP/1.1
+/// request with an `Upgrade` header, with or without `Connection: upgrade` (Pingora would
+/// complete a WebSocket handshake towards the upstream without it). `Upgrade: h2c` is not an
+/// upgrade here: it is never honoured, and the header never reaches an upstream.
 pub fn requested(request: &RequestHeader) -> Option<bool> {
-    let upgrade = request.headers.get(http::header::UPGRADE)?;
-    let connection_upgrade = request
-        .headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .flat_map(|value| value.as_bytes().split(|&byte| byte == b','))
-        .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"upgrade"));
-    if !connection_upgrade || request.version != http::Version::HTTP_11 {
+    if request.version != http::Version::HTTP_11 {
         return None;
     }
-    Some(
-        upgrade
-            .as_bytes()
-            .trim_ascii()
-            .eq_ignore_ascii_case(b"websocket"),
-    )
+    let mut values = request
+        .headers
+        .get_all(http::header::UPGRADE)
+        .iter()
+        .peekable();
+    values.peek()?;
+    let mut websocket = false;
+    let mut other = false;
+    for token in values.flat_map(|value| value.as_bytes().split(|&byte| byte == b',')) {
+        let token = token.trim_ascii();
+        if token.eq_ignore_ascii_case(b"websocket") {
+            websocket = true;
+        } else if !token.eq_ignore_ascii_case(b"h2c") && !token.is_empty() {
+            other = true;
+        }
+    }
+    match (websocket, other) {
+        (false, false) => None,
+        (true, false) => Some(true),
+        _ => Some(false),
+    }
 }
 
 /// The refusal of an upgrade the route does not accept.
@@ -65,12 +75,15 @@ static DRAIN: Lazy<watch::Sender<Option<Instant>>> = Lazy::new(|| watch::Sender:
 /// Open WebSocket connections, for `/metrics`.
 pub static OPEN: AtomicI64 = AtomicI64::new(0);
 
-/// How long before the end of the grace period connections are closed: time for the close
-/// frames to be answered before the process stops.
-const CLOSE_AHEAD: Duration = Duration::from_millis(500);
-
 /// How long a closing handshake may take once the gateway sent its close frames.
 const CLOSING: Duration = Duration::from_secs(1);
+
+/// How long before the end of the grace period connections are closed: the closing handshake,
+/// and a margin, before the process stops.
+const CLOSE_AHEAD: Duration = Duration::from_millis(1500);
+
+/// The GUID of RFC 6455's `Sec-WebSocket-Accept`.
+const ACCEPT_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
 /// The process started to drain; its grace period is `grace`.
 pub fn begin_drain(grace: Duration) {
@@ -244,13 +257,32 @@ pub async fn tunnel(
     };
     // WebSocket is HTTP/1.1's (RFC 6455); an HTTP/2 pool is spoken to in HTTP/1.1 here.
     peer.options.alpn = ALPN::H1;
+    // An upgrade request's connection ends with its answer, whatever it is.
+    session.set_keepalive(None);
     ctx.upstream.proxying = true;
     let mut head = session.req_header().clone();
+    // A handshake has no body and asks for WebSocket only; nothing else of the client's
+    // framing goes on.
+    for name in [
+        http::header::CONTENT_LENGTH,
+        http::header::TRANSFER_ENCODING,
+        http::header::TE,
+        http::header::EXPECT,
+        http::HeaderName::from_static("keep-alive"),
+    ] {
+        head.remove_header(&name);
+    }
+    head.insert_header(http::header::CONNECTION, "Upgrade")?;
+    head.insert_header(http::header::UPGRADE, "websocket")?;
     forwarded::tell_upstream(&mut head, ctx);
     let chain = ctx.snapshot.chain(ctx.route);
     if chain.wants(Phases::UPSTREAM_REQUEST) {
         chain.upstream_request(&mut head, &mut ctx.shared);
     }
+    let key = head
+        .headers
+        .get("sec-websocket-key")
+        .map(|key| key.as_bytes().to_vec());
     let read_timeout = peer.options.read_timeout;
     let upstream = match gateway.mirror.get_http_session(&*peer).await {
         Ok((ClientSession::H1(upstream), _)) => Some(upstream),
@@ -261,10 +293,18 @@ pub async fn tunnel(
         let problem = Problem::new(ProblemType::UpstreamUnavailable);
         return respond::problem(session, ctx, problem).await;
     };
+    upstream.read_timeout = read_timeout;
+    upstream.write_timeout = read_timeout;
     let answered = async {
         upstream.write_request_header(Box::new(head)).await?;
-        upstream.read_response().await?;
-        Ok::<_, Box<Error>>(())
+        // Informational answers (a 100, a 103) before the final one are passed over.
+        loop {
+            upstream.read_response().await?;
+            match upstream.get_status() {
+                Some(status) if status.is_informational() && status.as_u16() != 101 => continue,
+                _ => return Ok::<_, Box<Error>>(()),
+            }
+        }
     };
     let answered = match read_timeout {
         Some(limit) => tokio::time::timeout(limit, answered).await.ok(),
@@ -284,11 +324,21 @@ pub async fn tunnel(
     };
     let status = response.status.as_u16();
     ctx.upstream.status = Some(status);
+    if status == 101 && !accepts(&response, key.as_deref()) {
+        // A 101 that is not a WebSocket handshake's answer would hand the client a raw pipe.
+        peer::record(ctx, true, true);
+        let problem = Problem::new(ProblemType::UpstreamUnavailable)
+            .detail("The upstream's 101 is not a WebSocket handshake's answer");
+        return respond::problem(session, ctx, problem).await;
+    }
     peer::record(ctx, status >= 500, true);
     if status != 101 {
         relay(session, ctx, &mut upstream, response).await?;
         return Ok(true);
     }
+    // The attempt is over; the connection must not hold a breaker permit (or count as a
+    // request in flight) for its whole life.
+    peer::release(ctx);
     upstream.maybe_upgrade_body_writer();
     let mut response = response;
     ctx.shared.status = Some(101);
@@ -299,12 +349,44 @@ pub async fn tunnel(
     session
         .write_response_header(Box::new(response), false)
         .await?;
+    // The connection's own timers bound it from here, not the per-read timeouts.
+    session.as_downstream_mut().set_read_timeout(None);
+    upstream.read_timeout = None;
+    upstream.write_timeout = None;
     let _open = Open::new();
     let route = ctx.shared.route.clone().unwrap_or_default();
     gateway.metrics.websocket_opened(&route);
     let end = carry(session, &mut upstream, limits).await;
     gateway.metrics.websocket_closed(&route, end.as_str());
     Ok(true)
+}
+
+/// Whether a 101 answers this handshake: `Upgrade: websocket`, and the `Sec-WebSocket-Accept`
+/// of the request's key (RFC 6455, section 4.2.2).
+fn accepts(response: &ResponseHeader, key: Option<&[u8]>) -> bool {
+    use base64::Engine;
+    use sha1::Digest;
+    let upgrade = response
+        .headers
+        .get(http::header::UPGRADE)
+        .is_some_and(|value| {
+            value
+                .as_bytes()
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"websocket")
+        });
+    let Some(key) = key else {
+        return false;
+    };
+    let mut digest = sha1::Sha1::new();
+    digest.update(key);
+    digest.update(ACCEPT_GUID);
+    let expected = base64::engine::general_purpose::STANDARD.encode(digest.finalize());
+    upgrade
+        && response
+            .headers
+            .get("sec-websocket-accept")
+            .is_some_and(|value| value.as_bytes() == expected.as_bytes())
 }
 
 /// An answer other than `101`: the client gets it as any answer, head and body.
@@ -333,10 +415,12 @@ async fn relay(
 }
 
 /// Carries the bytes both ways until a side closes, the connection idles or outlives its
-/// limit, or the process drains.
+/// limit, or the process drains. A write waits at most until the next of those deadlines: a
+/// peer that stops reading cannot hold the connection open past them.
 async fn carry(session: &mut Session, upstream: &mut H1Client, limits: WebSocket) -> End {
     let started = Instant::now();
-    let lifetime_ends = started + limits.max_lifetime;
+    let far = started + Duration::from_secs(10 * 365 * 24 * 3600);
+    let lifetime_ends = started.checked_add(limits.max_lifetime).unwrap_or(far);
     let mut drain = DRAIN.subscribe();
     let mut last = started;
     let mut to_client = Frames::default();
@@ -355,14 +439,22 @@ async fn carry(session: &mut Session, upstream: &mut H1Client, limits: WebSocket
             Some(at) if at < lifetime_ends => (at, End::Drain),
             _ => (lifetime_ends, End::Lifetime),
         };
-        let idle_at = last + limits.idle_timeout;
+        let idle_at = last.checked_add(limits.idle_timeout).unwrap_or(far);
+        let (next, next_why) = if idle_at <= close_at {
+            (idle_at, End::Idle)
+        } else {
+            (close_at, why)
+        };
+        let next = tokio::time::Instant::from_std(next);
         let downstream = session.as_downstream_mut();
         tokio::select! {
             piece = downstream.read_request_body() => match piece {
                 Ok(Some(bytes)) => {
                     to_upstream.feed(&bytes);
-                    if upstream.write_body(&bytes).await.is_err() {
-                        break End::Upstream;
+                    match tokio::time::timeout_at(next, upstream.write_body(&bytes)).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(_)) => break End::Upstream,
+                        Err(_) => break next_why,
                     }
                     last = Instant::now();
                 }
@@ -371,15 +463,17 @@ async fn carry(session: &mut Session, upstream: &mut H1Client, limits: WebSocket
             piece = upstream.read_body_bytes() => match piece {
                 Ok(Some(bytes)) => {
                     to_client.feed(&bytes);
-                    if session.write_response_body(Some(bytes), false).await.is_err() {
-                        break End::Client;
+                    let write = session.write_response_body(Some(bytes), false);
+                    match tokio::time::timeout_at(next, write).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => break End::Client,
+                        Err(_) => break next_why,
                     }
                     last = Instant::now();
                 }
                 _ => break End::Upstream,
             },
-            _ = tokio::time::sleep_until(idle_at.into()) => break End::Idle,
-            _ = tokio::time::sleep_until(close_at.into()) => break why,
+            _ = tokio::time::sleep_until(next) => break next_why,
             _ = drain.changed() => {}
         }
     };
@@ -394,8 +488,10 @@ async fn carry(session: &mut Session, upstream: &mut H1Client, limits: WebSocket
     }
 }
 
-/// Sends each side a close frame (where its stream is between frames) and carries the rest of
-/// the closing handshake, for at most [`CLOSING`].
+/// Sends each side a close frame (where its stream is between frames and it has not had one)
+/// and waits, at most [`CLOSING`], for each to answer with its own close frame (or to close):
+/// what they send meanwhile goes nowhere, since each has had the gateway's close already. The
+/// connections then close, as RFC 6455 has the server do.
 async fn close(
     session: &mut Session,
     upstream: &mut H1Client,
@@ -403,33 +499,39 @@ async fn close(
     to_client: &mut Frames,
     to_upstream: &mut Frames,
 ) {
-    if to_client.at_boundary() {
-        let frame = close_frame(reason, None);
-        let _ = session.write_response_body(Some(frame.into()), false).await;
-    }
-    if to_upstream.at_boundary() {
-        let mask: [u8; 4] = fastrand::u32(..).to_be_bytes();
-        let _ = upstream.write_body(&close_frame(reason, Some(mask))).await;
-    }
     let deadline = tokio::time::Instant::now() + CLOSING;
-    loop {
+    // Whether each side can be waited for: it was sent a close frame, and has not sent one.
+    let mut client_open = false;
+    let mut upstream_open = false;
+    if to_client.at_boundary() && !to_client.closed {
+        let frame = close_frame(reason, None);
+        let write = session.write_response_body(Some(frame.into()), false);
+        client_open = matches!(tokio::time::timeout_at(deadline, write).await, Ok(Ok(())))
+            && !to_upstream.closed;
+    }
+    if to_upstream.at_boundary() && !to_upstream.closed {
+        let mask: [u8; 4] = fastrand::u32(..).to_be_bytes();
+        let frame = close_frame(reason, Some(mask));
+        let write = upstream.write_body(&frame);
+        upstream_open = matches!(tokio::time::timeout_at(deadline, write).await, Ok(Ok(_)))
+            && !to_client.closed;
+    }
+    while client_open || upstream_open {
         let downstream = session.as_downstream_mut();
         tokio::select! {
-            piece = downstream.read_request_body() => match piece {
+            piece = downstream.read_request_body(), if client_open => match piece {
                 Ok(Some(bytes)) => {
-                    if upstream.write_body(&bytes).await.is_err() {
-                        return;
-                    }
+                    to_upstream.feed(&bytes);
+                    client_open = !to_upstream.closed;
                 }
-                _ => return,
+                _ => client_open = false,
             },
-            piece = upstream.read_body_bytes() => match piece {
+            piece = upstream.read_body_bytes(), if upstream_open => match piece {
                 Ok(Some(bytes)) => {
-                    if session.write_response_body(Some(bytes), false).await.is_err() {
-                        return;
-                    }
+                    to_client.feed(&bytes);
+                    upstream_open = !to_client.closed;
                 }
-                _ => return,
+                _ => upstream_open = false,
             },
             _ = tokio::time::sleep_until(deadline) => return,
         }

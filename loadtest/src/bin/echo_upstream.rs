@@ -31,6 +31,9 @@ struct Args {
     /// Benchmark mode: answer with a JSON object of this many bytes instead (0: plain text).
     #[arg(long, default_value_t = 0)]
     json_bytes: usize,
+    /// Benchmark mode: a gRPC service over HTTP/2 (h2c) answering every call with its message.
+    #[arg(long)]
+    grpc: bool,
     /// Worker threads; 1 runs everything on the main thread, which is fastest on one core.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -64,6 +67,7 @@ async fn run(args: Args) -> ExitCode {
         small: args.small,
         small_delay: std::time::Duration::from_millis(args.delay_ms),
         small_json_bytes: args.json_bytes,
+        grpc: args.grpc,
     };
     let mut servers = JoinSet::new();
     for address in &args.listen {
