@@ -86,10 +86,11 @@ lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-# The Python peers of the gRPC and WebSocket tests (grpcio, protobuf, websockets from PyPI) live
-# in a virtual environment outside the clone, like the build cache.
+# What the integration tests add: HAProxy (the L4 balancer of the PROXY protocol tests), and the
+# Python peers of the gRPC and WebSocket tests (grpcio, protobuf, websockets from PyPI) in a
+# virtual environment outside the clone, like the build cache.
 test-peers:
-	@$(call install_missing,python3-venv)
+	@$(call install_missing,python3-venv haproxy)
 	@[ -x "$(TEST_VENV)/bin/python" ] && "$(TEST_VENV)/bin/python" -c "import grpc, google.protobuf, websockets; assert grpc.__version__ == '$(GRPCIO_VERSION)'" 2>/dev/null || { \
 	  echo "installing: grpcio $(GRPCIO_VERSION), protobuf $(PROTOBUF_VERSION), websockets $(WEBSOCKETS_VERSION) in $(TEST_VENV)"; \
 	  python3 -m venv "$(TEST_VENV)" && "$(TEST_VENV)/bin/pip" install -q "grpcio==$(GRPCIO_VERSION)" "protobuf==$(PROTOBUF_VERSION)" "websockets==$(WEBSOCKETS_VERSION)"; }

@@ -607,15 +607,26 @@ mod tests {
     }
 
     #[test]
-    fn only_http11_upgrades_with_connection_upgrade_count() {
+    fn any_http11_upgrade_counts_but_h2c() {
         let mut request = RequestHeader::build("GET", b"/ws", None).unwrap();
+        assert_eq!(requested(&request), None);
         request.insert_header("upgrade", "websocket").unwrap();
-        assert_eq!(requested(&request), None, "no Connection: upgrade");
+        assert_eq!(
+            requested(&request),
+            Some(true),
+            "without Connection: upgrade too"
+        );
         request
             .insert_header("connection", "keep-alive, Upgrade")
             .unwrap();
         assert_eq!(requested(&request), Some(true));
         request.insert_header("upgrade", "h2c").unwrap();
+        assert_eq!(requested(&request), None, "h2c is never honoured");
+        request
+            .insert_header("upgrade", "spdy/3, websocket")
+            .unwrap();
         assert_eq!(requested(&request), Some(false));
+        request.set_version(http::Version::HTTP_10);
+        assert_eq!(requested(&request), None);
     }
 }
