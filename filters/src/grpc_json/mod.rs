@@ -421,8 +421,13 @@ impl GrpcJson {
     /// The request head as the gRPC upstream gets it.
     fn rewrite_head(&self, request: &mut RequestHeader, bound: &Bound) {
         let path = &self.transcoder.method(bound.binding).path;
-        if let Ok(uri) = http::Uri::builder().path_and_query(path.as_str()).build() {
-            request.set_uri(uri);
+        // Only the path changes: an HTTP/2 request's authority (and scheme) live in its URI.
+        let mut parts = request.uri.clone().into_parts();
+        if let Ok(path) = path.parse() {
+            parts.path_and_query = Some(path);
+            if let Ok(uri) = http::Uri::from_parts(parts) {
+                request.set_uri(uri);
+            }
         }
         request.set_method(http::Method::POST);
         request

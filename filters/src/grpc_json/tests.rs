@@ -1061,3 +1061,17 @@ fn whole_replies_of_a_call_become_answers() {
         Decision::Reject(problem) if problem.status == 502
     ));
 }
+
+#[test]
+fn an_http2_requests_authority_survives_the_new_path() {
+    let filter = filter();
+    let mut ctx = ctx();
+    // An HTTP/2 request carries its authority in the URI, not in a Host header.
+    let mut request = head("POST", "/demo.Greeter/Say", Some(2));
+    request.set_uri("https://api.example.com/demo.Greeter/Say".parse().unwrap());
+    assert!(request.uri.authority().is_some());
+    filter.try_request(&mut request, &mut ctx);
+    assert_eq!(request.uri.authority().unwrap().as_str(), "api.example.com");
+    assert_eq!(request.uri.scheme_str(), Some("https"));
+    assert_eq!(request.uri.path(), "/demo.Greeter/Say");
+}
