@@ -34,12 +34,14 @@ routes:
     ))
 }
 
+/// What one connection sent: after its request head before the answer, and after the answer.
+type Seen = (Vec<u8>, Vec<u8>);
+
 /// A raw upstream: counts connections, and keeps what each sent before and after it answered.
 struct RawUpstream {
     addr: SocketAddr,
     connections: Arc<AtomicUsize>,
-    /// (bytes after the request head before the answer, bytes after the answer)
-    seen: Arc<Mutex<Vec<(Vec<u8>, Vec<u8>)>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
 }
 
 impl RawUpstream {
