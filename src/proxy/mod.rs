@@ -214,7 +214,9 @@ impl ProxyHttp for Gateway {
             return respond::problem(session, ctx, Problem::new(kind)).await;
         }
         if let Some(limits) = websocket {
-            return websocket::tunnel(self, session, ctx, limits).await;
+            // Boxed: the tunnel's state is large, and every request's future would carry (and
+            // copy) room for it otherwise.
+            return Box::pin(websocket::tunnel(self, session, ctx, limits)).await;
         }
         if let Some(refusal) = body::read_ahead(session, ctx).await? {
             return respond::problem(session, ctx, refusal).await;

@@ -59,7 +59,8 @@ pub async fn respond(
         // The rest of the call's request is read (briefly): an HTTP/2 stream dropped while its
         // client still sends is reset with CANCEL, and a gRPC client then reports CANCELLED
         // rather than the status it was just given.
-        let drain = session.as_downstream_mut().drain_request_body();
+        // Boxed, so that every answer's future does not carry room for it.
+        let drain = Box::pin(session.as_downstream_mut().drain_request_body());
         let _ = tokio::time::timeout(GRPC_DRAIN, drain).await;
     }
     Ok(true)

@@ -289,3 +289,43 @@ fn a_101_that_does_not_answer_the_handshake_is_not_passed_on() {
         "urn:gatehouse:problem:upstream-unavailable"
     );
 }
+
+#[test]
+fn a_graceful_upgrade_closes_the_old_process_websockets_with_a_close_frame() {
+    let echo = EchoServer::start();
+    let raw = RawUpstream::start(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n");
+    let mut gateway = gateway(echo.addr, raw.addr, "true");
+    let url = format!("ws://{}/ws/long", gateway.addr);
+    let waiting = client(&["wait", &url]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !gateway
+        .metrics()
+        .contains("gatehouse_websocket_connections 1")
+    {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A new process takes the listeners over (SIGQUIT to the old one once the new one waits).
+    let old_pid = gateway.pid();
+    let mut old = gateway.child.take().unwrap();
+    let socket = gateway.dir.path().join("upgrade.sock");
+    gateway.spawn(true);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "{}", gateway.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    crate::support::signal_pid(old_pid, "QUIT");
+    let closed = outcome(waiting);
+    assert_eq!(closed["code"], 1001, "{closed}");
+    assert_eq!(closed["reason"], "server shutting down");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while old.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the old process did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The new process serves WebSockets.
+    gateway.wait_ready();
+    let replies = outcome(client(&["echo", &url, "2"]));
+    assert_eq!(replies, serde_json::json!(["message 0", "message 1"]));
+}

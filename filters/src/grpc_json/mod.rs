@@ -495,7 +495,18 @@ impl GrpcJson {
             upstream,
             method: http::Method::POST,
             path: self.transcoder.method(bound.binding).path.clone(),
-            authority: None,
+            // The client's authority, as a proxied call would carry it.
+            authority: request
+                .uri
+                .authority()
+                .map(|authority| authority.as_str().to_string())
+                .or_else(|| {
+                    request
+                        .headers
+                        .get(header::HOST)
+                        .and_then(|host| host.to_str().ok())
+                        .map(str::to_string)
+                }),
             headers,
             body: frame,
             timeout,
