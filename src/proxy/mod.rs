@@ -26,7 +26,7 @@ pub mod resolve;
 pub mod respond;
 pub mod retry;
 pub mod timing;
-mod wasm_call;
+mod upstream_call;
 pub mod websocket;
 
 use std::sync::Arc;
@@ -62,7 +62,7 @@ impl Gateway {
     ) -> Gateway {
         let mirror = Arc::new(Connector::new(connector));
         // Plugins' `http_call`s go out through a connector like the mirrors'.
-        let caller = wasm_call::Caller {
+        let caller = upstream_call::Caller {
             store: store.clone(),
             connector: mirror.clone(),
         };

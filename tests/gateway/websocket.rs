@@ -98,6 +98,16 @@ impl RawUpstream {
     }
 }
 
+/// Waits (5 s at most) until `open` WebSocket connections are counted open.
+fn wait_for_open(gateway: &Gateway, open: usize) {
+    let row = format!("gatehouse_websocket_connections {open}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !gateway.metrics().contains(&row) {
+        assert!(Instant::now() < deadline, "{row}:\n{}", gateway.metrics());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 const UPGRADE: &str = "GET {path} HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: {protocol}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
 
 fn upgrade(path: &str, protocol: &str) -> String {
@@ -125,26 +135,12 @@ fn echo_works_on_a_websocket_route_and_is_counted() {
     );
     // Open connections are counted while they are open.
     let open = client(&["wait", &url]);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !gateway
-        .metrics()
-        .contains("gatehouse_websocket_connections 1")
-    {
-        assert!(Instant::now() < deadline, "{}", gateway.metrics());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_open(&gateway, 1);
     // One client closes with a close frame (above), the other by going away.
     let mut open = open;
     open.kill().unwrap();
     open.wait().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !gateway
-        .metrics()
-        .contains("gatehouse_websocket_connections 0")
-    {
-        assert!(Instant::now() < deadline, "{}", gateway.metrics());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_open(&gateway, 0);
     let metrics = gateway.metrics();
     assert!(
         metrics.contains(r#"gatehouse_websocket_upgrades_total{route="ws"} 2"#),
@@ -253,14 +249,7 @@ fn a_draining_gateway_closes_websockets_with_a_close_frame() {
     let mut gateway = gateway(echo.addr, raw.addr, "true");
     let url = format!("ws://{}/ws/long", gateway.addr);
     let waiting = client(&["wait", &url]);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !gateway
-        .metrics()
-        .contains("gatehouse_websocket_connections 1")
-    {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_open(&gateway, 1);
     let signalled = Instant::now();
     gateway.signal("TERM");
     let closed = outcome(waiting);
@@ -297,14 +286,7 @@ fn a_graceful_upgrade_closes_the_old_process_websockets_with_a_close_frame() {
     let mut gateway = gateway(echo.addr, raw.addr, "true");
     let url = format!("ws://{}/ws/long", gateway.addr);
     let waiting = client(&["wait", &url]);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !gateway
-        .metrics()
-        .contains("gatehouse_websocket_connections 1")
-    {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_open(&gateway, 1);
     // A new process takes the listeners over (SIGQUIT to the old one once the new one waits).
     let old_pid = gateway.pid();
     let mut old = gateway.child.take().unwrap();

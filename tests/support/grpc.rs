@@ -3,10 +3,9 @@
 //! with. Python is `GATEHOUSE_PYTHON` (set by `make test` to its virtual environment with
 //! grpcio), else `python3`.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 
 /// The example descriptor set, with the `Echo` service only.
 pub fn descriptor() -> PathBuf {
@@ -31,10 +30,7 @@ pub fn sha256(path: &std::path::Path) -> String {
 }
 
 fn python() -> Command {
-    let python = std::env::var("GATEHOUSE_PYTHON").unwrap_or_else(|_| "python3".into());
-    let mut command = Command::new(python);
-    command.arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/grpc/peer.py"));
-    command
+    super::python("grpc/peer.py")
 }
 
 /// The example service, serving both services, on 127.0.0.1; it stops when dropped.
@@ -45,34 +41,16 @@ pub struct GrpcServer {
 
 impl GrpcServer {
     pub fn start() -> GrpcServer {
-        let mut child = python()
-            .arg("server")
-            .arg(descriptor_extra())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("python3 with grpcio (make test installs it)");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let port: u16 = line
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("the gRPC server did not start: {line:?}"));
-        GrpcServer {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        }
+        let descriptor = descriptor_extra();
+        let (child, addr) =
+            super::spawn_python_peer("grpc/peer.py", &["server".as_ref(), descriptor.as_os_str()]);
+        GrpcServer { child, addr }
     }
 }
 
 impl Drop for GrpcServer {
     fn drop(&mut self) {
-        drop(self.child.stdin.take());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        super::stop_python_peer(&mut self.child);
     }
 }
 

@@ -22,6 +22,48 @@ use std::time::{Duration, Instant};
 
 pub use gatehouse_loadtest::spawn_echo;
 
+/// Starts a Python peer (`GATEHOUSE_PYTHON`, set by `make test` to its virtual environment
+/// with grpcio and websockets, else `python3`) from `tests/SCRIPT` with `args`: it prints the
+/// port it listens on (127.0.0.1) and serves until its stdin closes.
+pub fn spawn_python_peer(script: &str, args: &[&std::ffi::OsStr]) -> (Child, SocketAddr) {
+    use std::io::BufRead;
+    let mut child = python(script)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("python3 with grpcio and websockets (make test installs them)");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port: u16 = line
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{script} did not start: {line:?}"));
+    (child, SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+/// `tests/SCRIPT` under the test peers' Python.
+pub fn python(script: &str) -> Command {
+    let python = std::env::var("GATEHOUSE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut command = Command::new(python);
+    command.arg(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests")
+            .join(script),
+    );
+    command
+}
+
+/// Stops a peer started by [`spawn_python_peer`].
+pub fn stop_python_peer(child: &mut Child) {
+    drop(child.stdin.take());
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// A port that was free a moment ago.
 /// A port for a gateway to bind later. It comes from below the kernel's ephemeral range
 /// (32768 and up on Linux), where every test server binding `127.0.0.1:0` gets its port: a port
