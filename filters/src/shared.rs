@@ -114,8 +114,7 @@ impl Redis {
         }
         let client = self.client.clone();
         IO.spawn(async move {
-            use fred::prelude::LuaInterface;
-            let _ = client.script_load::<String, _>(script).await;
+            let _ = load_script(&client, script).await;
         });
     }
 
@@ -249,16 +248,136 @@ impl Health {
     }
 }
 
-fn display_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) => {
-            if parsed.password().is_some() {
-                let _ = parsed.set_password(Some("****"));
-            }
-            parsed.to_string()
-        }
-        Err(_) => "(invalid URL)".to_string(),
+/// Loads a Lua script where EVALSHA will look for it: the server, or every primary of a
+/// cluster (a key's slot decides which primary runs it).
+async fn load_script(client: &Client, script: &'static str) -> Result<(), fred::error::Error> {
+    use fred::prelude::LuaInterface;
+    if client.is_clustered() {
+        client.script_load_cluster::<(), _>(script).await
+    } else {
+        client.script_load::<String, _>(script).await.map(|_| ())
     }
+}
+
+/// The URL with its password masked, for `/readyz`, metrics and logs. Cluster and Sentinel
+/// URLs name several hosts (`host:port,host:port`), which a URL parser refuses, so the
+/// credentials are found by hand: between `://` and the authority's last `@`.
+fn display_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "(invalid URL)".to_string();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((credentials, hosts)) => match credentials.split_once(':') {
+            Some((user, _password)) => {
+                format!("{scheme}://{user}:****@{hosts}{}", mask_query(tail))
+            }
+            None => format!("{scheme}://{credentials}@{hosts}{}", mask_query(tail)),
+        },
+        None => format!("{scheme}://{authority}{}", mask_query(tail)),
+    }
+}
+
+/// Masks `sentinelPassword=` in a query.
+fn mask_query(tail: &str) -> String {
+    let Some((path, query)) = tail.split_once('?') else {
+        return tail.to_string();
+    };
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _)) if name.eq_ignore_ascii_case("sentinelPassword") => {
+                format!("{name}=****")
+            }
+            _ => pair.to_string(),
+        })
+        .collect();
+    format!("{path}?{}", pairs.join("&"))
+}
+
+/// fred's config for a Redis URL:
+/// - `redis://` / `rediss://` `[user:password@]host:port[/db]`: one server;
+/// - `redis-cluster://[user:password@]host:port[,host:port...]`: a Redis Cluster, from these
+///   seed nodes (fred's own `?node=host:port` form is accepted too);
+/// - `redis-sentinel://[user:password@]host:port[,host:port...]/service[/db]`: the primary
+///   that these Sentinels name for `service` (or fred's `?sentinelServiceName=` form).
+pub fn redis_config(url: &str) -> Result<Config, String> {
+    let normalized = normalize_url(url)?;
+    let mut config =
+        Config::from_url(&normalized).map_err(|error| format!("invalid Redis URL: {error}"))?;
+    if let ServerConfig::Clustered { policy, .. } = &mut config.server {
+        // Rediscover the cluster from every node it last named, not only the seeds: a seed
+        // that is down does not hide the others.
+        *policy = fred::types::config::ClusterDiscoveryPolicy::UseCache;
+    }
+    Ok(config)
+}
+
+fn normalize_url(url: &str) -> Result<String, String> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err("invalid Redis URL: no scheme (redis://, rediss://, redis-cluster://, redis-sentinel://)".into());
+    };
+    let clustered = scheme.ends_with("-cluster");
+    let sentinel = scheme.ends_with("-sentinel");
+    if !clustered && !sentinel {
+        return Ok(url.to_string());
+    }
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let (credentials, hosts) = match authority.rsplit_once('@') {
+        Some((credentials, hosts)) => (Some(credentials), hosts),
+        None => (None, authority),
+    };
+    let mut hosts = hosts
+        .split(',')
+        .map(str::trim)
+        .filter(|host| !host.is_empty());
+    let Some(first) = hosts.next() else {
+        return Err(format!("invalid Redis URL: {scheme}:// names no host"));
+    };
+    let (path, query) = match tail.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (tail, None),
+    };
+    let mut params: Vec<String> = query
+        .into_iter()
+        .flat_map(|query| query.split('&'))
+        .filter(|pair| !pair.is_empty())
+        .map(str::to_string)
+        .collect();
+    params.extend(hosts.map(|host| format!("node={host}")));
+    let mut path = path.to_string();
+    if sentinel
+        && !params
+            .iter()
+            .any(|pair| pair.starts_with("sentinelServiceName="))
+    {
+        // `/service[/db]`: the service name first.
+        let mut parts = path.trim_start_matches('/').splitn(2, '/');
+        let service = parts.next().unwrap_or_default().to_string();
+        let database = parts.next().unwrap_or_default().to_string();
+        if service.is_empty() {
+            return Err(format!(
+                "invalid Redis URL: {scheme}:// needs the service name: {scheme}://host:port,host:port/<service>[/db]"
+            ));
+        }
+        params.push(format!("sentinelServiceName={service}"));
+        path = if database.is_empty() {
+            String::new()
+        } else {
+            format!("/{database}")
+        };
+    }
+    let credentials = credentials
+        .map(|credentials| format!("{credentials}@"))
+        .unwrap_or_default();
+    let query = if params.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", params.join("&"))
+    };
+    Ok(format!("{scheme}://{credentials}{first}{path}{query}"))
 }
 
 static CLIENTS: Lazy<Mutex<HashMap<RedisSettings, Weak<Redis>>>> = Lazy::new(Default::default);
@@ -279,8 +398,7 @@ pub fn redis_client(
     if let Some(client) = clients.get(settings).and_then(Weak::upgrade) {
         return Ok(client);
     }
-    let config =
-        Config::from_url(&settings.url).map_err(|error| format!("invalid Redis URL: {error}"))?;
+    let config = redis_config(&settings.url)?;
     let command_timeout = settings.command_timeout;
     let connect_timeout = settings.connect_timeout;
     let max_queue = settings.max_queue;
@@ -317,9 +435,8 @@ pub fn redis_client(
                 .and_then(|scripts| scripts.lock().ok().map(|scripts| scripts.clone()))
                 .unwrap_or_default();
             async move {
-                use fred::prelude::LuaInterface;
                 for script in scripts {
-                    let _ = loader.script_load::<String, _>(script).await;
+                    let _ = load_script(&loader, script).await;
                 }
                 Ok(())
             }
@@ -376,6 +493,42 @@ pub fn redis_client(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_and_sentinel_urls_name_several_hosts() {
+        assert_eq!(
+            normalize_url("redis-cluster://u:p@10.0.0.1:7000,10.0.0.2:7001, 10.0.0.3:7002")
+                .unwrap(),
+            "redis-cluster://u:p@10.0.0.1:7000?node=10.0.0.2:7001&node=10.0.0.3:7002"
+        );
+        assert_eq!(
+            normalize_url("redis-cluster://a:7000?node=b:7001").unwrap(),
+            "redis-cluster://a:7000?node=b:7001"
+        );
+        assert_eq!(
+            normalize_url("redis-sentinel://s1:26379,s2:26379/mymaster/2").unwrap(),
+            "redis-sentinel://s1:26379/2?node=s2:26379&sentinelServiceName=mymaster"
+        );
+        assert!(normalize_url("redis-sentinel://s1:26379").is_err());
+        assert!(normalize_url("redis-cluster://").is_err());
+        let config = redis_config("redis-cluster://u:p@10.0.0.1:7000,10.0.0.2:7001").unwrap();
+        assert!(config.server.is_clustered());
+        assert_eq!(config.password.as_deref(), Some("p"));
+        let config = redis_config("redis-sentinel://s1:26379,s2:26380/mymaster").unwrap();
+        assert!(config.server.is_sentinel());
+        assert_eq!(
+            display_url("redis-cluster://u:secret@a:1,b:2"),
+            "redis-cluster://u:****@a:1,b:2"
+        );
+        assert_eq!(
+            display_url("redis-sentinel://a:1/m?sentinelPassword=x&node=b:2"),
+            "redis-sentinel://a:1/m?sentinelPassword=****&node=b:2"
+        );
+        assert_eq!(
+            display_url("redis://127.0.0.1:6379/0"),
+            "redis://127.0.0.1:6379/0"
+        );
+    }
 
     #[test]
     fn failures_back_off_and_one_success_clears_them() {

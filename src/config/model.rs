@@ -47,6 +47,10 @@ pub struct ServerConfig {
     /// Peers whose `X-Forwarded-For` / `Forwarded` / `X-Forwarded-Proto` are believed.
     #[schemars(with = "Vec<String>")]
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The forwarding headers written on every upstream request. From an untrusted peer, a
+    /// client-sent copy of one left out here is removed (so it cannot be spoofed); from a
+    /// trusted proxy it passes as it came. Default: all five.
+    pub forwarded_headers: Vec<ForwardedHeader>,
     pub limits: LimitsConfig,
     /// Let idle worker threads take queued work from busy ones. Off: each connection stays on
     /// the thread that accepted it (one single-threaded runtime per thread).
@@ -69,6 +73,42 @@ pub struct ServerConfig {
     /// Unset: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_requests_per_connection: Option<u32>,
+}
+
+/// A forwarding header Gatehouse can write for the upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+pub enum ForwardedHeader {
+    #[serde(rename = "x-forwarded-for", alias = "X-Forwarded-For")]
+    XForwardedFor,
+    #[serde(rename = "x-forwarded-proto", alias = "X-Forwarded-Proto")]
+    XForwardedProto,
+    #[serde(rename = "x-forwarded-host", alias = "X-Forwarded-Host")]
+    XForwardedHost,
+    #[serde(rename = "forwarded", alias = "Forwarded")]
+    Forwarded,
+    #[serde(rename = "x-real-ip", alias = "X-Real-IP", alias = "X-Real-Ip")]
+    XRealIp,
+}
+
+impl ForwardedHeader {
+    pub const ALL: [ForwardedHeader; 5] = [
+        ForwardedHeader::XForwardedFor,
+        ForwardedHeader::XForwardedProto,
+        ForwardedHeader::XForwardedHost,
+        ForwardedHeader::Forwarded,
+        ForwardedHeader::XRealIp,
+    ];
+
+    /// The header's name on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            ForwardedHeader::XForwardedFor => "x-forwarded-for",
+            ForwardedHeader::XForwardedProto => "x-forwarded-proto",
+            ForwardedHeader::XForwardedHost => "x-forwarded-host",
+            ForwardedHeader::Forwarded => "forwarded",
+            ForwardedHeader::XRealIp => "x-real-ip",
+        }
+    }
 }
 
 /// HTTP/2 settings toward clients. The defaults are Pingora's own (streams and header list) and
@@ -143,6 +183,7 @@ impl Default for ServerConfig {
             }],
             threads: None,
             trusted_proxies: Vec::new(),
+            forwarded_headers: ForwardedHeader::ALL.to_vec(),
             limits: LimitsConfig::default(),
             work_stealing: true,
             upstream_keepalive_pool_size: 1024,
@@ -1287,7 +1328,10 @@ impl Default for IdentityHeaders {
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]`; the password may be a `${env:NAME}` reference.
+    /// One server: `redis://[user:password@]host:port[/db]` (`rediss://` for TLS). A Redis
+    /// Cluster: `redis-cluster://[user:password@]host:port[,host:port...]` (seed nodes; the rest
+    /// are discovered). Through Sentinel: `redis-sentinel://[user:password@]host:port[,...]/
+    /// <service>[/db]`. The password may be a `${env:NAME}` reference.
     pub url: String,
     /// Deadline of every Redis command; past it the caller's failure policy applies.
     #[serde(default = "default_redis_command_timeout")]

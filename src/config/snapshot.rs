@@ -163,6 +163,8 @@ pub struct Snapshot {
     pub global_chain: Chain,
     pub limits: Limits,
     pub trusted_proxies: Vec<IpNet>,
+    /// Which forwarding headers the upstream is told (`server.forwarded_headers`).
+    pub forwarded_headers: ForwardedSet,
     /// What each listener asks of a connection before HTTP starts.
     pub listeners: Vec<ListenerPolicy>,
     pub unmatched_metrics: RouteMetrics,
@@ -176,6 +178,36 @@ pub struct Snapshot {
     pub serving: bool,
     /// The `config_versions` id this snapshot was built from, with `source: postgres`.
     pub database_version: Option<i64>,
+}
+
+/// A set of forwarding headers, one bit each (in the order of `ForwardedHeader::ALL`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForwardedSet(u8);
+
+impl ForwardedSet {
+    pub fn new(headers: &[crate::config::model::ForwardedHeader]) -> ForwardedSet {
+        ForwardedSet(
+            headers
+                .iter()
+                .fold(0, |bits, header| bits | Self::bit(*header)),
+        )
+    }
+
+    pub const fn all() -> ForwardedSet {
+        ForwardedSet(0b1_1111)
+    }
+
+    fn bit(header: crate::config::model::ForwardedHeader) -> u8 {
+        1 << (header as u8)
+    }
+
+    pub fn has(self, header: crate::config::model::ForwardedHeader) -> bool {
+        self.0 & Self::bit(header) != 0
+    }
+
+    pub fn is_all(self) -> bool {
+        self == Self::all()
+    }
 }
 
 /// Headers that tell the upstream who called.

@@ -10,6 +10,8 @@ use http::HeaderValue;
 use pingora_http::RequestHeader;
 
 use super::ctx::RequestCtx;
+use crate::config::model::ForwardedHeader as Header;
+use crate::config::snapshot::ForwardedSet;
 use crate::config::Snapshot;
 
 /// Works out the client: its address (the TCP peer, or what a trusted proxy says) and whether
@@ -67,6 +69,7 @@ pub fn tell_upstream(upstream_request: &mut RequestHeader, ctx: &RequestCtx) {
             ctx.trusted_peer,
             client,
             ctx.shared.client_tls,
+            ctx.snapshot.forwarded_headers,
         );
     }
     let Some(consumer) = &ctx.shared.consumer else {
@@ -175,94 +178,130 @@ fn value(text: String) -> Option<HeaderValue> {
     HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).ok()
 }
 
-/// Set `X-Forwarded-For/-Proto/-Host`, `Forwarded` and `X-Real-IP` on the upstream request.
-/// From an untrusted peer, client-sent copies are replaced; from a trusted proxy, the
-/// `X-Forwarded-For` and `Forwarded` chains are extended and its proto and host are kept.
+/// Set `X-Forwarded-For/-Proto/-Host`, `Forwarded` and `X-Real-IP` on the upstream request,
+/// those of them in `set`. From an untrusted peer, client-sent copies are replaced (or removed,
+/// for a header not in `set`); from a trusted proxy, the `X-Forwarded-For` and `Forwarded`
+/// chains are extended, its proto and host are kept, and a header not in `set` passes as it
+/// came.
 pub fn apply(
     request: &mut RequestHeader,
     peer: IpAddr,
     trusted_peer: bool,
     client: IpAddr,
     tls: bool,
+    set: ForwardedSet,
 ) {
+    if !trusted_peer && !set.is_all() {
+        remove_unselected(request, set);
+    }
     let proto = if tls { "https" } else { "http" };
     let peer_text = peer.to_string();
-    let host = request
-        .headers
-        .get(http::header::HOST)
-        .cloned()
-        .or_else(|| {
-            request
-                .uri
-                .authority()
-                .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
-        });
+    let host = if set.has(Header::XForwardedHost) || set.has(Header::Forwarded) {
+        request
+            .headers
+            .get(http::header::HOST)
+            .cloned()
+            .or_else(|| {
+                request
+                    .uri
+                    .authority()
+                    .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
+            })
+    } else {
+        None
+    };
 
-    let mut element = String::with_capacity(48);
-    element.push_str("for=");
-    push_forwarded_node(&mut element, peer);
-    element.push_str(";proto=");
-    element.push_str(proto);
-    if let Some(host_text) = host.as_ref().and_then(|host| host.to_str().ok()) {
-        if !host_text.is_empty()
-            && host_text
-                .bytes()
-                .all(|byte| byte.is_ascii_graphic() && byte != b'"')
-        {
-            element.push_str(";host=\"");
-            element.push_str(host_text);
-            element.push('"');
-        }
-    }
-
-    let (forwarded_for, forwarded, forwarded_proto, forwarded_host) = if trusted_peer {
-        let headers = &request.headers;
-        let forwarded_for = if headers.contains_key("x-forwarded-for") {
-            joined(headers.get_all("x-forwarded-for"), &peer_text)
+    if set.has(Header::XForwardedFor) {
+        let forwarded_for = if trusted_peer && request.headers.contains_key("x-forwarded-for") {
+            joined(request.headers.get_all("x-forwarded-for"), &peer_text)
         } else {
             peer_text.clone()
         };
-        let forwarded = if headers.contains_key(http::header::FORWARDED) {
-            joined(headers.get_all(http::header::FORWARDED), &element)
+        if let Some(forwarded_for) = value(forwarded_for) {
+            request.insert_header("x-forwarded-for", forwarded_for).ok();
+        }
+    }
+    if set.has(Header::XForwardedProto) {
+        let incoming = if trusted_peer {
+            request.headers.get("x-forwarded-proto").cloned()
+        } else {
+            None
+        };
+        let forwarded_proto = incoming.unwrap_or(HeaderValue::from_static(proto));
+        request
+            .insert_header("x-forwarded-proto", forwarded_proto)
+            .ok();
+    }
+    if set.has(Header::Forwarded) {
+        let mut element = String::with_capacity(48);
+        element.push_str("for=");
+        push_forwarded_node(&mut element, peer);
+        element.push_str(";proto=");
+        element.push_str(proto);
+        if let Some(host_text) = host.as_ref().and_then(|host| host.to_str().ok()) {
+            if !host_text.is_empty()
+                && host_text
+                    .bytes()
+                    .all(|byte| byte.is_ascii_graphic() && byte != b'"')
+            {
+                element.push_str(";host=\"");
+                element.push_str(host_text);
+                element.push('"');
+            }
+        }
+        let forwarded = if trusted_peer && request.headers.contains_key(http::header::FORWARDED) {
+            joined(request.headers.get_all(http::header::FORWARDED), &element)
         } else {
             element
         };
-        let incoming_proto = headers.get("x-forwarded-proto").cloned();
-        let incoming_host = headers.get("x-forwarded-host").cloned();
-        (
-            forwarded_for,
-            forwarded,
-            incoming_proto,
-            incoming_host.or(host),
-        )
-    } else {
-        (peer_text.clone(), element, None, host)
-    };
-
-    let client_text = if client == peer {
-        peer_text
-    } else {
-        client.to_string()
-    };
-    if let Some(forwarded_for) = value(forwarded_for) {
-        request.insert_header("x-forwarded-for", forwarded_for).ok();
-    }
-    let forwarded_proto = forwarded_proto.unwrap_or(HeaderValue::from_static(proto));
-    request
-        .insert_header("x-forwarded-proto", forwarded_proto)
-        .ok();
-    if let Some(forwarded) = value(forwarded) {
-        request.insert_header("forwarded", forwarded).ok();
-    }
-    if let Some(client) = value(client_text) {
-        request.insert_header("x-real-ip", client).ok();
-    }
-    match forwarded_host {
-        Some(host) => {
-            request.insert_header("x-forwarded-host", host).ok();
+        if let Some(forwarded) = value(forwarded) {
+            request.insert_header("forwarded", forwarded).ok();
         }
-        None => {
-            request.remove_header("x-forwarded-host");
+    }
+    if set.has(Header::XRealIp) {
+        let client_text = if client == peer {
+            peer_text
+        } else {
+            client.to_string()
+        };
+        if let Some(client) = value(client_text) {
+            request.insert_header("x-real-ip", client).ok();
+        }
+    }
+    if set.has(Header::XForwardedHost) {
+        let incoming = if trusted_peer {
+            request.headers.get("x-forwarded-host").cloned()
+        } else {
+            None
+        };
+        match incoming.or(host) {
+            Some(host) => {
+                request.insert_header("x-forwarded-host", host).ok();
+            }
+            None => {
+                request.remove_header("x-forwarded-host");
+            }
+        }
+    }
+}
+
+/// Removes client-sent copies of the forwarding headers Gatehouse does not write, so an
+/// untrusted client cannot make the upstream believe them. The request's header names are
+/// scanned once; only a request that has one is changed.
+fn remove_unselected(request: &mut RequestHeader, set: ForwardedSet) {
+    let unselected = || {
+        Header::ALL
+            .into_iter()
+            .filter(move |header| !set.has(*header))
+            .map(Header::name)
+    };
+    let sent = request
+        .headers
+        .keys()
+        .any(|name| unselected().any(|unselected| unselected == name.as_str()));
+    if sent {
+        for name in unselected() {
+            request.remove_header(name);
         }
     }
 }
@@ -326,7 +365,7 @@ mod tests {
             ("x-forwarded-host", "evil"),
             ("x-forwarded-proto", "https"),
         ]);
-        apply(&mut upstream, peer, false, peer, false);
+        apply(&mut upstream, peer, false, peer, false, ForwardedSet::all());
         assert_eq!(upstream.headers["x-forwarded-for"], "203.0.113.7");
         assert_eq!(upstream.headers["x-forwarded-host"], "api.example.com");
         assert_eq!(upstream.headers["x-forwarded-proto"], "http");
@@ -335,5 +374,53 @@ mod tests {
             "for=203.0.113.7;proto=http;host=\"api.example.com\""
         );
         assert_eq!(upstream.headers["x-real-ip"], "203.0.113.7");
+    }
+
+    #[test]
+    fn only_the_chosen_headers_are_written_and_spoofed_others_are_removed() {
+        let peer: IpAddr = "203.0.113.7".parse().unwrap();
+        let only_for = ForwardedSet::new(&[Header::XForwardedFor]);
+        let mut upstream = request(&[
+            ("host", "api.example.com"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-real-ip", "1.2.3.4"),
+            ("forwarded", "for=1.2.3.4"),
+        ]);
+        apply(&mut upstream, peer, false, peer, false, only_for);
+        assert_eq!(upstream.headers["x-forwarded-for"], "203.0.113.7");
+        for gone in [
+            "x-real-ip",
+            "forwarded",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+        ] {
+            assert!(upstream.headers.get(gone).is_none(), "{gone}");
+        }
+
+        // A trusted proxy's own copies of the headers left out pass as they came.
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        let mut upstream = request(&[
+            ("x-forwarded-for", "198.51.100.2"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        apply(
+            &mut upstream,
+            proxy,
+            true,
+            "198.51.100.2".parse().unwrap(),
+            false,
+            only_for,
+        );
+        assert_eq!(
+            upstream.headers["x-forwarded-for"],
+            "198.51.100.2, 10.0.0.1"
+        );
+        assert_eq!(upstream.headers["x-forwarded-proto"], "https");
+        assert!(upstream.headers.get("x-real-ip").is_none());
+
+        let none = ForwardedSet::new(&[]);
+        let mut upstream = request(&[("x-forwarded-for", "1.2.3.4")]);
+        apply(&mut upstream, peer, false, peer, false, none);
+        assert!(upstream.headers.get("x-forwarded-for").is_none());
     }
 }

@@ -140,33 +140,33 @@ impl RedisCall {
         if !redis.available() {
             return Err(());
         }
-        let redis_key = key.to_string();
-        let client = redis.clone();
-        let sha = sha.clone();
-        let call = crate::shared::IO.spawn(async move {
-            let result = match client
-                .evalsha::<(i64, String), _, _, _>(sha, vec![redis_key.clone()], args.clone())
+        // Awaited here, on the worker's own runtime: the command goes straight into the client's
+        // queue and its answer wakes this task, with no hop through another runtime's task.
+        let call = async {
+            match redis
+                .evalsha::<(i64, String), _, _, _>(sha.clone(), key, args.clone())
                 .await
             {
                 Err(error) if error.details().starts_with("NOSCRIPT") => {
-                    client
-                        .eval::<(i64, String), _, _, _>(script, vec![redis_key], args)
+                    redis
+                        .eval::<(i64, String), _, _, _>(script, key, args)
                         .await
                 }
                 result => result,
-            };
-            match &result {
-                Ok(_) => client.record_success(),
-                Err(error) => client.record_failure(&error.to_string()),
             }
-            result.map_err(|_| ())
-        });
-        // The client's own timeout covers each command; this bounds the whole exchange (and a
-        // busy I/O thread) to the same deadline.
+        };
+        // The client's own timeout covers each command; this bounds the whole exchange (both
+        // commands after a NOSCRIPT) to the same deadline.
         let deadline = redis.command_timeout + Duration::from_millis(2);
         let (granted, tokens) = match tokio::time::timeout(deadline, call).await {
-            Ok(Ok(answer)) => answer?,
-            Ok(Err(_)) => return Err(()),
+            Ok(Ok(answer)) => {
+                redis.record_success();
+                answer
+            }
+            Ok(Err(error)) => {
+                redis.record_failure(&error.to_string());
+                return Err(());
+            }
             Err(_) => {
                 redis.record_failure("no answer within the command deadline");
                 return Err(());

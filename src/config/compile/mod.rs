@@ -138,6 +138,9 @@ pub fn compile(
         global_chain: gatehouse_filters::Chain::new(global_filters, None),
         limits,
         trusted_proxies: config.server.trusted_proxies.clone(),
+        forwarded_headers: crate::config::snapshot::ForwardedSet::new(
+            &config.server.forwarded_headers,
+        ),
         listeners,
         identity_headers,
         request_id_header,
