@@ -193,7 +193,7 @@ fn main() -> ExitCode {
             path,
             timeout,
         } => match health(&address, &path, timeout) {
-            Ok(status) if status == 200 => ExitCode::SUCCESS,
+            Ok(200) => ExitCode::SUCCESS,
             Ok(status) => {
                 eprintln!("gatehouse health: {address}{path} answered {status}");
                 ExitCode::FAILURE

@@ -141,8 +141,7 @@ impl Redis {
                     if health.consecutive_failures.load(Ordering::Relaxed) == 0 {
                         return;
                     }
-                    if let Ok(Ok(())) = tokio::time::timeout(timeout, client.ping::<()>(None)).await
-                    {
+                    if let Ok(true) = tokio::time::timeout(timeout, answers(&client)).await {
                         health.record_success();
                         return;
                     }
@@ -245,6 +244,25 @@ impl Health {
             tracing::warn!(redis = %self.display_url, error, "Redis did not answer; rate-limit policies use their failure mode");
         }
         failures == 1
+    }
+}
+
+/// Whether Redis serves commands again: a server answers `PING`; a cluster says
+/// `cluster_state:ok` (while a master's slots are uncovered every node still answers `PING`,
+/// but refuses commands with `CLUSTERDOWN`).
+async fn answers(client: &Client) -> bool {
+    if client.is_clustered() {
+        let command = fred::types::CustomCommand::new_static(
+            "CLUSTER",
+            fred::types::ClusterHash::Random,
+            false,
+        );
+        client
+            .custom::<String, &str>(command, vec!["INFO"])
+            .await
+            .is_ok_and(|info| info.contains("cluster_state:ok"))
+    } else {
+        client.ping::<()>(None).await.is_ok()
     }
 }
 

@@ -5,6 +5,7 @@ mod support;
 
 mod auth;
 mod balancing;
+mod container;
 mod discovery;
 mod edge;
 mod grpc;
@@ -20,6 +21,7 @@ mod observability;
 mod postgres;
 mod proxy_protocol;
 mod rate_limit;
+mod redis_cluster;
 mod reload;
 mod resilience;
 mod routing;

@@ -12,7 +12,7 @@ fn gateway(policy: &str) -> Gateway {
 }
 
 /// One route limited by `policy`; `preamble` goes before the upstreams (e.g. a `redis` section).
-fn limited_gateway(preamble: &str, policy: &str) -> Gateway {
+pub(crate) fn limited_gateway(preamble: &str, policy: &str) -> Gateway {
     limited_gateway_with(preamble, &[policy])
 }
 
@@ -179,7 +179,7 @@ fn connected_redis_gateway(redis: &str, policy: &str) -> Gateway {
     gateway
 }
 
-fn unique_name(prefix: &str) -> String {
+pub(crate) fn unique_name(prefix: &str) -> String {
     format!("{prefix}-{}-{}", std::process::id(), fastrand::u64(..))
 }
 
@@ -330,7 +330,7 @@ fn assert_all(statuses: &[u16], expected: u16, label: &str) {
     );
 }
 
-fn redis_state(gateway: &Gateway) -> String {
+pub(crate) fn redis_state(gateway: &Gateway) -> String {
     let reply = crate::support::get(gateway.ops, "/readyz");
     assert_eq!(
         reply.status, 200,
@@ -342,7 +342,7 @@ fn redis_state(gateway: &Gateway) -> String {
         .to_string()
 }
 
-fn wait_for_redis_state(gateway: &Gateway, wanted: &str) {
+pub(crate) fn wait_for_redis_state(gateway: &Gateway, wanted: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while redis_state(gateway) != wanted {
         assert!(
@@ -353,14 +353,10 @@ fn wait_for_redis_state(gateway: &Gateway, wanted: &str) {
     }
 }
 
-#[test]
-fn redis_paused_stopped_and_restarted_mid_run() {
-    const DEADLINE_MS: u64 = 100;
-    // What a loaded machine may add to an answer: its threads wait to be scheduled. A paused
-    // Redis without a deadline would hold every request until it resumed.
-    const SLACK_MS: u64 = 400;
-    let port = crate::support::free_port();
-    let mut redis = PrivateRedis::start(port);
+/// A gateway on `redis_url` with a command deadline of `deadline_ms`, and one route per failure
+/// policy (`/closed`, `/open`, `/fallback` with a capacity of 20 over 2 expected nodes), plus
+/// `/exact` (`fail_closed`, capacity 50) for exactness once Redis serves again.
+pub(crate) fn failure_policy_gateway(redis_url: &str, deadline_ms: u64) -> Gateway {
     let echo = spawn_echo("echo");
     let policy = |mode: &str, capacity: u64| {
         format!(
@@ -368,9 +364,9 @@ fn redis_paused_stopped_and_restarted_mid_run() {
             unique_name(mode)
         )
     };
-    let gateway = Gateway::start(&format!(
+    Gateway::start(&format!(
         r#"
-redis: {{ url: "redis://127.0.0.1:{port}", command_timeout: {DEADLINE_MS}ms }}
+redis: {{ url: "{redis_url}", command_timeout: {deadline_ms}ms }}
 upstreams: [{{ name: echo, targets: [{{ address: "{echo}" }}] }}]
 routes:
   - {{ name: closed, match: {{ paths: [{{ exact: /closed }}] }}, upstream: echo, filters: {closed} }}
@@ -382,22 +378,36 @@ routes:
         open = policy("fail_open", 1000),
         fallback = policy("local_fallback", 20),
         exact = policy("fail_closed", 50),
-    ));
-    wait_for_redis_state(&gateway, "up");
-    // Sends `rounds` requests to each route and returns each route's statuses; every request must
-    // be answered within the command deadline and the slack.
-    let mut client = crate::support::KeepAlive::new(gateway.addr);
-    let mut slowest = std::time::Duration::ZERO;
-    let mut phase = |label: &str, rounds: usize| -> [Vec<u16>; 3] {
+    ))
+}
+
+/// Sends `rounds` requests to each of `/closed`, `/open` and `/fallback` and returns each
+/// route's statuses; every request must be answered within `limit`. Tracks the slowest answer.
+pub(crate) struct Phases {
+    client: crate::support::KeepAlive,
+    limit: std::time::Duration,
+    pub slowest: std::time::Duration,
+}
+
+impl Phases {
+    pub fn new(gateway: &Gateway, limit: std::time::Duration) -> Phases {
+        Phases {
+            client: crate::support::KeepAlive::new(gateway.addr),
+            limit,
+            slowest: std::time::Duration::ZERO,
+        }
+    }
+
+    pub fn run(&mut self, label: &str, rounds: usize) -> [Vec<u16>; 3] {
         let mut statuses: [Vec<u16>; 3] = Default::default();
         for _ in 0..rounds {
             for (index, path) in ["/closed", "/open", "/fallback"].iter().enumerate() {
                 let started = std::time::Instant::now();
-                let status = client.get(path).expect("request");
+                let status = self.client.get(path).expect("request");
                 let elapsed = started.elapsed();
-                slowest = slowest.max(elapsed);
+                self.slowest = self.slowest.max(elapsed);
                 assert!(
-                    elapsed <= std::time::Duration::from_millis(DEADLINE_MS + SLACK_MS),
+                    elapsed <= self.limit,
                     "{label} {path}: answered after {elapsed:?}"
                 );
                 statuses[index].push(status);
@@ -405,7 +415,38 @@ routes:
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         statuses
-    };
+    }
+}
+
+/// While Redis does not serve: `fail_closed` refuses, `fail_open` admits, `local_fallback`
+/// admits this node's share (20 / 2 nodes) and then 429.
+pub(crate) fn assert_failure_modes(label: &str, [closed, open, fallback]: &[Vec<u16>; 3]) {
+    assert_all(closed, 503, &format!("{label}: fail_closed"));
+    assert_all(open, 200, &format!("{label}: fail_open"));
+    let admitted = fallback.iter().filter(|&&status| status == 200).count();
+    assert_eq!(admitted, 10, "{label}: local_fallback: {fallback:?}");
+    assert_all(
+        &fallback[10..],
+        429,
+        &format!("{label}: local_fallback once spent"),
+    );
+}
+
+#[test]
+fn redis_paused_stopped_and_restarted_mid_run() {
+    const DEADLINE_MS: u64 = 100;
+    // What a loaded machine may add to an answer: its threads wait to be scheduled. A paused
+    // Redis without a deadline would hold every request until it resumed.
+    const SLACK_MS: u64 = 400;
+    let port = crate::support::free_port();
+    let mut redis = PrivateRedis::start(port);
+    let gateway = failure_policy_gateway(&format!("redis://127.0.0.1:{port}"), DEADLINE_MS);
+    wait_for_redis_state(&gateway, "up");
+    let mut phases = Phases::new(
+        &gateway,
+        std::time::Duration::from_millis(DEADLINE_MS + SLACK_MS),
+    );
+    let mut phase = |label: &str, rounds: usize| phases.run(label, rounds);
     let [closed, open, fallback] = phase("healthy", 3);
     assert!(closed
         .iter()
@@ -415,13 +456,7 @@ routes:
     assert_eq!(redis_state(&gateway), "up");
 
     redis.signal("STOP");
-    let [closed, open, fallback] = phase("paused", 15);
-    assert_all(&closed, 503, "fail_closed");
-    assert_all(&open, 200, "fail_open");
-    // local_fallback: this node's share of the capacity (20 / 2 nodes), then 429.
-    let admitted = fallback.iter().filter(|&&status| status == 200).count();
-    assert_eq!(admitted, 10, "local_fallback: {fallback:?}");
-    assert_all(&fallback[10..], 429, "local_fallback once spent");
+    assert_failure_modes("paused", &phase("paused", 15));
     assert_eq!(redis_state(&gateway), "down");
 
     redis.signal("CONT");
@@ -470,7 +505,8 @@ routes:
         .lines()
         .any(|line| line.starts_with("gatehouse_redis_up{") && line.ends_with(" 1")));
     println!(
-        "slowest answer while Redis was paused or stopped: {slowest:?} (deadline {DEADLINE_MS} ms)"
+        "slowest answer while Redis was paused or stopped: {:?} (deadline {DEADLINE_MS} ms)",
+        phases.slowest
     );
     drop(redis);
 }

@@ -260,6 +260,66 @@ fn forwarding_headers_trust_only_configured_proxies() {
 }
 
 #[test]
+fn server_forwarded_headers_chooses_what_the_upstream_is_told() {
+    let echo = spawn_echo("echo");
+    let routes = format!(
+        "upstreams: [{{ name: echo, targets: [{{ address: \"{echo}\" }}] }}]\nroutes: [{{ name: r, match: {{ paths: [{{ prefix: / }}] }}, upstream: echo }}]"
+    );
+    let spoofed = [
+        ("Host", "shop.example.com"),
+        ("X-Forwarded-For", "6.6.6.6"),
+        ("X-Forwarded-Proto", "https"),
+        ("X-Forwarded-Host", "evil.example"),
+        ("Forwarded", "for=6.6.6.6"),
+        ("X-Real-IP", "6.6.6.6"),
+    ];
+    // Only X-Forwarded-For: the others are neither written nor passed on from a client.
+    let gateway = Gateway::start_with("  forwarded_headers: [X-Forwarded-For]", &routes);
+    let reply = gateway.request("GET", "/x", &spoofed, b"");
+    let headers = &reply.json()["headers"];
+    assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
+    for absent in [
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "forwarded",
+        "x-real-ip",
+    ] {
+        assert!(headers.get(absent).is_none(), "{absent}: {headers}");
+    }
+    drop(gateway);
+
+    // None at all, behind a trusted proxy: what the proxy sent passes as it came.
+    let gateway = Gateway::start_with(
+        "  forwarded_headers: []\n  trusted_proxies: [127.0.0.0/8]",
+        &routes,
+    );
+    let reply = gateway.request("GET", "/x", &spoofed, b"");
+    let headers = &reply.json()["headers"];
+    assert_eq!(headers["x-forwarded-for"], "6.6.6.6");
+    assert_eq!(headers["x-real-ip"], "6.6.6.6");
+    drop(gateway);
+
+    // A name that is not a forwarding header is a config error naming the key.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        "version: 1\nserver: { listeners: [{ name: p, address: \"127.0.0.1:0\" }], forwarded_headers: [x-client-ip] }\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(crate::support::binary())
+        .arg("validate")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(text.contains("forwarded_headers"), "{text}");
+    assert!(text.contains("x-client-ip"), "{text}");
+}
+
+#[test]
 fn upstream_failures_are_problem_documents() {
     let echo = spawn_echo("echo");
     let dead = format!("127.0.0.1:{}", crate::support::free_port());

@@ -11,6 +11,7 @@ pub mod load;
 pub mod otlp;
 pub mod pg;
 pub mod recorder;
+pub mod redis_cluster;
 pub mod target;
 pub mod websocket;
 
