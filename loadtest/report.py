@@ -28,7 +28,7 @@ import statistics
 import sys
 
 UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0, "h": 3600000.0}
-ORDER = ["direct", "nginx", "haproxy", "envoy", "bare", "gatehouse", "gatehouse-baseline",
+ORDER = ["direct", "nginx", "haproxy", "envoy", "bare", "gatehouse", "gatehouse-xff", "gatehouse-baseline",
          "gatehouse-jwt", "gatehouse-apikey", "gatehouse-full", "gatehouse-full-baseline",
          "gatehouse-rl-local", "gatehouse-rl-redis", "gatehouse-rl-lease", "gatehouse-resilient",
          "gatehouse-headers", "gatehouse-json-plain", "gatehouse-json",
@@ -42,6 +42,7 @@ LABELS = {
     "envoy": "Envoy",
     "bare": "bare Pingora",
     "gatehouse": "Gatehouse",
+    "gatehouse-xff": "Gatehouse, only X-Forwarded-For written",
     "gatehouse-baseline": "Gatehouse, baseline binary",
     "gatehouse-jwt": "Gatehouse + jwt (RS256)",
     "gatehouse-apikey": "Gatehouse + api_key",
@@ -65,7 +66,7 @@ LABELS = {
     "gatehouse-wasm": "Gatehouse + wasm add_header plugin (the same two operations)",
 }
 # The same route with and without its filters, in the same run: the price of the filters.
-VARIANTS = ["gatehouse-jwt", "gatehouse-apikey", "gatehouse-full", "gatehouse-rl-local",
+VARIANTS = ["gatehouse-xff", "gatehouse-jwt", "gatehouse-apikey", "gatehouse-full", "gatehouse-rl-local",
             "gatehouse-rl-redis", "gatehouse-rl-lease", "gatehouse-resilient", "gatehouse-headers",
             "gatehouse-traced", "gatehouse-traced-all", "gatehouse-traced-blackholed"]
 # Two balancers over the same targets, one slower: peak EWMA against round robin.
@@ -220,6 +221,9 @@ def compute_ratios(contenders):
             }
         else:
             ratios[key] = None
+    # The plain route writing only X-Forwarded-For, against bare Pingora.
+    if "gatehouse-xff" in contenders and "bare" in contenders:
+        ratios["gatehouse-xff/bare-pingora"] = ratio(contenders["gatehouse-xff"], contenders["bare"])
     # The price of the filters: the same route with and without them, in the same run.
     for variant in VARIANTS:
         if variant in contenders:
@@ -251,6 +255,8 @@ def instruction_ratios(counts):
     pairs = []
     if "gatehouse" in counts and "bare" in counts:
         pairs.append(("gatehouse/bare-pingora", "gatehouse", "bare"))
+    if "gatehouse-xff" in counts and "bare" in counts:
+        pairs.append(("gatehouse-xff/bare-pingora", "gatehouse-xff", "bare"))
     pairs += [(f"{variant}/gatehouse", variant, "gatehouse") for variant in VARIANTS]
     pairs += [(f"{name}/{baseline}", name, baseline) for name, baseline in BASELINES.items()]
     pairs += [(f"{name}/{other}", name, other) for name, other in PAIRS.items()]
@@ -289,7 +295,8 @@ def markdown(document, latency, settings):
 
     out = [f"### {stamp}", ""]
     out.append(f"wrk -t1 -c{connections} -d{seconds}s --latency, {warmup}s warm-up discarded, "
-               f"median of {reps} run{'s' if int(reps) != 1 else ''}; proxy on core {proxy_cpu}, wrk and upstream on core {load_cpu}. "
+               f"median of {reps} run{'s' if int(reps) != 1 else ''}; proxy on core {proxy_cpu}, wrk and upstream on core {load_cpu}; "
+               f"upstream: {environment.get('upstream', 'echo-upstream (hyper, --small)')}. "
                f"{environment.get('cpu', '')}, {environment.get('cores', '?')} cores, "
                f"kernel {environment.get('kernel', '?')}, gatehouse {environment.get('gatehouse_commit', '?')}, "
                f"{f'baseline gatehouse {baseline}, ' if baseline else ''}"

@@ -8,6 +8,7 @@ mod balancing;
 mod container;
 mod discovery;
 mod edge;
+mod fleet;
 mod grpc;
 mod grpc_json;
 mod grpc_web;

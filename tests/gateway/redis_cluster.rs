@@ -1,4 +1,5 @@
-//! Rate limiting on a real Redis Cluster (`redis-cluster://` seed nodes): exact admission with
+//! Rate limiting on a real Redis Cluster (`redis-cluster://` seed nodes) and through a Sentinel
+//! (`redis-sentinel://`): exact admission with
 //! buckets spread over the masters, each failure policy's answer while a master is dead, and
 //! exact limiting again once the cluster heals, by the master's return or by a replica's
 //! promotion.
@@ -9,7 +10,7 @@ use crate::rate_limit::{
     assert_failure_modes, failure_policy_gateway, limited_gateway, redis_state,
     unique_name as unique, Phases,
 };
-use crate::support::redis_cluster::RedisCluster;
+use crate::support::redis_cluster::{RedisCluster, RedisSentinel};
 use crate::support::Gateway;
 
 /// Waits up to `within` for `/readyz` to show Redis `wanted`.
@@ -199,4 +200,23 @@ fn a_replica_promoted_in_place_of_a_dead_master_limits_exactly() {
         before <= 2,
         "the promoted replica lost the spent bucket: {before} admitted"
     );
+}
+
+#[test]
+fn through_sentinel_the_primary_it_names_limits_exactly() {
+    let sentinel = RedisSentinel::start();
+    let name = unique("sentinel");
+    let gateway = tenant_gateway(&sentinel.url(), "1s", &name, 20);
+    wait_for_redis_state(&gateway, "up", Duration::from_secs(10));
+    assert_eq!(admitted(&gateway, "/", &[("x-tenant", "s")], 40), 20);
+    // The bucket lives on the primary the Sentinel named.
+    let keys = crate::support::redis_cluster::redis_cli(
+        sentinel.primary_port,
+        &[
+            "--scan",
+            "--pattern",
+            &format!("gatehouse:ratelimit:*{name}"),
+        ],
+    );
+    assert_eq!(keys.lines().count(), 1, "{keys}");
 }

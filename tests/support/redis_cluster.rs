@@ -289,3 +289,74 @@ impl Drop for RedisCluster {
         }
     }
 }
+
+/// A Redis primary watched by one Sentinel (`redis-server --sentinel`), under the service name
+/// `gatehouse`.
+pub struct RedisSentinel {
+    pub dir: tempfile::TempDir,
+    pub primary_port: u16,
+    pub sentinel_port: u16,
+    children: Vec<Child>,
+}
+
+impl RedisSentinel {
+    pub fn start() -> RedisSentinel {
+        let dir = tempfile::tempdir().unwrap();
+        let primary_port = super::free_port();
+        let sentinel_port = super::free_port();
+        let primary = Command::new("redis-server")
+            .args(["--port", &primary_port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (make test installs it)");
+        let config = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "port {sentinel_port}\nbind 127.0.0.1\ndir {}\nsentinel monitor gatehouse 127.0.0.1 {primary_port} 1\nsentinel down-after-milliseconds gatehouse 1000\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let sentinel = Command::new("redis-server")
+            .arg(&config)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let watched = RedisSentinel {
+            dir,
+            primary_port,
+            sentinel_port,
+            children: vec![primary, sentinel],
+        };
+        wait_for(
+            || {
+                redis_cli(
+                    sentinel_port,
+                    &["SENTINEL", "get-master-addr-by-name", "gatehouse"],
+                )
+                .contains(&primary_port.to_string())
+            },
+            "the Sentinel to name the primary",
+        );
+        watched
+    }
+
+    pub fn url(&self) -> String {
+        format!(
+            "redis-sentinel://127.0.0.1:{}/gatehouse",
+            self.sentinel_port
+        )
+    }
+}
+
+impl Drop for RedisSentinel {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
