@@ -72,7 +72,12 @@
 #                      missing, unless BENCH_NO_INSTALL=1) for BENCH_LATENCY_SECONDS (default:
 #                      BENCH_SECONDS) per contender, at BENCH_LATENCY_RPS requests per second
 #                      (default 5000) and at half of the contender's own median rps
-#   BENCH_PROXY_CPU / BENCH_LOAD_CPU  cores for the proxy and for wrk + upstream (default 1 / 0)
+#   BENCH_PROXY_CPU / BENCH_LOAD_CPU  cores for the proxy and for wrk + upstream (default 1 / 0);
+#                      a list such as 0,1 lets the proxy use both cores (the multi-core run)
+#   BENCH_THREADS      worker threads of each proxy (nginx worker_processes, HAProxy nbthread,
+#                      Envoy --concurrency, bare Pingora --threads, Gatehouse server.threads;
+#                      default 1)
+#   BENCH_WRK_THREADS  wrk threads (default 1)
 #   BENCH_QUIET_WAIT   seconds to wait before each run for other work on the machine to use less
 #                      than BENCH_QUIET_PCT % of a core (defaults 15 and 25; 0 does not wait)
 #   BENCH_KEEP_WORKDIR=1  keep the configs, logs and raw outputs of the run
@@ -117,6 +122,8 @@ upstream_kind=${BENCH_UPSTREAM:-echo}
 [[ $upstream_kind == echo || $upstream_kind == nginx ]] || die "BENCH_UPSTREAM=$upstream_kind: use echo or nginx"
 quiet_threshold=${BENCH_QUIET_PCT:-25}
 proxy_cpu=${BENCH_PROXY_CPU:-1}
+proxy_threads=${BENCH_THREADS:-1}
+wrk_threads=${BENCH_WRK_THREADS:-1}
 load_cpu=${BENCH_LOAD_CPU:-0}
 instructions_pass=${BENCH_INSTRUCTIONS:-0}
 instructions_warmup=${BENCH_INSTRUCTIONS_WARMUP:-1000}
@@ -408,7 +415,7 @@ write_nginx_conf() {
   local dir=$1 port=$2
   mkdir -p "$dir"
   cat >"$dir/nginx.conf" <<EOF
-worker_processes 1;
+worker_processes $proxy_threads;
 daemon off;
 pid $dir/nginx.pid;
 error_log $dir/error.log warn;
@@ -468,7 +475,7 @@ write_haproxy_conf() {
   mkdir -p "$dir"
   cat >"$dir/haproxy.cfg" <<EOF
 global
-  nbthread 1
+  nbthread $proxy_threads
   maxconn 4096
 defaults
   mode http
@@ -533,7 +540,7 @@ server:
   listeners: [{ name: public, address: "127.0.0.1:$port"$(
     [[ $variant == gatehouse-lb-proxyv2 ]] && echo ", proxy_protocol: { trusted: [127.0.0.1/32] }"
   ) }]
-  threads: 1$(
+  threads: $proxy_threads$(
     [[ $variant == gatehouse-xff ]] && printf '\n  forwarded_headers: [x-forwarded-for]'
   )
 ops: { address: "127.0.0.1:$ops_port" }
@@ -767,13 +774,13 @@ start_contender() {
       ;;
     envoy)
       write_envoy_conf "$dir" "$port"
-      start_pinned "$proxy_cpu" "$dir/stdout.log" "$envoy_bin" -c "$dir/envoy.yaml" --concurrency 1 \
+      start_pinned "$proxy_cpu" "$dir/stdout.log" "$envoy_bin" -c "$dir/envoy.yaml" --concurrency "$proxy_threads" \
         --disable-hot-restart --log-level error
       ;;
     bare)
       mkdir -p "$dir"
       start_pinned "$proxy_cpu" "$dir/stdout.log" "${proxy_wrapper[@]}" "$bare_bin" --listen "127.0.0.1:$port" \
-        --upstream "127.0.0.1:$echo_port" --threads 1
+        --upstream "127.0.0.1:$echo_port" --threads "$proxy_threads"
       ;;
     gatehouse*)
       binary=$gatehouse_bin
@@ -1010,7 +1017,7 @@ for ((rep = 1; rep <= reps; rep++)); do
     fi
     header_args
     if ((warmup > 0)); then
-      taskset -c "$load_cpu" wrk -t1 -c"$connections" -d"${warmup}s" "${header_argv[@]}" "$proxy_url" >/dev/null 2>&1 || true
+      taskset -c "$load_cpu" wrk -t"$wrk_threads" -c"$connections" -d"${warmup}s" "${header_argv[@]}" "$proxy_url" >/dev/null 2>&1 || true
     fi
     output="$work/wrk-$name-$rep.txt"
     ticks_before=$(cpu_ticks "$proxy_pid")
@@ -1018,7 +1025,7 @@ for ((rep = 1; rep <= reps; rep++)); do
     machine_before=$(machine_busy_ticks)
     started=$(now_ns)
     times >"$work/times.before"
-    taskset -c "$load_cpu" wrk -t1 -c"$connections" -d"${bench_seconds}s" --latency "${header_argv[@]}" "$proxy_url" >"$output" 2>&1 ||
+    taskset -c "$load_cpu" wrk -t"$wrk_threads" -c"$connections" -d"${bench_seconds}s" --latency "${header_argv[@]}" "$proxy_url" >"$output" 2>&1 ||
       say "wrk failed against $name: $(tail -n 3 "$output")"
     times >"$work/times.after"
     elapsed_ns=$(($(now_ns) - started))
@@ -1203,6 +1210,8 @@ versions_file="$work/versions.tsv"
   else
     printf 'upstream\t%s\n' "echo-upstream (hyper, --small)"
   fi
+  printf 'threads\t%s\n' "$proxy_threads"
+  printf 'wrk_threads\t%s\n' "$wrk_threads"
   printf 'kernel\t%s\n' "$(uname -r)"
   printf 'cpu\t%s\n' "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
   printf 'cores\t%s\n' "$(nproc)"

@@ -294,8 +294,9 @@ def markdown(document, latency, settings):
     baseline = environment.get("gatehouse_baseline")
 
     out = [f"### {stamp}", ""]
-    out.append(f"wrk -t1 -c{connections} -d{seconds}s --latency, {warmup}s warm-up discarded, "
-               f"median of {reps} run{'s' if int(reps) != 1 else ''}; proxy on core {proxy_cpu}, wrk and upstream on core {load_cpu}; "
+    out.append(f"wrk -t{environment.get('wrk_threads', '1')} -c{connections} -d{seconds}s --latency, {warmup}s warm-up discarded, "
+               f"median of {reps} run{'s' if int(reps) != 1 else ''}; {environment.get('threads', '1')} worker thread(s) per proxy, "
+               f"proxy on core(s) {proxy_cpu}, wrk and upstream on core(s) {load_cpu}; "
                f"upstream: {environment.get('upstream', 'echo-upstream (hyper, --small)')}. "
                f"{environment.get('cpu', '')}, {environment.get('cores', '?')} cores, "
                f"kernel {environment.get('kernel', '?')}, gatehouse {environment.get('gatehouse_commit', '?')}, "

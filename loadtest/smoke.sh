@@ -9,10 +9,11 @@
 # run (the same binaries gave Gatehouse / bare Pingora 0.69 and 1.01), so the rps figures are
 # reported, never gated. It fails when:
 #   - Gatehouse or bare Pingora could not be measured at all, by wrk or by callgrind;
-#   - the plain route costs more than SMOKE_MAX_PLAIN (default 1.25) times bare Pingora's
-#     instructions per request (1.14 in December 2026);
+#   - the plain route costs more than SMOKE_MAX_PLAIN (default 1.15) times bare Pingora's
+#     instructions per request (1.116 on 2026-12-06: the gate is 3 % above it);
 #   - the full chain (jwt, rate_limit, 3 header operations) costs more than SMOKE_MAX_FULL
-#     (default 1.6) times the plain route's (1.42).
+#     (default 1.20) times the plain route's (1.160, the gate 3 % above).
+# Instruction counts repeat to about 0.5 %, so a real 3 % regression fails and noise does not.
 #
 # Writes nothing to the git tree: the JSON and chart go to a temporary directory (kept in
 # SMOKE_RESULTS_DIR when that is set), and loadtest/RESULTS.md is left alone.
@@ -31,8 +32,8 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 say_prefix=smoke
 # shellcheck source=lib.sh
 source "$here/lib.sh"
-max_plain=${SMOKE_MAX_PLAIN:-1.25}
-max_full=${SMOKE_MAX_FULL:-1.6}
+max_plain=${SMOKE_MAX_PLAIN:-1.15}
+max_full=${SMOKE_MAX_FULL:-1.20}
 for value in "$max_plain" "$max_full"; do
   [[ $value =~ ^[0-9]+(\.[0-9]+)?$ ]] || { say "SMOKE_MAX_PLAIN and SMOKE_MAX_FULL must be numbers"; exit 2; }
 done

@@ -125,10 +125,11 @@ impl Login {
         format!("{}_state", self.cookie_name)
     }
 
-    // Session commands are awaited on the request's own runtime (the client's queue is shared
-    // by every runtime); each has the client's command deadline.
+    // Session commands go through this thread's own client (see `Redis::local`); each has the
+    // client's command deadline.
     async fn redis_get(&self, key: String) -> Result<Option<String>, ()> {
         self.redis
+            .local()
             .get::<Option<String>, _>(key)
             .await
             .map_err(|_| ())
@@ -136,6 +137,7 @@ impl Login {
 
     async fn redis_set(&self, key: String, value: String, ttl: u64) -> Result<(), ()> {
         self.redis
+            .local()
             .set::<(), _, _>(
                 key,
                 value,
@@ -149,6 +151,7 @@ impl Login {
 
     async fn redis_delete(&self, key: String) -> Result<(), ()> {
         self.redis
+            .local()
             .del::<i64, _>(key)
             .await
             .map(|_| ())

@@ -284,7 +284,7 @@ impl OAuth2 {
     async fn redis_get(&self, digest: &[u8; 32], now: u64) -> Option<Answer> {
         let redis = self.redis.as_ref()?;
         let key = redis_key(digest);
-        let text = redis.get::<Option<String>, _>(key).await.ok()??;
+        let text = redis.local().get::<Option<String>, _>(key).await.ok()??;
         let answer: Answer = serde_json::from_str(&text).ok()?;
         (answer.valid_until > now).then_some(answer)
     }

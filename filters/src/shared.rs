@@ -48,6 +48,15 @@ pub struct Redis {
     /// every (re)connection, since a restarted Redis has forgotten them.
     scripts: Arc<Mutex<Vec<&'static str>>>,
     reload_scripts: tokio::task::JoinHandle<Result<(), fred::error::Error>>,
+    /// The clients made for request threads (see [`Redis::local`]), closed with this one.
+    local_clients: Mutex<Vec<Client>>,
+}
+
+thread_local! {
+    /// This thread's clients, one per Redis in use: (whose, client). An entry whose Redis is
+    /// gone is dropped when the next one is added.
+    static LOCAL_CLIENTS: std::cell::RefCell<Vec<(Weak<Health>, Client)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 struct Health {
@@ -102,6 +111,36 @@ pub struct RedisStatus {
 }
 
 impl Redis {
+    /// The client requests on this thread use: its own connection, made on this thread's
+    /// runtime the first time it asks, so a command and its answer are handled by the runtime
+    /// that awaits them, with no wake-up of another thread on the way (a shared client's
+    /// connection task lives on one runtime, and every command of every worker went through it).
+    /// Outside a runtime, the shared client.
+    pub fn local(&self) -> Client {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return self.client.clone();
+        }
+        let owner = Arc::as_ptr(&self.health);
+        LOCAL_CLIENTS.with(|clients| {
+            if let Some((_, client)) = clients
+                .borrow()
+                .iter()
+                .find(|(health, _)| std::ptr::eq(health.as_ptr(), owner))
+            {
+                return client.clone();
+            }
+            let client = self.client.clone_new();
+            let _connection = client.connect();
+            if let Ok(mut all) = self.local_clients.lock() {
+                all.push(client.clone());
+            }
+            let mut clients = clients.borrow_mut();
+            clients.retain(|(health, _)| health.strong_count() > 0);
+            clients.push((Arc::downgrade(&self.health), client.clone()));
+            client
+        })
+    }
+
     /// Loads `script` into Redis now and after every reconnection, so EVALSHA finds it instead
     /// of every caller paying a NOSCRIPT round trip after a Redis restart.
     pub fn preload(&self, script: &'static str) {
@@ -203,9 +242,14 @@ impl Drop for Redis {
     fn drop(&mut self) {
         // No config uses this server any more: close its connection.
         self.reload_scripts.abort();
-        let client = self.client.clone();
+        let mut clients = vec![self.client.clone()];
+        if let Ok(mut local) = self.local_clients.lock() {
+            clients.append(&mut local);
+        }
         IO.spawn(async move {
-            let _ = client.quit().await;
+            for client in clients {
+                let _ = client.quit().await;
+            }
         });
     }
 }
@@ -503,6 +547,7 @@ pub fn redis_client(
         _up: up,
         scripts,
         reload_scripts,
+        local_clients: Mutex::new(Vec::new()),
     });
     clients.insert(settings.clone(), Arc::downgrade(&redis));
     Ok(redis)

@@ -373,7 +373,9 @@ impl RateLimit {
                 http::HeaderValue::from(retry_after),
             );
             policy.headers.emit(0, retry_after, |name, value| {
-                problem.headers.push((name, value));
+                problem
+                    .headers
+                    .push((http::HeaderName::from_static(name), value));
             });
             return Err(Decision::Reject(problem));
         }

@@ -140,15 +140,16 @@ impl RedisCall {
         if !redis.available() {
             return Err(());
         }
-        // Awaited here, on the worker's own runtime: the command goes straight into the client's
-        // queue and its answer wakes this task, with no hop through another runtime's task.
+        // Awaited here, on this thread's own client: the command, its answer and this task are
+        // all handled by the worker's runtime.
+        let client = redis.local();
         let call = async {
-            match redis
+            match client
                 .evalsha::<(i64, String), _, _, _>(sha.clone(), key, args.clone())
                 .await
             {
                 Err(error) if error.details().starts_with("NOSCRIPT") => {
-                    redis
+                    client
                         .eval::<(i64, String), _, _, _>(script, key, args)
                         .await
                 }
