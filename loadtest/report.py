@@ -394,16 +394,20 @@ def main(argv):
     runs = read_runs(runs_path)
     latency = read_latency(latency_path)
     contenders = summarise(runs, latency)
+    environment = dict(lines(versions_path))
     document = {
         "date": stamp,
         "method": {
-            "tool": "wrk", "threads": 1, "connections": int(connections),
+            "tool": "wrk", "threads": int(environment.get("wrk_threads", "1")),
+            "connections": int(connections),
             "seconds": int(seconds), "warmup_seconds": int(warmup), "reps": int(reps),
-            "proxy_cpu": int(proxy_cpu), "load_cpu": int(load_cpu),
-            "upstream": "echo-upstream --small (hyper, one thread)",
+            "proxy_cpu": int(proxy_cpu) if proxy_cpu.isdigit() else proxy_cpu,
+            "load_cpu": int(load_cpu) if load_cpu.isdigit() else load_cpu,
+            "proxy_threads": int(environment.get("threads", "1")),
+            "upstream": environment.get("upstream", "echo-upstream (hyper, --small)"),
             "order": "contenders alternate order between reps; each run starts the proxy afresh",
         },
-        "environment": dict(lines(versions_path)),
+        "environment": environment,
         "contenders": contenders,
         "ratios": compute_ratios(contenders),
         "added_p99_vs_direct": added_p99_vs_direct(latency),

@@ -152,12 +152,13 @@ fn revocation_takes_effect_and_negative_answers_are_cached() {
     );
 }
 
-#[test]
-fn nodes_share_answers_through_redis() {
+/// Two nodes on `redis`: the second finds the first one's answer there.
+fn nodes_share_answers(redis: &str) {
     let idp = IdentityProvider::start();
     let echo = spawn_echo("echo");
-    let first = Gateway::start(&config(&idp, echo, ""));
-    let second = Gateway::start(&config(&idp, echo, ""));
+    let yaml = config(&idp, echo, "").replace(&redis_url(), redis);
+    let first = Gateway::start(&yaml);
+    let second = Gateway::start(&yaml);
     let token = idp.issue_opaque("alice", &["read"], Duration::from_secs(300));
     assert_eq!(
         first
@@ -178,6 +179,21 @@ fn nodes_share_answers_through_redis() {
         idp.introspections(),
         after_first,
         "the second node asked the endpoint again"
+    );
+}
+
+#[test]
+fn nodes_share_answers_through_redis() {
+    nodes_share_answers(&redis_url());
+}
+
+#[test]
+fn nodes_share_answers_through_a_redis_cluster() {
+    let cluster = crate::support::redis_cluster::RedisCluster::start(3, 0);
+    nodes_share_answers(&cluster.url());
+    assert!(
+        !cluster.keys("gatehouse:introspect:*").is_empty(),
+        "no cached answer in the cluster"
     );
 }
 

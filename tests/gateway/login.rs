@@ -216,6 +216,26 @@ fn login_refresh_and_logout() {
 }
 
 #[test]
+fn a_login_session_lives_in_a_redis_cluster() {
+    let cluster = crate::support::redis_cluster::RedisCluster::start(3, 0);
+    let idp = IdentityProvider::start();
+    let gateway = login_gateway(&idp, &cluster.url(), "auth: required", "scopes: [openid]");
+    let browser = Browser {
+        gateway: &gateway,
+        idp: &idp,
+    };
+    let session = browser.log_in("/app/page");
+    let key = session_key(&session);
+    assert_eq!(cluster.keys(&key).len(), 1, "no session in the cluster");
+    let cookie = format!("gatehouse_session={session}");
+    let reply = gateway.request("GET", "/app/page", &[("Cookie", &cookie)], b"");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let reply = gateway.request("GET", "/oauth2/logout", &[("Cookie", &cookie)], b"");
+    assert_eq!(reply.status, 302);
+    assert!(cluster.keys(&key).is_empty(), "the session survived logout");
+}
+
+#[test]
 fn a_callback_with_a_foreign_state_is_refused() {
     let idp = IdentityProvider::start();
     let gateway = login_gateway(&idp, &redis_url(), "", "");
