@@ -52,6 +52,10 @@ pub struct Redis {
     local_clients: Mutex<Vec<Client>>,
 }
 
+/// What a request thread's Redis deadline allows beyond `command_timeout` for the thread's own
+/// scheduling (see [`Redis::local`]).
+pub const SCHEDULING_GRACE: Duration = Duration::from_millis(2);
+
 thread_local! {
     /// This thread's clients, one per Redis in use: (whose, client). An entry whose Redis is
     /// gone is dropped when the next one is added.
@@ -115,7 +119,8 @@ impl Redis {
     /// runtime the first time it asks, so a command and its answer are handled by the runtime
     /// that awaits them, with no wake-up of another thread on the way (a shared client's
     /// connection task lives on one runtime, and every command of every worker went through it).
-    /// Outside a runtime, the shared client.
+    /// Outside a runtime, and until this thread's connection is up (a cluster client must learn
+    /// the slots first, and commands sent before would fail), the shared client.
     pub fn local(&self) -> Client {
         if tokio::runtime::Handle::try_current().is_err() {
             return self.client.clone();
@@ -127,17 +132,27 @@ impl Redis {
                 .iter()
                 .find(|(health, _)| std::ptr::eq(health.as_ptr(), owner))
             {
-                return client.clone();
+                return if client.is_connected() {
+                    client.clone()
+                } else {
+                    self.client.clone()
+                };
             }
             let client = self.client.clone_new();
+            // The deadline is the caller's: `command_timeout` plus the 2 ms the rate limiter
+            // grants for scheduling. This client's answers are read by the request thread itself,
+            // and on a saturated thread they wait behind its other requests before they are read.
+            let mut performance = client.perf_config();
+            performance.default_command_timeout = self.command_timeout + SCHEDULING_GRACE;
+            client.update_perf_config(performance);
             let _connection = client.connect();
             if let Ok(mut all) = self.local_clients.lock() {
                 all.push(client.clone());
             }
             let mut clients = clients.borrow_mut();
             clients.retain(|(health, _)| health.strong_count() > 0);
-            clients.push((Arc::downgrade(&self.health), client.clone()));
-            client
+            clients.push((Arc::downgrade(&self.health), client));
+            self.client.clone()
         })
     }
 

@@ -7,9 +7,9 @@
 //! `GATEHOUSE_FLEET_SECONDS` for a long run.
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::haproxy::Haproxy;
 use crate::support::load::{OpenLoop, Outcome};
 use crate::support::pg::TestDatabase;
 use crate::support::{free_port, get, spawn_echo, Gateway};
@@ -57,14 +57,12 @@ routes:
 /// HAProxy in `mode tcp` over the nodes, each checked with `GET /readyz` on its ops port; a
 /// connection a node refuses is retried on another.
 struct Balancer {
-    child: Child,
+    _haproxy: Haproxy,
     address: SocketAddr,
-    _dir: tempfile::TempDir,
 }
 
 impl Balancer {
     fn start(nodes: &[&Gateway]) -> Balancer {
-        let dir = tempfile::tempdir().unwrap();
         let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let servers: String = nodes
             .iter()
@@ -80,33 +78,16 @@ impl Balancer {
         let config = format!(
             "global\n  maxconn 4096\ndefaults\n  mode tcp\n  timeout connect 1s\n  timeout client 30s\n  timeout server 30s\n  retries 3\n  option redispatch\nfrontend fleet\n  bind {address}\n  default_backend nodes\nbackend nodes\n  balance roundrobin\n  option httpchk GET /readyz\n  http-check expect status 200\n  default-server inter 200ms fastinter 100ms fall 2 rise 2\n{servers}"
         );
-        let path = dir.path().join("haproxy.cfg");
-        std::fs::write(&path, config).unwrap();
-        let child = Command::new("haproxy")
-            .arg("-db")
-            .arg("-f")
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("haproxy is installed (make test installs it)");
+        let haproxy = Haproxy::start(&config);
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(address).is_err() {
             assert!(Instant::now() < deadline, "HAProxy never listened");
             std::thread::sleep(Duration::from_millis(25));
         }
         Balancer {
-            child,
+            _haproxy: haproxy,
             address,
-            _dir: dir,
         }
-    }
-}
-
-impl Drop for Balancer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

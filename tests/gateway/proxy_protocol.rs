@@ -6,11 +6,12 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use gatehouse::edge::proxy_protocol::encode_v2;
 
+use crate::support::haproxy::Haproxy;
 use crate::support::{free_port, parse_response, spawn_echo, Gateway, Reply};
 
 const TLV_AUTHORITY: u8 = 0x02;
@@ -372,47 +373,6 @@ fn stalled_headers_do_not_hold_up_other_clients() {
     assert!(gateway.metrics().contains(
         "gatehouse_proxy_protocol_connections_total{listener=\"public\",result=\"timeout\"} 1000"
     ));
-}
-
-/// A HAProxy in `mode tcp`, stopped with the test.
-struct Haproxy {
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Haproxy {
-    fn start(config: &str) -> Haproxy {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("haproxy.cfg");
-        std::fs::write(&path, config).unwrap();
-        let check = Command::new("haproxy")
-            .arg("-c")
-            .arg("-f")
-            .arg(&path)
-            .output()
-            .expect("haproxy is installed (make bench-deps)");
-        assert!(
-            check.status.success(),
-            "{}",
-            String::from_utf8_lossy(&check.stderr)
-        );
-        let child = Command::new("haproxy")
-            .arg("-db")
-            .arg("-f")
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        Haproxy { child, _dir: dir }
-    }
-}
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn wait_for_port(address: SocketAddr) {

@@ -6,6 +6,7 @@
 
 pub mod dns;
 pub mod grpc;
+pub mod haproxy;
 pub mod idp;
 pub mod load;
 pub mod otlp;

@@ -110,7 +110,7 @@ impl Leasing {
         let cost = call.cost;
         // Requests that find the lease empty while it is being refilled wait for that refill
         // (one Redis call per lease, not one per request), at most one command deadline.
-        let deadline = now + call.redis.command_timeout + Duration::from_millis(2);
+        let deadline = now + call.redis.command_timeout + crate::shared::SCHEDULING_GRACE;
         loop {
             let refill_under_way = {
                 let mut held = slot.held.lock().expect("rate-limit lease shard lock");

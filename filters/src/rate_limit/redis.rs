@@ -158,7 +158,7 @@ impl RedisCall {
         };
         // The client's own timeout covers each command; this bounds the whole exchange (both
         // commands after a NOSCRIPT) to the same deadline.
-        let deadline = redis.command_timeout + Duration::from_millis(2);
+        let deadline = redis.command_timeout + crate::shared::SCHEDULING_GRACE;
         let (granted, tokens) = match tokio::time::timeout(deadline, call).await {
             Ok(Ok(answer)) => {
                 redis.record_success();
