@@ -511,6 +511,7 @@ pub fn example_command(args: &[&str]) -> Command {
         .args(args)
         .env("GATEHOUSE_API_KEY_SECRET", "an-example-server-secret")
         .env("GATEHOUSE_OAUTH_CLIENT_SECRET", "an-example-client-secret")
+        .env("REDIS_PASSWORD", "an-example-redis-password")
         .env(
             "GATEHOUSE_DATABASE_URL",
             "postgres://gatehouse@127.0.0.1/gatehouse",
