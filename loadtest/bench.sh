@@ -411,11 +411,12 @@ credential_header() {
 
 # ---------------------------------------------------------------------------------------------
 # Contender configs, written fresh for each start on a fresh port.
-write_nginx_conf() {
-  local dir=$1 port=$2
-  mkdir -p "$dir"
-  cat >"$dir/nginx.conf" <<EOF
-worker_processes $proxy_threads;
+
+# What every nginx config here starts with: DIR's files, WORKERS processes, the http block opened.
+nginx_preamble() {
+  local dir=$1 workers=$2
+  cat <<EOF
+worker_processes $workers;
 daemon off;
 pid $dir/nginx.pid;
 error_log $dir/error.log warn;
@@ -427,6 +428,14 @@ http {
   fastcgi_temp_path $dir/fastcgi;
   uwsgi_temp_path $dir/uwsgi;
   scgi_temp_path $dir/scgi;
+EOF
+}
+write_nginx_conf() {
+  local dir=$1 port=$2
+  mkdir -p "$dir"
+  {
+    nginx_preamble "$dir" "$proxy_threads"
+    cat <<EOF
   upstream echo {
     server 127.0.0.1:$echo_port;
     keepalive 128;
@@ -441,26 +450,17 @@ http {
   }
 }
 EOF
+  } >"$dir/nginx.conf"
 }
 
 # The nginx upstream of BENCH_UPSTREAM=nginx: the benchmark body, nothing else.
 write_upstream_nginx_conf() {
   local dir=$1 port=$2
   mkdir -p "$dir"
-  cat >"$dir/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
+  {
+    nginx_preamble "$dir" 1
+    cat <<EOF
   keepalive_requests 1000000;
-  client_body_temp_path $dir/client_body;
-  proxy_temp_path $dir/proxy;
-  fastcgi_temp_path $dir/fastcgi;
-  uwsgi_temp_path $dir/uwsgi;
-  scgi_temp_path $dir/scgi;
   server {
     listen 127.0.0.1:$port;
     default_type text/plain;
@@ -468,6 +468,7 @@ http {
   }
 }
 EOF
+  } >"$dir/nginx.conf"
 }
 
 write_haproxy_conf() {

@@ -250,11 +250,7 @@ pub fn apply(
         }
     }
     if set.has(Header::XForwardedProto) {
-        let incoming = if trusted_peer {
-            request.headers.get("x-forwarded-proto").cloned()
-        } else {
-            None
-        };
+        let incoming = from_trusted(request, trusted_peer, "x-forwarded-proto");
         let forwarded_proto = incoming.unwrap_or(HeaderValue::from_static(proto));
         request
             .insert_header("x-forwarded-proto", forwarded_proto)
@@ -297,11 +293,7 @@ pub fn apply(
         }
     }
     if set.has(Header::XForwardedHost) {
-        let incoming = if trusted_peer {
-            request.headers.get("x-forwarded-host").cloned()
-        } else {
-            None
-        };
+        let incoming = from_trusted(request, trusted_peer, "x-forwarded-host");
         match incoming.or(host) {
             Some(host) => {
                 request.insert_header("x-forwarded-host", host).ok();
@@ -310,6 +302,15 @@ pub fn apply(
                 request.remove_header("x-forwarded-host");
             }
         }
+    }
+}
+
+/// A header a trusted proxy sent, kept as it is; nothing from an untrusted peer.
+fn from_trusted(request: &RequestHeader, trusted_peer: bool, name: &str) -> Option<HeaderValue> {
+    if trusted_peer {
+        request.headers.get(name).cloned()
+    } else {
+        None
     }
 }
 
